@@ -1,0 +1,3 @@
+from qformer_cli.cli import main
+
+main()

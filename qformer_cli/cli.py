@@ -1,0 +1,166 @@
+"""The ``qformer`` command line: parse options, build the config, call one function, print.
+
+Conventions shared by every subcommand: ``--config FILE`` and repeatable ``--set key=value``;
+``--json`` prints the final result as one JSON object on stdout (tables and progress go to
+stderr then); ``--debug`` shows tracebacks. Exit codes: 0 success, 1 runtime or data error,
+2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qformer_cli import __version__
+from qformer_cli.errors import QformerError
+
+app = typer.Typer(
+    name="qformer",
+    help="Train, evaluate and export BLIP-2 Q-Formers.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="YAML config file (see configs/).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set train.lr=2e-4 (repeatable)."),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+
+
+def _fail(message: str, code: int) -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+def handles_errors(command: F) -> F:
+    """Turn expected errors into one line on stderr and the right exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except QformerError as exc:
+            if debug:
+                raise
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as exc:
+            if debug:
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            _fail(f"{type(exc).__name__}: {first_line} (rerun with --debug for details)", 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def output_console(as_json: bool) -> Console:
+    """Tables go to stdout, or to stderr when stdout carries the JSON result."""
+    return Console(stderr=as_json)
+
+
+def print_json(result: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(result, default=str) + "\n")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"qformer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show version."),
+    ] = False,
+) -> None:
+    """Train, evaluate and export BLIP-2 Q-Formers."""
+
+
+# --------------------------------------------------------------------------------------------
+# qformer info
+
+
+def _format_count(n: int) -> str:
+    return f"{n:,} ({n / 1e6:.2f}M)"
+
+
+def _info_tables(report: dict[str, Any]) -> list[Table]:
+    params = Table(title="Parameters")
+    for column in ("component", "parameters", "trainable", "frozen"):
+        params.add_column(column, justify="left" if column == "component" else "right")
+    for name, row in report["parameters"].items():
+        params.add_row(
+            name, f"{row['parameters']:,}", f"{row['trainable']:,}", f"{row['frozen']:,}"
+        )
+    for stage, row in report["totals"].items():
+        params.add_row(
+            f"[b]{stage} total[/b]",
+            "",
+            _format_count(row["trainable"]),
+            _format_count(row["frozen"]),
+        )
+
+    flops = Table(title="Forward FLOPs per sample")
+    flops.add_column("component")
+    flops.add_column("GFLOP", justify="right")
+    for name, value in report["forward_flops_per_sample"].items():
+        if name != "image_tokens":
+            flops.add_row(name, f"{value / 1e9:,.2f}")
+
+    memory = Table(title="Memory: weights + grads + AdamW state (activations excluded), GiB")
+    memory.add_column("precision")
+    for column in ("inference", "stage1_training", "stage2_training"):
+        memory.add_column(column, justify="right")
+    for precision, row in report["memory_bytes"].items():
+        memory.add_row(precision, *(f"{value / 2**30:,.2f}" for value in row.values()))
+    return [params, flops, memory]
+
+
+@app.command()
+@handles_errors
+def info(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Parameters, FLOPs and memory of a configuration (built on the meta device: no weights)."""
+    from qformer_cli.config import load_config
+    from qformer_cli.info import describe
+
+    report = describe(load_config(config, overrides).model)
+    if as_json:
+        print_json(report)
+        return
+    console = output_console(as_json)
+    for table in _info_tables(report):
+        console.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,301 @@
+"""Typed run configuration: dataclasses, named Q-Former presets, YAML files and dotted overrides.
+
+A configuration is built in one direction: preset sizes -> YAML file -> ``--set key=value``
+overrides -> validated dataclasses. Unknown keys and wrong types raise :class:`UsageError`
+(exit code 2) naming the offending key, before anything expensive happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from qformer_cli.errors import UsageError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class QFormerConfig:
+    """Every size of the Querying Transformer (defaults: the paper's BERT-base Q-Former)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    num_query_tokens: int = 32
+    encoder_width: int = 1408  # width of the frozen image features (EVA ViT-g: 1408)
+    cross_attention_freq: int = 2  # cross-attention in layers where idx % freq == 0
+    vocab_size: int = 30523  # bert-base-uncased 30522 + [DEC]
+    max_position_embeddings: int = 512
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    vision_layer_norm_eps: float = 1e-5  # ln_vision (LAVIS: torch LayerNorm default)
+    embed_dim: int = 256  # ITC projection width
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise UsageError(
+                f"model.qformer: hidden_size {self.hidden_size} is not a multiple of "
+                f"num_heads {self.num_heads}"
+            )
+        if self.cross_attention_freq < 1:
+            raise UsageError("model.qformer.cross_attention_freq must be >= 1")
+
+    def has_cross_attention(self, layer_idx: int) -> bool:
+        return layer_idx % self.cross_attention_freq == 0
+
+
+QFORMER_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's sizes (BERT-base, 32 queries, EVA ViT-g features).
+    "blip2": {},
+    # Tests and the embedded demo: matches sample_data/backbones/{bert,vision}.
+    "tiny": {
+        "hidden_size": 128,
+        "num_layers": 4,
+        "num_heads": 4,
+        "intermediate_size": 512,
+        "num_query_tokens": 16,
+        "encoder_width": 128,
+        "cross_attention_freq": 2,
+        "vocab_size": 512,
+        "max_position_embeddings": 64,
+        "embed_dim": 64,
+    },
+}
+
+
+def qformer_preset(name: str, **overrides: Any) -> QFormerConfig:
+    """A named preset with size overrides, e.g. ``qformer_preset("tiny", num_layers=2)``."""
+    if name not in QFORMER_PRESETS:
+        raise UsageError(f"unknown Q-Former preset {name!r} (known: {', '.join(QFORMER_PRESETS)})")
+    return QFormerConfig(**{**QFORMER_PRESETS[name], **overrides})
+
+
+@dataclass
+class BackboneConfig:
+    """A frozen transformers model: a hub id or local directory loaded with ``from_pretrained``.
+
+    ``architecture`` names the transformers class (e.g. ``CLIPVisionModel``); when empty it is
+    inferred from the model's config. ``config`` holds config fields used instead of (or on top
+    of) the checkpoint's own, so a shape can be built on the meta device with no download.
+    """
+
+    model: str = ""
+    architecture: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    qformer: dict[str, Any] = field(default_factory=dict)  # overrides on top of the preset
+    vision: BackboneConfig = field(
+        default_factory=lambda: BackboneConfig(model="sample_data/backbones/vision")
+    )
+    llm: BackboneConfig = field(
+        default_factory=lambda: BackboneConfig(model="sample_data/backbones/opt")
+    )
+    bert: str = "sample_data/backbones/bert"  # Q-Former init and its tokenizer
+    max_text_len: int = 32
+
+    def qformer_config(self) -> QFormerConfig:
+        known = {f.name for f in dataclasses.fields(QFormerConfig)}
+        for key in self.qformer:
+            if key not in known:
+                raise UsageError(f"unknown config key 'model.qformer.{key}'")
+        return qformer_preset(self.preset, **self.qformer)
+
+
+@dataclass
+class DataConfig:
+    root: str = "sample_data"
+    image_size: int = 0  # 0 = the vision encoder's own image processor size
+    num_workers: int = 0
+    skip_bad_samples: bool = False
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 2000
+    warmup_start_lr: float = 1e-6
+    max_steps: int = 0  # 0 = run for `epochs`
+    epochs: int = 1
+    batch_size: int = 32
+    grad_accum: int = 1
+    precision: Precision = "fp32"
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 1000
+    keep_last: int = 2
+
+
+@dataclass
+class GenerationConfig:
+    prompt: str = "a photo of"
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 8
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """Safe YAML loading that also reads ``1e-4`` as a float (plain YAML 1.1 says string)."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+# --------------------------------------------------------------------------------------------
+# Validation: plain dicts (from YAML and overrides) -> dataclasses, with one-line errors.
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_value(value: Any, hint: Any, key: str) -> Any:
+    """Return ``value`` if it matches the type hint (ints are accepted for floats), else raise."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(map(str, typing.get_args(hint)))
+            raise UsageError(f"config key '{key}': {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_value(value, option, key)
+            except UsageError:
+                continue
+        raise UsageError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise UsageError(f"config key '{key}': expected a list, got {value!r}")
+        (item_hint, *_) = typing.get_args(hint) or (Any,)
+        return [_check_value(item, item_hint, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"config key '{key}': expected a mapping, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is type(None) and value is None:
+        return None
+    if (
+        isinstance(hint, type)
+        and isinstance(value, hint)
+        and not (hint is int and isinstance(value, bool))
+    ):
+        return value
+    raise UsageError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UsageError(f"config section '{prefix or '.'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise UsageError(
+                f"unknown config key '{where}' (known here: {', '.join(sorted(known))})"
+            )
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = from_dict(hint, value, key)
+        else:
+            values[name] = _check_value(value, hint, key)
+    return cls(**values)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UsageError(f"--set {text!r}: expected key=value, e.g. train.lr=2e-4")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UsageError(f"--set {text!r}: empty key component")
+    try:
+        value = yaml.load(raw, Loader=_SafeLoader) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--set {text!r}: cannot parse value ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (values parsed as YAML scalars)."""
+    for text in overrides:
+        parts, value = _parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"--set {text!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config with the safe loader (no Python objects)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a config file must be a mapping of sections")
+    return data
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The one way to build a :class:`RunConfig`: defaults <- YAML file <- ``--set`` overrides."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    config = from_dict(RunConfig, data)
+    config.model.qformer_config()  # validate the Q-Former overrides now, not mid-run
+    return config

@@ -1,0 +1,63 @@
+"""BLIP-2 models built around the Q-Former: the stage-1 heads and the stage-2 LLM bridge.
+
+Only the trainable parts live here; the frozen vision encoder and LLM are transformers models
+from :mod:`qformer_cli.models.backbones`, passed in where needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qformer_cli.config import QFormerConfig
+from qformer_cli.models.qformer import QFormer
+
+
+class BertLMHead(nn.Module):
+    """BERT's MLM head, used for ITG: transform, then a decoder tied to the word embeddings."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) text states -> (B, T, V) logits, with the decoder weight tied to (V, H)."""
+        transformed = self.layer_norm(F.gelu(self.dense(hidden)))
+        return F.linear(transformed, word_embeddings, self.bias)
+
+
+class Stage1Model(nn.Module):
+    """Q-Former with text parts + ITC projections, ITM head, learnable temperature, LM head."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.qformer = QFormer(config, with_text=True)
+        self.vision_proj = nn.Linear(config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(config.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.lm_head = BertLMHead(config)
+        for head in (self.vision_proj, self.text_proj, self.itm_head, self.lm_head.dense):
+            nn.init.normal_(head.weight, std=config.initializer_range)
+            nn.init.zeros_(head.bias)
+
+    def lm_logits(self, text_output: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(text_output, self.qformer.word_embeddings.weight)
+
+
+class Stage2Model(nn.Module):
+    """Q-Former without text parts + ``Linear(H -> LLM hidden)``: the LLM's soft visual prompt."""
+
+    def __init__(self, config: QFormerConfig, llm_hidden_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.qformer = QFormer(config, with_text=False)
+        self.llm_proj = nn.Linear(config.hidden_size, llm_hidden_size)
+
+    def soft_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Frozen image features (B, N, C) -> soft prompt (B, Q, LLM hidden)."""
+        return self.llm_proj(self.qformer.query_features(image_embeds))

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny transformers configs built from scratch (no network, random weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_QFORMER = dict(
+    vocab_size=99,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=96,
+    encoder_hidden_size=48,
+    max_position_embeddings=40,
+    cross_attention_frequency=2,
+)
+TINY_VISION = dict(
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+TINY_OPT = dict(
+    model_type="opt",
+    hidden_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    ffn_dim=80,
+    vocab_size=120,
+    word_embed_proj_dim=40,
+    max_position_embeddings=64,
+)
+NUM_QUERIES = 8
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def our_config(hf_qformer: dict, **extra):
+    """Our QFormerConfig with the same sizes as a transformers Blip2QFormerConfig dict."""
+    from qformer_cli.config import QFormerConfig
+
+    return QFormerConfig(
+        hidden_size=hf_qformer["hidden_size"],
+        num_layers=hf_qformer["num_hidden_layers"],
+        num_heads=hf_qformer["num_attention_heads"],
+        intermediate_size=hf_qformer["intermediate_size"],
+        encoder_width=hf_qformer["encoder_hidden_size"],
+        vocab_size=hf_qformer["vocab_size"],
+        max_position_embeddings=hf_qformer["max_position_embeddings"],
+        cross_attention_freq=hf_qformer.get("cross_attention_frequency", 2),
+        **extra,
+    )

@@ -112,6 +112,10 @@ _BERT_RULES: list[tuple[str, str | None]] = [
     (r"lm_head\.dense\.", "cls.predictions.transform.dense."),
     (r"lm_head\.layer_norm\.", "cls.predictions.transform.LayerNorm."),
     (r"lm_head\.bias$", "cls.predictions.bias"),
+    # Not in BERT: left at their random init (and reported as missing).
+    (r"qformer\.(query_tokens|ln_vision\.)", None),
+    (_LAYER + r"cross_attention\.", None),
+    (r"(vision_proj|text_proj|itm_head|llm_proj)\.|temp$", None),
 ]
 
 _RULES: dict[str, list[tuple[str, str | None]]] = {

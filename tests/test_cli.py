@@ -1,0 +1,87 @@
+"""The command line: help, version, exit codes, JSON output and `qformer info`'s figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from qformer_cli.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _info_json(*args: str) -> dict:
+    result = runner.invoke(app, ["info", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_info_reports_the_papers_parameter_counts():
+    report = _info_json("--config", str(ROOT / "configs" / "blip2_vitg_opt2.7b.yaml"))
+    params, totals = report["parameters"], report["totals"]
+    assert params["qformer_encoder"]["parameters"] == 105_137_664  # transformers' Blip2QFormerModel
+    assert round(totals["stage2"]["trainable"] / 1e6, 2) == 107.13
+    assert round(params["vision_encoder"]["frozen"] / 1e6, 2) == 985.95
+    assert round(params["llm"]["frozen"] / 1e6, 1) == 2651.6
+    assert round(totals["stage1"]["trainable"] / 1e6, 1) == 186.7
+    assert report["forward_flops_per_sample"]["image_tokens"] == 257
+    # bf16 frozen weights take half the fp32 bytes; the trainable part stays fp32 either way.
+    memory = report["memory_bytes"]
+    frozen = totals["stage2"]["frozen"]
+    assert memory["fp32"]["inference"] - memory["bf16"]["inference"] == frozen * 2
+
+
+def test_info_table_goes_to_stdout_without_json():
+    result = runner.invoke(
+        app, ["info", "--config", str(ROOT / "configs" / "blip2_vitg_opt2.7b.yaml")]
+    )
+    assert result.exit_code == 0
+    assert "105,137,664" in result.stdout
+
+
+def test_usage_errors_exit_2_with_one_line():
+    result = runner.invoke(app, ["info", "--set", "train.nope=1"])
+    assert result.exit_code == 2
+    assert (
+        result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[0]]
+        and "unknown config key 'train.nope'" in result.stderr
+    )
+    assert "Traceback" not in result.output
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path: Path):
+    result = runner.invoke(app, ["info", "--config", str(tmp_path / "absent.yaml")])
+    assert result.exit_code == 2
+    assert "absent.yaml" in result.stderr
+
+
+def test_missing_backbone_is_a_one_line_error(tmp_path: Path):
+    result = runner.invoke(app, ["info", "--set", f"model.vision.model={tmp_path}/nowhere"])
+    assert result.exit_code == 2
+    assert "backbone directory not found" in result.stderr and "Traceback" not in result.output
+
+
+def test_help_lists_only_working_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    listed = {
+        cmd.name or cmd.callback.__name__.replace("_", "-") for cmd in app.registered_commands
+    }
+    for name in listed:
+        assert name in result.stdout
+    assert listed == {"info"}  # grows as commands land; each needs its own tests
+
+
+def test_version_and_module_entry_point():
+    completed = subprocess.run(
+        [sys.executable, "-m", "qformer_cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert completed.stdout.startswith("qformer ")

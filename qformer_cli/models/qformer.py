@@ -45,6 +45,18 @@ class ImageKV:
         """The keys/values of the images ``index`` (B',) -- no recomputation, e.g. for ITM pairs."""
         return ImageKV([None if kv is None else (kv[0][index], kv[1][index]) for kv in self.layers])
 
+    @staticmethod
+    def cat(parts: list[ImageKV]) -> ImageKV:
+        """Concatenate several batches' keys/values along the batch dimension."""
+        return ImageKV(
+            [
+                None
+                if layer[0] is None
+                else (torch.cat([kv[0] for kv in layer]), torch.cat([kv[1] for kv in layer]))
+                for layer in zip(*(part.layers for part in parts), strict=True)
+            ]
+        )
+
     @property
     def batch_size(self) -> int:
         return next(kv[0].shape[0] for kv in self.layers if kv is not None)

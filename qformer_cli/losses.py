@@ -1,0 +1,148 @@
+"""The stage-1 objectives (ITC, ITM, ITG), each a small function, and the rank-aware gathers.
+
+With one process nothing is gathered. With several, features are all-gathered through the
+autograd-aware collective, so each rank's loss sends gradients back to the ranks that produced
+the features: one step on R ranks x B/R samples then equals one step on B samples in one process
+(DDP averages the per-rank gradients, each rank's loss is a mean over its own rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+NegativeMining = Literal["sample", "hardest"]
+
+LABEL_SMOOTHING = 0.1
+TEMPERATURE_RANGE = (0.001, 0.5)  # BLIP's bounds; LAVIS BLIP-2 leaves temp unclamped
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits: ``rank`` of ``world_size`` (1 = no process group)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> Ranks:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+
+def gather_with_grad(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """All ranks' ``tensor`` concatenated on dim 0; gradients flow back to every rank."""
+    if ranks.world_size == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """All ranks' ``tensor`` concatenated on dim 0, as constants (ids, masks, frozen features)."""
+    if ranks.world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(ranks.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+@dataclass
+class ItcOutput:
+    loss: torch.Tensor
+    sim_i2t: torch.Tensor  # (B, G): local images vs all texts, / temp
+    sim_t2i: torch.Tensor  # (B, G): local texts vs all images, / temp
+
+
+def itc_loss(
+    image_feats: torch.Tensor,
+    text_feat: torch.Tensor,
+    temp: torch.Tensor,
+    ranks: Ranks,
+) -> ItcOutput:
+    """Image-text contrastive loss.
+
+    ``image_feats`` (B, Q, D) and ``text_feat`` (B, D) are L2-normalized. The similarity of an
+    image and a text is the max over the Q query embeddings of their dot products, divided by the
+    learnable temperature; cross-entropy both ways with label smoothing 0.1. Targets are this
+    rank's slice of the global batch, ``rank * B + arange(B)``.
+    """
+    batch = image_feats.shape[0]
+    temp = temp.clamp(*TEMPERATURE_RANGE)
+    all_image_feats = gather_with_grad(image_feats, ranks)  # (G, Q, D)
+    all_text_feat = gather_with_grad(text_feat, ranks)  # (G, D)
+    sim_i2t = torch.einsum("bqd,gd->bgq", image_feats, all_text_feat).amax(dim=-1) / temp
+    sim_t2i = torch.einsum("bd,gqd->bgq", text_feat, all_image_feats).amax(dim=-1) / temp
+    targets = torch.arange(batch, device=image_feats.device) + ranks.rank * batch
+    loss = (
+        F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
+        + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)
+    ) / 2
+    return ItcOutput(loss, sim_i2t, sim_t2i)
+
+
+@torch.no_grad()
+def mine_hard_negatives(
+    similarity: torch.Tensor,
+    image_ids: torch.Tensor,
+    all_image_ids: torch.Tensor,
+    positive_index: torch.Tensor,
+    mining: NegativeMining,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """For each local row, the global index of one negative (B,).
+
+    ``similarity`` (B, G) scores this rank's samples against the global batch; ``positive_index``
+    (B,) is each row's own global index. Candidates exclude every sample of the same image
+    (``image_ids`` (B,) vs ``all_image_ids`` (G,)), the positive included. ``sample`` draws with
+    probability softmax(similarity) (BLIP-2); ``hardest`` takes the most similar candidate
+    (deterministic, for tests). A row with no candidate (the batch shows one image only) falls
+    back to any other sample.
+    """
+    if similarity.shape[1] < 2:
+        raise ValueError("ITM needs at least 2 samples in the (global) batch")
+    rows = torch.arange(similarity.shape[0], device=similarity.device)
+    same_image = image_ids[:, None] == all_image_ids[None, :]  # (B, G), includes the positive
+    weights = F.softmax(similarity.float(), dim=1).masked_fill(same_image, 0.0)
+    fallback = torch.ones_like(weights)
+    fallback[rows, positive_index] = 0.0
+    weights = torch.where((weights.sum(dim=1) > 0)[:, None], weights, fallback)
+    if mining == "hardest":
+        return weights.argmax(dim=1)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm_loss(itm_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on (3B, 2) logits of the pairs [positive; image-negative; text-negative]."""
+    batch = itm_logits.shape[0] // 3
+    labels = torch.cat(
+        [
+            torch.ones(batch, dtype=torch.long, device=itm_logits.device),
+            torch.zeros(2 * batch, dtype=torch.long, device=itm_logits.device),
+        ]
+    )
+    return F.cross_entropy(itm_logits, labels)
+
+
+def itg_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor
+) -> torch.Tensor:
+    """Next-token cross-entropy with label smoothing 0.1 over the real (non-padding) tokens.
+
+    ``logits`` (B, T, V) are predictions at every text position; position t predicts token t+1.
+    """
+    labels = input_ids.masked_fill(text_mask == 0, -100)[:, 1:]  # (B, T-1)
+    shifted = logits[:, :-1].float()
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=-100,
+        label_smoothing=LABEL_SMOOTHING,
+    )

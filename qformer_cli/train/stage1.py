@@ -1,0 +1,174 @@
+"""One stage-1 step's objectives: ITC + ITM + ITG over a batch of frozen image features.
+
+Work done once per batch and shared (``reuse=True``, the default):
+
+* the image features' cross-attention keys/values (``ImageKV``) serve the ITC image pass and
+  the ITM pass, whose 3B pairs index into them;
+* the ITG pass reuses the queries' self-attention keys/values from the ITC image pass.
+
+``reuse=False`` recomputes both, as a plain implementation does; ``bench/`` compares the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qformer_cli.losses import (
+    NegativeMining,
+    Ranks,
+    gather_no_grad,
+    itc_loss,
+    itg_loss,
+    itm_loss,
+    mine_hard_negatives,
+)
+from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.qformer import ImageKV
+
+
+@dataclass
+class Stage1Batch:
+    image_embeds: torch.Tensor  # (B, N, C) frozen vision features
+    input_ids: torch.Tensor  # (B, T), [CLS] first
+    text_mask: torch.Tensor  # (B, T), 1 = real token
+    image_ids: torch.Tensor  # (B,) int64; same id = same image (not a negative)
+
+
+@dataclass
+class Stage1Losses:
+    itc: torch.Tensor
+    itm: torch.Tensor
+    itg: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.itc + self.itm + self.itg  # unweighted, as in BLIP-2
+
+
+class Stage1Objective(nn.Module):
+    """Wraps :class:`Stage1Model` so that one ``forward`` computes the three losses (and DDP,
+    which hooks ``forward``, can wrap it)."""
+
+    def __init__(
+        self,
+        model: Stage1Model,
+        dec_token_id: int,
+        *,
+        mining: NegativeMining = "sample",
+        reuse: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.dec_token_id = dec_token_id
+        self.mining: NegativeMining = mining
+        self.reuse = reuse
+        self.generator: torch.Generator | None = None
+
+    def forward(self, batch: Stage1Batch) -> Stage1Losses:
+        ranks = Ranks.current()
+        qformer = self.model.qformer
+        image_kv = qformer.encode_image(batch.image_embeds)
+        image_pass = qformer(image_kv=image_kv)  # ITC image side; keeps the queries' K/V
+        text_pass = qformer(
+            input_ids=batch.input_ids,
+            text_mask=batch.text_mask,
+            use_queries=False,
+            pattern="unimodal",
+        )
+        image_feats = F.normalize(self.model.vision_proj(image_pass.query_output), dim=-1)
+        text_feat = F.normalize(self.model.text_proj(text_pass.text_output[:, 0]), dim=-1)
+        itc = itc_loss(image_feats, text_feat, self.model.temp, ranks)
+
+        itm_logits = self._itm_logits(batch, image_kv, itc.sim_i2t, itc.sim_t2i, ranks)
+        itg_logits = self._itg_logits(batch, image_pass.query_kv)
+        return Stage1Losses(
+            itc=itc.loss,
+            itm=itm_loss(itm_logits),
+            itg=itg_loss(itg_logits, batch.input_ids, batch.text_mask),
+        )
+
+    def _itm_logits(
+        self,
+        batch: Stage1Batch,
+        image_kv: ImageKV,
+        sim_i2t: torch.Tensor,
+        sim_t2i: torch.Tensor,
+        ranks: Ranks,
+    ) -> torch.Tensor:
+        """(3B, 2) ITM logits for [positive; negative image; negative text] pairs."""
+        size = batch.input_ids.shape[0]
+        local = torch.arange(size, device=batch.input_ids.device)
+        positive_index = local + ranks.rank * size
+        all_image_ids = gather_no_grad(batch.image_ids, ranks)
+        mine = self._mine(all_image_ids, batch.image_ids, positive_index)
+        negative_image = mine(sim_t2i)  # (B,) global index of a hard negative image per text
+        negative_text = mine(sim_i2t)  # (B,) global index of a hard negative text per image
+
+        all_ids = gather_no_grad(batch.input_ids, ranks)
+        all_masks = gather_no_grad(batch.text_mask, ranks)
+        input_ids = torch.cat([batch.input_ids, batch.input_ids, all_ids[negative_text]])
+        text_mask = torch.cat([batch.text_mask, batch.text_mask, all_masks[negative_text]])
+        pair_kv = self._pair_image_kv(batch, image_kv, negative_image, local, ranks)
+        joint = self.model.qformer(
+            image_kv=pair_kv, input_ids=input_ids, text_mask=text_mask, pattern="bidirectional"
+        )
+        return self.model.itm_head(joint.query_output).mean(dim=1)
+
+    def _mine(
+        self, all_image_ids: torch.Tensor, image_ids: torch.Tensor, positive_index: torch.Tensor
+    ):
+        def mine(similarity: torch.Tensor) -> torch.Tensor:
+            return mine_hard_negatives(
+                similarity, image_ids, all_image_ids, positive_index, self.mining, self.generator
+            )
+
+        return mine
+
+    def _pair_image_kv(
+        self,
+        batch: Stage1Batch,
+        image_kv: ImageKV,
+        negative_image: torch.Tensor,
+        local: torch.Tensor,
+        ranks: Ranks,
+    ) -> ImageKV:
+        """Image K/V for the 3B ITM pairs, images ordered [positive; negative; positive]."""
+        qformer = self.model.qformer
+        if ranks.world_size == 1:
+            if self.reuse:
+                return image_kv.index_select(torch.cat([local, negative_image, local]))
+            images = batch.image_embeds
+            return qformer.encode_image(torch.cat([images, images[negative_image], images]))
+        # Negatives may live on other ranks: gather the frozen features (no grad needed) and
+        # encode only the B chosen ones here, rather than gathering every rank's K/V.
+        negatives = qformer.encode_image(gather_no_grad(batch.image_embeds, ranks)[negative_image])
+        if self.reuse:
+            return ImageKV.cat([image_kv, negatives, image_kv])
+        fresh = qformer.encode_image(batch.image_embeds)
+        return ImageKV.cat([fresh, negatives, qformer.encode_image(batch.image_embeds)])
+
+    def _itg_logits(self, batch: Stage1Batch, query_kv: list) -> torch.Tensor:
+        """(B, T, V) LM logits of the [DEC]-prefixed text, causal, seeing all queries."""
+        decoder_ids = batch.input_ids.clone()
+        decoder_ids[:, 0] = self.dec_token_id
+        qformer = self.model.qformer
+        if self.reuse:
+            text = qformer(
+                input_ids=decoder_ids,
+                text_mask=batch.text_mask,
+                use_queries=False,
+                pattern="causal",
+                past_query_kv=query_kv,
+            )
+        else:
+            text = qformer(
+                image_kv=qformer.encode_image(batch.image_embeds),
+                input_ids=decoder_ids,
+                text_mask=batch.text_mask,
+                pattern="causal",
+            )
+        return self.model.lm_logits(text.text_output)

@@ -1,0 +1,136 @@
+"""Stage-1 objectives against hand-written references, and reuse == recompute."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qformer_cli.config import qformer_preset
+from qformer_cli.losses import Ranks, itc_loss, itg_loss, itm_loss, mine_hard_negatives
+from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.train.stage1 import Stage1Batch, Stage1Objective
+
+
+def _smoothed_ce(logits: list[float], target: int, eps: float = 0.1) -> float:
+    """Label-smoothed cross-entropy of one row, written out: (1-eps)*nll + eps*mean(-log p)."""
+    log_z = math.log(sum(math.exp(v) for v in logits))
+    log_p = [v - log_z for v in logits]
+    return (1 - eps) * -log_p[target] + eps * -sum(log_p) / len(log_p)
+
+
+def test_itc_matches_a_loop_reference():
+    image_feats = F.normalize(torch.randn(3, 4, 8), dim=-1)
+    text_feat = F.normalize(torch.randn(3, 8), dim=-1)
+    temp = torch.tensor(0.07)
+    out = itc_loss(image_feats, text_feat, temp, Ranks())
+
+    def sim(i: int, t: int) -> float:
+        return max(float(image_feats[i, q] @ text_feat[t]) for q in range(4)) / 0.07
+
+    i2t = sum(_smoothed_ce([sim(i, t) for t in range(3)], i) for i in range(3)) / 3
+    t2i = sum(_smoothed_ce([sim(i, t) for i in range(3)], t) for t in range(3)) / 3
+    assert out.loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+    assert out.sim_i2t[1, 2].item() == pytest.approx(sim(1, 2), rel=1e-5)
+    assert out.sim_t2i[1, 2].item() == pytest.approx(sim(2, 1), rel=1e-5)
+
+
+def test_temperature_is_clamped_to_blips_range():
+    feats = F.normalize(torch.randn(2, 1, 4), dim=-1)
+    text = F.normalize(torch.randn(2, 4), dim=-1)
+    low = itc_loss(feats, text, torch.tensor(1e-6), Ranks())
+    floor = itc_loss(feats, text, torch.tensor(0.001), Ranks())
+    assert torch.allclose(low.sim_i2t, floor.sim_i2t)
+
+
+def test_hardest_negative_skips_positives_and_same_image():
+    similarity = torch.tensor(
+        [
+            [9.0, 8.0, 1.0, 2.0],  # sample 1 shows the same image as sample 0 -> take 3
+            [8.0, 9.0, 5.0, 1.0],
+            [0.0, 3.0, 9.0, 4.0],
+        ]
+    )
+    image_ids = torch.tensor([7, 7, 5])
+    all_ids = torch.tensor([7, 7, 5, 6])
+    picked = mine_hard_negatives(similarity, image_ids, all_ids, torch.tensor([0, 1, 2]), "hardest")
+    assert picked.tolist() == [3, 2, 3]
+
+
+def test_sampled_negatives_never_pick_the_same_image():
+    generator = torch.Generator().manual_seed(0)
+    similarity = torch.randn(4, 4) * 5
+    ids = torch.tensor([1, 1, 2, 3])
+    for _ in range(50):
+        picked = mine_hard_negatives(similarity, ids, ids, torch.arange(4), "sample", generator)
+        assert all(ids[p] != ids[i] for i, p in enumerate(picked.tolist()))
+
+
+def test_a_batch_of_one_image_falls_back_to_other_samples():
+    ids = torch.tensor([4, 4, 4])
+    picked = mine_hard_negatives(torch.randn(3, 3), ids, ids, torch.arange(3), "hardest")
+    assert all(p != i for i, p in enumerate(picked.tolist()))
+
+
+def test_itm_labels_are_positive_then_two_negatives():
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [2.0, 2.0], [1.0, -1.0]])
+    expected = (
+        sum(
+            -F.log_softmax(logits[i], dim=0)[label].item()
+            for i, label in enumerate([1, 1, 0, 0, 0, 0])
+        )
+        / 6
+    )
+    assert itm_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_itg_predicts_the_next_real_token():
+    logits = torch.randn(2, 4, 10)
+    ids = torch.tensor([[1, 5, 6, 0], [1, 7, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    pairs = [(0, 0, 5), (0, 1, 6), (1, 0, 7), (1, 1, 8), (1, 2, 9)]  # (row, position, next token)
+    expected = sum(_smoothed_ce(logits[b, t].tolist(), y) for b, t, y in pairs) / len(pairs)
+    assert itg_loss(logits, ids, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _objective(reuse: bool) -> Stage1Objective:
+    config = qformer_preset("tiny", vocab_size=60, hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(3)
+    return Stage1Objective(Stage1Model(config), dec_token_id=59, mining="hardest", reuse=reuse)
+
+
+def _batch() -> Stage1Batch:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 59, (4, 9), generator=generator)
+    ids[:, 0] = 1  # [CLS]
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    return Stage1Batch(
+        image_embeds=torch.randn(4, 17, 128, generator=generator),
+        input_ids=ids,
+        text_mask=mask,
+        image_ids=torch.tensor([0, 1, 1, 2]),
+    )
+
+
+def test_reuse_gives_the_same_losses_and_gradients_as_recomputing():
+    reused, recomputed = _objective(reuse=True), _objective(reuse=False)
+    batch = _batch()
+    losses_a, losses_b = reused(batch), recomputed(batch)
+    for name in ("itc", "itm", "itg"):
+        assert getattr(losses_a, name).item() == pytest.approx(
+            getattr(losses_b, name).item(), rel=1e-5
+        )
+    losses_a.total.backward()
+    losses_b.total.backward()
+    for (name, a), b in zip(reused.named_parameters(), recomputed.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    objective = _objective(reuse=True)
+    objective(_batch()).total.backward()
+    no_grad = [n for n, p in objective.named_parameters() if p.grad is None]
+    assert no_grad == []

@@ -35,13 +35,34 @@ class Ranks:
         return cls()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient for each slice.
+
+    torch's own autograd all_gather (torch.distributed.nn) mishandles non-contiguous gradients
+    on gloo, which the einsum backward of ITC produces; collectives want contiguous storage.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        ctx.rank, ctx.world_size = rank, world_size
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss used every slice
+        size = grad.shape[0] // ctx.world_size
+        return grad[ctx.rank * size : (ctx.rank + 1) * size], None, None
+
+
 def gather_with_grad(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """All ranks' ``tensor`` concatenated on dim 0; gradients flow back to every rank."""
     if ranks.world_size == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return _GatherWithGrad.apply(tensor, ranks.rank, ranks.world_size)
 
 
 @torch.no_grad()

@@ -44,6 +44,26 @@ JsonOption = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
 ]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+OutOption = Annotated[
+    Path | None,
+    typer.Option("--out", help="Output directory (default: runs/<command>-<timestamp>)."),
+]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto | cpu | cuda (auto: a CUDA GPU when usable).")
+]
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option("--precision", help="fp32 | bf16 | fp16 (autocast; master weights stay fp32)."),
+]
+MaxStepsOption = Annotated[int | None, typer.Option("--max-steps", help="Stop after N steps.")]
+BatchSizeOption = Annotated[
+    int | None, typer.Option("--batch-size", help="Global batch size (all processes).")
+]
+ResumeOption = Annotated[
+    str | None,
+    typer.Option("--resume", help="auto (newest good checkpoint of --out / the latest run) | DIR."),
+]
 
 
 def _fail(message: str, code: int) -> None:
@@ -99,6 +119,70 @@ def main_options(
     ] = False,
 ) -> None:
     """Train, evaluate and export BLIP-2 Q-Formers."""
+
+
+def flag_overrides(**flags: Any) -> list[str]:
+    """Dedicated flags as ``--set`` overrides (applied after the config file and --set)."""
+    return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+
+
+def finish(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+
+
+# --------------------------------------------------------------------------------------------
+# qformer pretrain-stage1
+
+
+@app.command("pretrain-stage1")
+@handles_errors
+def pretrain_stage1(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    resume: ResumeOption = None,
+    vision_model: Annotated[
+        str | None, typer.Option("--vision-model", help="Frozen vision encoder: hub id or path.")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Training captions: Karpathy or COCO JSON.")
+    ] = None,
+    max_steps: MaxStepsOption = None,
+    batch_size: BatchSizeOption = None,
+    precision: PrecisionOption = None,
+    seed: SeedOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Stage 1: train the Q-Former with ITC + ITM + ITG against a frozen vision encoder."""
+    from qformer_cli.config import load_config
+    from qformer_cli.train.run import train_stage
+    from qformer_cli.train.stage1 import build_stage1_recipe
+
+    flags = flag_overrides(
+        **{
+            "model.vision.model": vision_model,
+            "data.train": data,
+            "train.max_steps": max_steps,
+            "train.batch_size": batch_size,
+            "train.precision": precision,
+            "train.seed": seed,
+        }
+    )
+    run_config = load_config(config, [*(overrides or []), *flags])
+    console = Console(stderr=True)
+    result = train_stage(
+        "pretrain-stage1",
+        build_stage1_recipe,
+        run_config,
+        out=out,
+        resume=resume,
+        device_choice=device,
+        console=console,
+    )
+    finish(result, as_json)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,5 +246,18 @@ def info(
         console.print(table)
 
 
+def _quiet_libraries() -> None:
+    """transformers' load-progress bars and advice would drown our one-line messages."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def main() -> None:
+    _quiet_libraries()
     app()

@@ -119,8 +119,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "sample_data"
+    root: str = ""  # the embedded default (sample_data/) when empty
+    train: str = ""  # training captions: Karpathy or COCO JSON (default: the root's train split)
+    image_root: str = ""  # where the JSON's image paths resolve (default: beside the JSON)
     image_size: int = 0  # 0 = the vision encoder's own image processor size
+    augment: bool = False  # RandomResizedCrop(0.5-1.0) + flip, the paper's training transform
+    hflip: bool = True  # part of augment; off where captions name left/right
     num_workers: int = 0
     skip_bad_samples: bool = False
 
@@ -139,6 +143,7 @@ class TrainConfig:
     grad_accum: int = 1
     precision: Precision = "fp32"
     seed: int = 42
+    deterministic: bool = False  # bitwise-reproducible kernels (slower; exact resume checks)
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 2

@@ -160,3 +160,18 @@ def build_language_model(
     else:
         model = cls.from_pretrained(resolve_model_name(spec.model), dtype=dtype or torch.float32)
     return LanguageModel(model=model.eval().requires_grad_(False), family=family)
+
+
+DEC_TOKEN = "[DEC]"
+
+
+def load_qformer_tokenizer(name: str) -> transformers.PreTrainedTokenizerBase:
+    """The Q-Former's BERT tokenizer with BLIP-2's ``[DEC]`` token (added when absent)."""
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_name(name))
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{name}: cannot load the tokenizer ({reason})") from None
+    if DEC_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
+    return tokenizer

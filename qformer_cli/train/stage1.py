@@ -11,12 +11,16 @@ Work done once per batch and shared (``reuse=True``, the default):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qformer_cli.config import QFormerConfig, RunConfig
+from qformer_cli.data import BadSampleLog
 from qformer_cli.losses import (
     NegativeMining,
     Ranks,
@@ -26,8 +30,17 @@ from qformer_cli.losses import (
     itm_loss,
     mine_hard_negatives,
 )
+from qformer_cli.models.backbones import DEC_TOKEN, load_qformer_tokenizer, resolve_model_name
 from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.convert import load_external_weights
 from qformer_cli.models.qformer import ImageKV
+from qformer_cli.train.common import (
+    build_train_loader,
+    image_features,
+    load_frozen_vision,
+    read_caption_samples,
+)
+from qformer_cli.train.loop import StageRecipe
 
 
 @dataclass
@@ -47,6 +60,9 @@ class Stage1Losses:
     @property
     def total(self) -> torch.Tensor:
         return self.itc + self.itm + self.itg  # unweighted, as in BLIP-2
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {"itc": self.itc, "itm": self.itm, "itg": self.itg}
 
 
 class Stage1Objective(nn.Module):
@@ -172,3 +188,72 @@ class Stage1Objective(nn.Module):
                 pattern="causal",
             )
         return self.model.lm_logits(text.text_output)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage-1 recipe: model, tokenizer, frozen encoder, data -> the shared training loop.
+
+
+def stage1_qformer_config(config: RunConfig, vision_width: int, tokenizer) -> QFormerConfig:
+    """The preset's sizes, fitted to the backbones: image feature width and vocabulary."""
+    qformer_config = config.model.qformer_config()
+    qformer_config.encoder_width = vision_width
+    qformer_config.vocab_size = len(tokenizer)
+    qformer_config.pad_token_id = tokenizer.pad_token_id or 0
+    return qformer_config
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int, device: torch.device) -> tuple:
+    encoded = tokenizer(
+        texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt"
+    )
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def build_stage1_recipe(
+    config: RunConfig, device: torch.device, ranks: Ranks, report: Callable[[str], None]
+) -> StageRecipe:
+    tokenizer = load_qformer_tokenizer(config.model.bert)
+    vision = load_frozen_vision(config, device)
+    qformer_config = stage1_qformer_config(config, vision.hidden_size, tokenizer)
+    torch.manual_seed(config.train.seed)
+    model = Stage1Model(qformer_config)
+    init = load_external_weights(model, Path(resolve_model_name(config.model.bert)))
+    report(f"Q-Former init from {config.model.bert}: {init.summary()}")
+    model.to(device)
+
+    bad = BadSampleLog(skip=config.data.skip_bad_samples)
+    samples = read_caption_samples(config.data, bad)
+    image_index = {
+        image_id: i for i, image_id in enumerate(dict.fromkeys(s.image_id for s in samples))
+    }
+    loader = build_train_loader(config, samples, bad, ranks)
+    generator = torch.Generator(device=device).manual_seed(config.train.seed + ranks.rank)
+    objective = Stage1Objective(model, tokenizer.convert_tokens_to_ids(DEC_TOKEN))
+    objective.generator = generator
+
+    def prepare(batch) -> Stage1Batch:
+        input_ids, text_mask = tokenize(
+            tokenizer, batch.captions, config.model.max_text_len, device
+        )
+        ids = torch.tensor([image_index[i] for i in batch.image_ids], device=device)
+        features = image_features(vision, batch.pixel_values, device, config.train.precision)
+        return Stage1Batch(features, input_ids, text_mask, ids)
+
+    def save_tokenizer(directory: Path) -> None:
+        tokenizer.save_pretrained(directory / "tokenizer")
+
+    return StageRecipe(
+        name="stage1",
+        objective=objective,
+        trainable=model,
+        prepare=prepare,
+        loader=loader,
+        checkpoint_config={
+            "stage": 1,
+            "qformer": asdict(qformer_config),
+            "run": config.to_dict(),
+        },
+        save_extra=save_tokenizer,
+        generators={"negatives": generator},
+    )

@@ -1,0 +1,177 @@
+"""The one on-disk checkpoint format, written atomically, and ``--model PATH`` resolution.
+
+A checkpoint is a directory ``<run>/checkpoints/step-00000100/``:
+
+* ``model.safetensors`` -- the trainable weights, under this package's parameter names;
+* ``config.json`` -- what is needed to rebuild the model (stage, run config, Q-Former sizes);
+* ``train_state.pt`` -- optimizer, scheduler, RNG and data position (tensors and plain values
+  only, read back with ``torch.load(weights_only=True)``);
+* ``tokenizer/`` -- the Q-Former's tokenizer, when the stage has one;
+* ``manifest.json`` -- size and SHA-256 of every file, written last.
+
+Everything is written into a temporary sibling directory that is renamed into place, so a
+crash leaves either the previous checkpoints or the complete new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qformer_cli.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TRAIN_STATE = "train_state.pt"
+MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in files
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write checkpoint ``step`` under ``run_dir/checkpoints`` atomically; return its path."""
+    parent = Path(run_dir) / CHECKPOINTS
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / checkpoint_name(step)
+    temp = parent / f".{checkpoint_name(step)}.tmp"
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(temp / WEIGHTS))
+    (temp / CONFIG).write_text(json.dumps(config, indent=1, default=str))
+    if train_state is not None:
+        torch.save(train_state, temp / TRAIN_STATE)
+    if extra_files is not None:
+        extra_files(temp)
+    write_manifest(temp)
+    _fsync_tree(temp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temp, final)
+    return final
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise :class:`CheckpointError` unless every file matches the manifest."""
+    manifest_path = directory / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: incomplete checkpoint (no {MANIFEST})") from None
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{manifest_path}: corrupt manifest") from None
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: {name} is missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise CheckpointError(
+                f"{path}: truncated ({path.stat().st_size} of {expected['bytes']} bytes)"
+            )
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path}: checksum mismatch (corrupted)")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories of a run, oldest first (temporary ones excluded)."""
+    parent = Path(run_dir) / CHECKPOINTS
+    if not parent.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in parent.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def newest_good_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint that passes verification; broken ones are reported and skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as exc:
+            if warn is not None:
+                warn(f"skipping {exc}")
+    return None
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    for path in list_checkpoints(run_dir)[: -keep_last or None] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(directory / WEIGHTS))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{directory / WEIGHTS}: unreadable ({exc})") from None
+
+
+def load_config(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{directory / CONFIG}: unreadable ({exc})") from None
+
+
+def load_train_state(directory: Path) -> dict[str, Any]:
+    try:
+        return torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for anything beyond tensors and plain values
+        raise CheckpointError(f"{directory / TRAIN_STATE}: unreadable ({exc})") from None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """``--model PATH``: a run directory (its newest good checkpoint) or a checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run or checkpoint directory")
+    if (path / MANIFEST).is_file():
+        verify_checkpoint(path)
+        return path
+    newest = newest_good_checkpoint(path)
+    if newest is None:
+        raise CheckpointError(f"{path}: no complete checkpoint found")
+    return newest

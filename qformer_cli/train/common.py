@@ -1,0 +1,108 @@
+"""What both stages build the same way: output directory, training data, the frozen encoder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from qformer_cli.config import DataConfig, RunConfig
+from qformer_cli.data import (
+    BadSampleLog,
+    Sample,
+    SampleDataset,
+    SampleLoader,
+    build_transform,
+    load_transform_config,
+    make_dataloader,
+    one_caption_per_sample,
+    read_coco_captions,
+    read_karpathy,
+    sample_data_dir,
+    sample_split_files,
+)
+from qformer_cli.data.json_files import read_json
+from qformer_cli.errors import UsageError
+from qformer_cli.losses import Ranks
+from qformer_cli.models.backbones import VisionEncoder, build_vision_encoder, resolve_model_name
+from qformer_cli.train.loop import PRECISION_DTYPES, autocast
+
+
+def make_out_dir(out: Path | None, command: str) -> Path:
+    """``--out`` or ``runs/<command>-<timestamp>``; refuses an unwritable location up front."""
+    directory = out or Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            f"{directory}: output directory is not writable ({exc.strerror})"
+        ) from None
+    return directory
+
+
+def write_resolved_config(out_dir: Path, config: RunConfig) -> None:
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+
+
+def data_root(data: DataConfig) -> Path:
+    return Path(data.root) if data.root else sample_data_dir()
+
+
+def read_caption_samples(data: DataConfig, bad: BadSampleLog) -> list[Sample]:
+    """Training captions, one sample per caption: Karpathy train JSON (a list) or COCO JSON."""
+    path = Path(data.train) if data.train else sample_split_files("train", data_root(data)).karpathy
+    image_root = Path(data.image_root) if data.image_root else None
+    if isinstance(read_json(path), dict):
+        samples = read_coco_captions(path, image_root, bad=bad)
+    else:
+        samples = read_karpathy(path, image_root, bad=bad)
+    samples = one_caption_per_sample(samples)
+    if not samples:
+        raise UsageError(f"{path}: no training captions")
+    return samples
+
+
+def build_train_loader(
+    config: RunConfig, samples: list[Sample], bad: BadSampleLog, ranks: Ranks
+) -> SampleLoader:
+    vision_name = resolve_model_name(config.model.vision.model)
+    transform_config = load_transform_config(vision_name, config.data.image_size or None)
+    transform = build_transform(
+        transform_config, train=config.data.augment, hflip=config.data.hflip
+    )
+    global_batch = config.train.batch_size
+    if global_batch % ranks.world_size:
+        raise UsageError(
+            f"train.batch_size {global_batch} is not divisible by {ranks.world_size} processes"
+        )
+    return make_dataloader(
+        SampleDataset(samples, transform, bad_samples=bad),
+        batch_size=global_batch // ranks.world_size,
+        shuffle=True,
+        num_workers=config.data.num_workers,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+        seed=config.train.seed,
+        drop_last=True,
+    )
+
+
+def load_frozen_vision(config: RunConfig, device: torch.device) -> VisionEncoder:
+    """The frozen vision encoder; held in bf16/fp16 when training in that precision."""
+    dtype = PRECISION_DTYPES[config.train.precision]
+    return build_vision_encoder(config.model.vision, dtype=dtype).to(device)
+
+
+@torch.no_grad()
+def image_features(
+    vision: VisionEncoder, pixel_values: torch.Tensor, device: torch.device, precision: str
+) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, N, C) frozen features, run once per batch without autograd."""
+    dtype = next(vision.parameters()).dtype
+    with autocast(device, precision):
+        return vision(pixel_values.to(device=device, dtype=dtype))

@@ -1,0 +1,380 @@
+"""The one training loop, shared by both stages.
+
+A stage supplies an *objective* (an ``nn.Module`` whose forward takes a prepared batch and
+returns named losses with a ``total``), a function preparing a data batch (tokenize, run the
+frozen vision encoder), and the data loader. The loop owns everything else: devices and DDP,
+autocast, gradient accumulation, AdamW with warmup + cosine, non-finite-step skipping,
+atomic checkpoints and exact resume, preemption, progress, metrics and the loss plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from qformer_cli import checkpoint
+from qformer_cli.config import TrainConfig
+from qformer_cli.errors import QformerError, UsageError
+from qformer_cli.losses import Ranks
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STOP_AFTER_STEP_ENV = "QFORMER_STOP_AFTER_STEP"  # tests: behave as if SIGTERM came after step N
+
+
+class Losses(Protocol):
+    @property
+    def total(self) -> torch.Tensor: ...
+
+    def as_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+class Preempted(QformerError):
+    """SIGTERM / Ctrl-C: a checkpoint was written; the exit code says which signal."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and processes
+
+
+def init_distributed(device_choice: str) -> tuple[Ranks, torch.device]:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is usable here")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    ranks = Ranks.current()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return ranks, torch.device("cuda", local_rank)
+    return ranks, torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def learning_rate(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Linear warmup from ``warmup_start_lr`` to ``lr``, then cosine down to ``min_lr``."""
+    if step < config.warmup_steps:
+        fraction = step / max(1, config.warmup_steps)
+        return config.warmup_start_lr + fraction * (config.lr - config.warmup_start_lr)
+    decay_steps = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; biases, norms, embeddings of queries and the temperature get no weight decay."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or "norm" in name or "query_tokens" in name or "ln_vision" in name
+        (no_decay if skip else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    betas = (config.betas[0], config.betas[1])
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring the machine (for MFU)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's achievable dense matmul rate (FLOP/s): median of a few 1024^3 products."""
+    size = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    timings = []
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    return 2 * size**3 / sorted(timings[1:])[1]
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_nonfinite: int = 0
+
+
+@dataclass
+class StageRecipe:
+    """What a stage gives the loop."""
+
+    name: str  # "stage1" / "stage2"
+    objective: nn.Module
+    trainable: nn.Module  # whose state_dict is the checkpoint's weights
+    prepare: Callable[[Any], Any]  # data batch -> objective input
+    loader: Any  # iterable of data batches with set_epoch / skip_batches / __len__
+    checkpoint_config: dict[str, Any]
+    save_extra: Callable[[Path], None] | None = None
+    batch_size_of: Callable[[Any], int] = len
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe: StageRecipe,
+        config: TrainConfig,
+        out_dir: Path,
+        device: torch.device,
+        ranks: Ranks,
+        progress: Any,
+    ) -> None:
+        self.recipe = recipe
+        self.config = config
+        self.out_dir = out_dir
+        self.device = device
+        self.ranks = ranks
+        self.progress = progress
+        self.state = TrainState()
+        model = recipe.objective
+        if ranks.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.model = model
+        self.optimizer = build_optimizer(recipe.trainable, config)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        self.steps_per_epoch = len(recipe.loader) // config.grad_accum
+        if self.steps_per_epoch == 0:
+            raise UsageError(
+                f"not enough data for one step: {len(recipe.loader)} batches per epoch "
+                f"with grad_accum {config.grad_accum}"
+            )
+        self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
+        self.stop_signal: int | None = None
+        self.history: list[dict[str, float]] = []
+        self.flops_per_step: float | None = None
+        self.peak_flops = measure_matmul_flops(device, PRECISION_DTYPES[config.precision])
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _train_state(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "batch_in_epoch": self.state.batch_in_epoch,
+            "skipped_nonfinite": self.state.skipped_nonfinite,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "generators": {k: g.get_state() for k, g in self.recipe.generators.items()},
+        }
+
+    def save(self) -> Path | None:
+        if self.ranks.rank != 0:
+            self._barrier()
+            return None
+        config = dict(self.recipe.checkpoint_config, step=self.state.step)
+        path = checkpoint.save_checkpoint(
+            self.out_dir,
+            self.state.step,
+            self.recipe.trainable.state_dict(),
+            config,
+            self._train_state(),
+            self.recipe.save_extra,
+        )
+        checkpoint.prune_checkpoints(self.out_dir, self.config.keep_last)
+        self._barrier()
+        return path
+
+    def resume(self, directory: Path) -> None:
+        weights = checkpoint.load_weights(directory)
+        self.recipe.trainable.load_state_dict(weights)
+        state = checkpoint.load_train_state(directory)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        for key, generator in self.recipe.generators.items():
+            generator.set_state(state["generators"][key])
+        self.state = TrainState(
+            step=state["step"],
+            epoch=state["epoch"],
+            batch_in_epoch=state["batch_in_epoch"],
+            skipped_nonfinite=state["skipped_nonfinite"],
+        )
+        self._load_history()
+
+    def _load_history(self) -> None:
+        path = self.out_dir / "metrics.jsonl"
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.history = [row for row in rows if row["step"] <= self.state.step]
+            path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+
+    def _barrier(self) -> None:
+        if self.ranks.world_size > 1:
+            dist.barrier()
+
+    # ---- signals -----------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, self._on_signal)
+        return previous
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_signal = signum  # acted on at the next step boundary
+
+    def _should_stop(self) -> int | None:
+        forced = os.environ.get(STOP_AFTER_STEP_ENV)
+        if forced and self.state.step >= int(forced):
+            return signal.SIGTERM
+        if self.ranks.world_size > 1:  # every rank agrees on the step at which to stop
+            flag = torch.tensor([self.stop_signal or 0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return int(flag.item()) or None
+        return self.stop_signal
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[tuple[int, Any]]:
+        """(epoch, batch) from the saved data position onwards."""
+        loader = self.recipe.loader
+        while True:
+            loader.set_epoch(self.state.epoch)
+            skip = self.state.batch_in_epoch * self.config.grad_accum
+            loader.skip_batches(skip)
+            per_epoch = self.steps_per_epoch * self.config.grad_accum  # leftovers are dropped
+            for index, batch in enumerate(loader, start=skip):
+                if index >= per_epoch:
+                    break
+                yield self.state.epoch, batch
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def _forward_backward(self, batch: Any, scale: float) -> dict[str, float]:
+        with autocast(self.device, self.config.precision):
+            losses = self.model(self.recipe.prepare(batch))
+        self.scaler.scale(losses.total * scale).backward()
+        values = {k: v.detach().float().item() for k, v in losses.as_dict().items()}
+        values["loss"] = losses.total.detach().float().item()
+        return values
+
+    def _step(self, micro_batches: list[Any]) -> tuple[dict[str, float], int]:
+        lr = learning_rate(self.state.step, self.config, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for batch in micro_batches:
+            values = self._forward_backward(batch, 1.0 / len(micro_batches))
+            for key, value in values.items():
+                totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.recipe.trainable.parameters() if p.grad is not None]
+        finite = math.isfinite(totals["loss"]) and bool(
+            torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        )
+        if finite:
+            self.scaler.step(self.optimizer)
+        else:
+            self.state.skipped_nonfinite += 1
+        self.scaler.update()
+        totals["lr"] = lr
+        return totals, sum(self.recipe.batch_size_of(b) for b in micro_batches)
+
+    def _measure_flops(self, micro_batches: list[Any]) -> None:
+        with FlopCounterMode(display=False) as counter:
+            result = self._step(micro_batches)
+        self.flops_per_step = float(counter.get_total_flops())
+        self._after_step(*result, elapsed=None)
+
+    def run(self, resume_from: Path | None = None) -> dict[str, Any]:
+        if resume_from is not None:
+            self.resume(resume_from)
+        previous_handlers = self._install_signal_handlers()
+        try:
+            return self._run()
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+
+    def _run(self) -> dict[str, Any]:
+        batches = self._batches()
+        self.recipe.objective.train()
+        self.progress.start(self.total_steps, self.state.step)
+        while self.state.step < self.total_steps:
+            micro = [next(batches)[1] for _ in range(self.config.grad_accum)]
+            started = time.perf_counter()
+            if self.flops_per_step is None and self.state.step == 0:
+                self._measure_flops(micro)
+            else:
+                totals, images = self._step(micro)
+                self._after_step(totals, images, time.perf_counter() - started)
+            signum = self._should_stop()
+            if signum:
+                path = self.save()
+                raise Preempted(
+                    f"stopped by {signal.Signals(signum).name} at step {self.state.step}; "
+                    f"checkpoint {path}; continue with --resume auto --out {self.out_dir}",
+                    128 + signum,
+                )
+        self.progress.stop()
+        final = self.save()
+        return {"final_checkpoint": str(final), "steps": self.state.step, "history": self.history}
+
+    def _after_step(self, totals: dict[str, float], images: int, elapsed: float | None) -> None:
+        self.state.step += 1
+        self.state.batch_in_epoch += 1
+        global_images = images * self.ranks.world_size
+        row = dict(totals, step=self.state.step, epoch=self.state.epoch)
+        if elapsed:
+            row["images_per_s"] = global_images / elapsed
+            if self.flops_per_step:
+                row["mfu"] = self.flops_per_step / elapsed / self.peak_flops
+        row["skipped_nonfinite"] = self.state.skipped_nonfinite
+        log_now = self.state.step % self.config.log_every == 0 or self.state.step == 1
+        if log_now or self.state.step == self.total_steps:
+            self.history.append(row)
+            if self.ranks.rank == 0:
+                with (self.out_dir / "metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+        self.progress.update(self.state.step, row)
+        periodic = self.config.save_every and self.state.step % self.config.save_every == 0
+        if periodic and self.state.step < self.total_steps:
+            self.save()

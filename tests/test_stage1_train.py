@@ -1,0 +1,90 @@
+"""`qformer pretrain-stage1` end to end on the embedded default: losses, files, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from qformer_cli import checkpoint
+from qformer_cli.cli import app
+from qformer_cli.train.loop import STOP_AFTER_STEP_ENV
+
+runner = CliRunner()
+# A small, fast run: 2 layers, batch 8, no dropout (so that runs are comparable step by step).
+FAST = [
+    "--batch-size", "8",
+    "--set", "model.qformer.num_layers=2",
+    "--set", "model.qformer.hidden_dropout=0.0",
+    "--set", "train.log_every=1",
+    "--set", "train.warmup_steps=2",
+    "--set", "train.lr=1e-3",
+    "--set", "train.deterministic=true",
+]  # fmt: skip
+
+
+def _train(out: Path, *extra: str, env: dict | None = None):
+    return runner.invoke(
+        app, ["pretrain-stage1", "--out", str(out), "--json", *FAST, *extra], env=env
+    )
+
+
+@pytest.mark.slow
+def test_training_writes_checkpoint_metrics_and_plot(tmp_path: Path):
+    result = _train(tmp_path / "run", "--max-steps", "4", "--set", "train.save_every=2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    run = tmp_path / "run"
+    assert summary["steps"] == 4
+    assert (run / "loss.png").stat().st_size > 0
+    assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 8
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert {"itc", "itm", "itg", "loss", "lr"} <= set(rows[-1])
+    final = Path(summary["final_checkpoint"])
+    checkpoint.verify_checkpoint(final)
+    assert (final / "tokenizer" / "tokenizer.json").is_file()
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-00000002", "step-00000004"]
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path: Path):
+    straight = _train(tmp_path / "straight", "--max-steps", "5")
+    assert straight.exit_code == 0, straight.output
+
+    interrupted = _train(tmp_path / "resumed", "--max-steps", "5", env={STOP_AFTER_STEP_ENV: "2"})
+    assert interrupted.exit_code == 143, interrupted.output
+    assert "--resume auto" in interrupted.stderr
+    resumed = _train(tmp_path / "resumed", "--max-steps", "5", "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.output
+
+    a = load_file(str(Path(json.loads(straight.stdout)["final_checkpoint"]) / "model.safetensors"))
+    b = load_file(str(Path(json.loads(resumed.stdout)["final_checkpoint"]) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_bad_training_data_is_a_one_line_error(tmp_path: Path):
+    bad = tmp_path / "train.json"
+    bad.write_text('[{"caption": "a red circle"}]')
+    result = _train(tmp_path / "run", "--max-steps", "1", "--data", str(bad))
+    assert result.exit_code == 1
+    assert "train.json" in result.stderr and "image" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_resume_from_a_corrupt_checkpoint_is_refused(tmp_path: Path):
+    directory = checkpoint.save_checkpoint(tmp_path, 3, {}, {"stage": 1}, {"step": 3})
+    (directory / checkpoint.WEIGHTS).write_bytes(b"garbage")
+    result = _train(tmp_path / "other", "--max-steps", "1", "--resume", str(directory))
+    assert result.exit_code == 1
+    assert "truncated" in result.stderr or "checksum" in result.stderr

@@ -186,6 +186,81 @@ def pretrain_stage1(
 
 
 # --------------------------------------------------------------------------------------------
+# qformer eval-retrieval
+
+
+@app.command("eval-retrieval")
+@handles_errors
+def eval_retrieval(
+    model: Annotated[Path, typer.Option("--model", help="Stage-1 run or checkpoint directory.")],
+    split: Annotated[
+        str, typer.Option("--split", help="sample_data split when no --annotations.")
+    ] = "val",
+    annotations: Annotated[
+        Path | None,
+        typer.Option("--annotations", help="Karpathy val/test JSON or COCO captions JSON."),
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Image root (default: beside the JSON).")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="Candidates re-ranked with ITM.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Image-text retrieval with a stage-1 checkpoint: ITC for all pairs, ITM re-rank of top k."""
+    from qformer_cli.data import sample_split_files
+    from qformer_cli.eval.retrieval import evaluate_retrieval, load_retrieval_set
+    from qformer_cli.models.backbones import build_vision_encoder, resolve_model_name
+    from qformer_cli.pretrained import load_stage1
+    from qformer_cli.train.common import make_out_dir
+    from qformer_cli.train.loop import init_distributed
+
+    _, torch_device = init_distributed(device)
+    loaded = load_stage1(model, torch_device)
+    vision_spec = loaded.run_config.model.vision
+    vision = build_vision_encoder(vision_spec).to(torch_device)
+    annotations = annotations or sample_split_files(split).karpathy
+    data = load_retrieval_set(
+        annotations,
+        images,
+        vision,
+        resolve_model_name(vision_spec.model),
+        loaded.tokenizer,
+        torch_device,
+        batch_size,
+    )
+    metrics = evaluate_retrieval(loaded.model, data, k=k, batch_size=batch_size)
+    result = {
+        "checkpoint": str(loaded.directory),
+        "annotations": str(annotations),
+        "num_images": int(data.image_embeds.shape[0]),
+        "num_texts": int(data.input_ids.shape[0]),
+        "k": k,
+        **metrics,
+    }
+    out_dir = make_out_dir(out, "eval-retrieval")
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    if as_json:
+        print_json(result)
+        return
+    table = Table(title=f"Retrieval on {annotations} ({result['num_images']} images)")
+    table.add_column("direction")
+    for name in ("R@1", "R@5", "R@10"):
+        table.add_column(name, justify="right")
+    for direction in (
+        "image_to_text",
+        "text_to_image",
+        "image_to_text_itc_only",
+        "text_to_image_itc_only",
+    ):
+        table.add_row(direction, *(f"{v:.2f}" for v in metrics[direction].values()))
+    output_console(as_json).print(table)
+
+
+# --------------------------------------------------------------------------------------------
 # qformer info
 
 

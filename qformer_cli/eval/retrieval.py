@@ -1,0 +1,183 @@
+"""Image-text retrieval with a stage-1 Q-Former, as BLIP-2 evaluates it.
+
+ITC similarity for every (image, text) pair (max over the queries of the dot products of the
+normalized embeddings); the top ``k`` candidates of each query are re-ranked by
+``ITM logit (match) + ITC similarity``. Recall@K both ways: an image retrieves any of its
+captions; a caption retrieves its one image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qformer_cli.data import (
+    BadSampleLog,
+    SampleDataset,
+    build_transform,
+    load_transform_config,
+    make_dataloader,
+    read_coco_captions,
+    read_karpathy,
+)
+from qformer_cli.data.json_files import read_json
+from qformer_cli.errors import DataError
+from qformer_cli.models.backbones import VisionEncoder
+from qformer_cli.models.blip2 import Stage1Model
+
+RECALL_AT = (1, 5, 10)
+
+
+@dataclass
+class RetrievalSet:
+    image_embeds: torch.Tensor  # (N_img, L, C) frozen vision features
+    input_ids: torch.Tensor  # (N_txt, T)
+    text_mask: torch.Tensor  # (N_txt, T)
+    text_to_image: torch.Tensor  # (N_txt,) index of each caption's image
+
+
+@torch.no_grad()
+def itc_similarity(model: Stage1Model, data: RetrievalSet, batch_size: int) -> torch.Tensor:
+    """(N_img, N_txt) ITC similarity (no temperature: ranking only)."""
+    qformer = model.qformer
+    image_feats = torch.cat(
+        [
+            F.normalize(model.vision_proj(qformer.query_features(chunk)), dim=-1)
+            for chunk in data.image_embeds.split(batch_size)
+        ]
+    )  # (N_img, Q, D)
+    text_feats = []
+    for ids, mask in zip(
+        data.input_ids.split(batch_size), data.text_mask.split(batch_size), strict=True
+    ):
+        text = qformer(input_ids=ids, text_mask=mask, use_queries=False, pattern="unimodal")
+        text_feats.append(F.normalize(model.text_proj(text.text_output[:, 0]), dim=-1))
+    text_feat = torch.cat(text_feats)  # (N_txt, D)
+    return torch.einsum("iqd,td->itq", image_feats, text_feat).amax(dim=-1)
+
+
+@torch.no_grad()
+def itm_scores(
+    model: Stage1Model,
+    data: RetrievalSet,
+    image_index: torch.Tensor,
+    text_index: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """Match logits (P,) of the pairs (image_index[p], text_index[p])."""
+    scores = []
+    for images, texts in zip(
+        image_index.split(batch_size), text_index.split(batch_size), strict=True
+    ):
+        image_kv = model.qformer.encode_image(data.image_embeds[images])
+        joint = model.qformer(
+            image_kv=image_kv,
+            input_ids=data.input_ids[texts],
+            text_mask=data.text_mask[texts],
+            pattern="bidirectional",
+        )
+        scores.append(model.itm_head(joint.query_output).mean(dim=1)[:, 1])
+    return torch.cat(scores)
+
+
+def rerank(
+    model: Stage1Model,
+    data: RetrievalSet,
+    similarity: torch.Tensor,
+    *,
+    rows_are_images: bool,
+    k: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Scores (rows, cols): each row's top-k by ITC get ITM logit + ITC, the others -inf."""
+    rows, cols = similarity.shape
+    k = min(k, cols)
+    top_sim, top_index = similarity.topk(k, dim=1)  # (rows, k)
+    row_index = torch.arange(rows, device=similarity.device).repeat_interleave(k)
+    col_index = top_index.reshape(-1)
+    if rows_are_images:
+        itm = itm_scores(model, data, row_index, col_index, batch_size)
+    else:
+        itm = itm_scores(model, data, col_index, row_index, batch_size)
+    scores = torch.full((rows, cols), float("-inf"), device=similarity.device)
+    scores[row_index, col_index] = itm + top_sim.reshape(-1)
+    return scores
+
+
+def recall_at(scores: torch.Tensor, is_match: torch.Tensor) -> dict[str, float]:
+    """Percent of rows whose best match ranks within the top K (K in 1, 5, 10)."""
+    order = scores.cpu().argsort(dim=1, descending=True)
+    ranked_match = torch.gather(is_match, 1, order)  # (rows, cols) bool in rank order
+    first_hit = ranked_match.float().argmax(dim=1)
+    return {f"R@{k}": round(100.0 * (first_hit < k).float().mean().item(), 2) for k in RECALL_AT}
+
+
+def evaluate_retrieval(
+    model: Stage1Model, data: RetrievalSet, k: int = 128, batch_size: int = 64
+) -> dict[str, dict[str, float]]:
+    model.eval()
+    similarity = itc_similarity(model, data, batch_size)  # (N_img, N_txt)
+    num_images = data.image_embeds.shape[0]
+    is_match = data.text_to_image[None, :] == torch.arange(num_images)[:, None]  # (N_img, N_txt)
+    i2t = rerank(model, data, similarity, rows_are_images=True, k=k, batch_size=batch_size)
+    t2i = rerank(
+        model, data, similarity.t().contiguous(), rows_are_images=False, k=k, batch_size=batch_size
+    )
+    return {
+        "image_to_text": recall_at(i2t, is_match),
+        "text_to_image": recall_at(t2i, is_match.t()),
+        "image_to_text_itc_only": recall_at(similarity, is_match),
+        "text_to_image_itc_only": recall_at(similarity.t(), is_match.t()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# From files: a stage-1 checkpoint and a caption set.
+
+RETRIEVAL_MAX_TEXT_LEN = 35  # BLIP-2's retrieval evaluation length
+
+
+def load_retrieval_set(
+    annotations: Path,
+    image_root: Path | None,
+    vision: VisionEncoder,
+    transform_source: str,
+    tokenizer,
+    device: torch.device,
+    batch_size: int,
+) -> RetrievalSet:
+    """Images and their captions from Karpathy val/test JSON or COCO captions JSON."""
+    bad = BadSampleLog()
+    if isinstance(read_json(annotations), dict):
+        samples = read_coco_captions(annotations, image_root, bad=bad)
+    else:
+        samples = read_karpathy(annotations, image_root, bad=bad)
+    samples = [s for s in samples if s.captions]
+    if not samples:
+        raise DataError(f"{annotations}: no images with captions")
+    transform = build_transform(load_transform_config(transform_source), train=False)
+    loader = make_dataloader(
+        SampleDataset(samples, transform, bad_samples=bad), batch_size=batch_size
+    )
+    features = []
+    for batch in loader:
+        with torch.no_grad():
+            features.append(vision(batch.pixel_values.to(device)).float())
+    captions = [caption for sample in samples for caption in sample.captions]
+    owners = [i for i, sample in enumerate(samples) for _ in sample.captions]
+    encoded = tokenizer(
+        captions,
+        padding="longest",
+        truncation=True,
+        max_length=RETRIEVAL_MAX_TEXT_LEN,
+        return_tensors="pt",
+    )
+    return RetrievalSet(
+        image_embeds=torch.cat(features),
+        input_ids=encoded["input_ids"].to(device),
+        text_mask=encoded["attention_mask"].to(device),
+        text_to_image=torch.tensor(owners),
+    )

@@ -42,7 +42,7 @@ def test_yaml_scientific_notation_is_a_float(tmp_path: Path):
 
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert load_config(None, ["train.lr=1"]).train.lr == 1.0
-    with pytest.raises(UsageError, match="train.batch_size"):
+    with pytest.raises(UsageError, match=r"train\.batch_size"):
         load_config(None, ["train.batch_size=2.5"])
 
 
@@ -69,7 +69,7 @@ def test_bad_overrides_are_usage_errors(override: str, message: str):
 def test_bad_yaml_names_the_file_and_line(tmp_path: Path):
     path = tmp_path / "broken.yaml"
     path.write_text("train:\n  lr: [1,\n")
-    with pytest.raises(UsageError, match="broken.yaml: line"):
+    with pytest.raises(UsageError, match=r"broken\.yaml: line"):
         load_config(path)
     path.write_text("- a list\n")
     with pytest.raises(UsageError, match="must be a mapping"):

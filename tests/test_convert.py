@@ -153,7 +153,7 @@ def test_shape_mismatch_is_a_clear_error(tmp_path: Path):
     wrong = Stage2Model(
         our_config(dict(TINY_QFORMER, intermediate_size=32), num_query_tokens=NUM_QUERIES), 40
     )
-    with pytest.raises(CheckpointError, match="intermediate_query|query_ffn"):
+    with pytest.raises(CheckpointError, match=r"intermediate_query|query_ffn"):
         load_external_weights(wrong, tmp_path)
 
 

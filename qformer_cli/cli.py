@@ -157,30 +157,106 @@ def pretrain_stage1(
     debug: DebugOption = False,
 ) -> None:
     """Stage 1: train the Q-Former with ITC + ITM + ITG against a frozen vision encoder."""
-    from qformer_cli.config import load_config
-    from qformer_cli.train.run import train_stage
     from qformer_cli.train.stage1 import build_stage1_recipe
 
-    flags = flag_overrides(
-        **{
-            "model.vision.model": vision_model,
-            "data.train": data,
-            "train.max_steps": max_steps,
-            "train.batch_size": batch_size,
-            "train.precision": precision,
-            "train.seed": seed,
-        }
-    )
-    run_config = load_config(config, [*(overrides or []), *flags])
-    console = Console(stderr=True)
-    result = train_stage(
+    flags = {
+        "model.vision.model": vision_model,
+        "data.train": data,
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "train.precision": precision,
+        "train.seed": seed,
+    }
+    _pretrain(
         "pretrain-stage1",
         build_stage1_recipe,
+        config,
+        overrides,
+        flags,
+        out,
+        resume,
+        device,
+        as_json,
+    )
+
+
+@app.command("pretrain-stage2")
+@handles_errors
+def pretrain_stage2(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    resume: ResumeOption = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Start from a stage-1 run/checkpoint (or a transformers/LAVIS BLIP-2 file); "
+            "default: BERT init.",
+        ),
+    ] = None,
+    llm: Annotated[
+        str | None, typer.Option("--llm", help="Frozen LLM: hub id or path (causal or seq2seq).")
+    ] = None,
+    vision_model: Annotated[
+        str | None, typer.Option("--vision-model", help="Frozen vision encoder: hub id or path.")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Training captions: Karpathy or COCO JSON.")
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help='Text prompt before each caption ("a photo of").')
+    ] = None,
+    max_steps: MaxStepsOption = None,
+    batch_size: BatchSizeOption = None,
+    precision: PrecisionOption = None,
+    seed: SeedOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Stage 2: teach a frozen LLM to read the Q-Former's queries as a soft visual prompt."""
+    import functools
+
+    from qformer_cli.train.stage2 import build_stage2_recipe
+
+    flags = {
+        "model.llm.model": llm,
+        "model.vision.model": vision_model,
+        "data.train": data,
+        "generate.prompt": prompt,
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "train.precision": precision,
+        "train.seed": seed,
+    }
+    builder = functools.partial(build_stage2_recipe, init=init)
+    _pretrain("pretrain-stage2", builder, config, overrides, flags, out, resume, device, as_json)
+
+
+def _pretrain(
+    command: str,
+    builder: Callable[..., Any],
+    config: Path | None,
+    overrides: list[str] | None,
+    flags: dict[str, Any],
+    out: Path | None,
+    resume: str | None,
+    device: str,
+    as_json: bool,
+) -> None:
+    from qformer_cli.config import load_config
+    from qformer_cli.train.run import train_stage
+
+    run_config = load_config(config, [*(overrides or []), *flag_overrides(**flags)])
+    result = train_stage(
+        command,
+        builder,
         run_config,
         out=out,
         resume=resume,
         device_choice=device,
-        console=console,
+        console=Console(stderr=True),
     )
     finish(result, as_json)
 

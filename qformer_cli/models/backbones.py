@@ -165,13 +165,25 @@ def build_language_model(
 DEC_TOKEN = "[DEC]"
 
 
-def load_qformer_tokenizer(name: str) -> transformers.PreTrainedTokenizerBase:
-    """The Q-Former's BERT tokenizer with BLIP-2's ``[DEC]`` token (added when absent)."""
+def _load_tokenizer(name: str) -> transformers.PreTrainedTokenizerBase:
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_name(name))
+        return transformers.AutoTokenizer.from_pretrained(resolve_model_name(name))
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{name}: cannot load the tokenizer ({reason})") from None
+
+
+def load_qformer_tokenizer(name: str) -> transformers.PreTrainedTokenizerBase:
+    """The Q-Former's BERT tokenizer with BLIP-2's ``[DEC]`` token (added when absent)."""
+    tokenizer = _load_tokenizer(name)
     if DEC_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
+    return tokenizer
+
+
+def load_llm_tokenizer(name: str) -> transformers.PreTrainedTokenizerBase:
+    """The LLM's tokenizer; a pad token is borrowed from EOS where the LLM has none (GPT-2)."""
+    tokenizer = _load_tokenizer(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

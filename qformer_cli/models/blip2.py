@@ -61,3 +61,18 @@ class Stage2Model(nn.Module):
     def soft_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Frozen image features (B, N, C) -> soft prompt (B, Q, LLM hidden)."""
         return self.llm_proj(self.qformer.query_features(image_embeds))
+
+
+def soft_prompt_inputs(
+    llm: nn.Module, soft_prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[soft prompt; token embeddings]`` (B, Q + T, D) and its attention mask (B, Q + T)."""
+    token_embeds = llm.get_input_embeddings()(input_ids)
+    soft_prompt = soft_prompt.to(token_embeds.dtype)
+    query_mask = torch.ones(
+        soft_prompt.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device
+    )
+    return (
+        torch.cat([soft_prompt, token_embeds], dim=1),
+        torch.cat([query_mask, attention_mask], dim=1),
+    )

@@ -1,0 +1,217 @@
+"""Stage 2: the Q-Former's queries become a soft visual prompt for a frozen LLM.
+
+Decoder-only LLMs see ``[soft prompt; prompt + caption + "\\n"]`` and learn the caption, with the
+soft prompt, the text prompt and padding masked out of the labels. Encoder-decoder LLMs
+(FlanT5-style) get ``[soft prompt; prompt + prefix]`` in the encoder and the suffix as the
+decoder target, the caption split at a random word (the paper's prefix language modelling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qformer_cli import checkpoint
+from qformer_cli.config import QFormerConfig, RunConfig
+from qformer_cli.data import BadSampleLog
+from qformer_cli.losses import Ranks
+from qformer_cli.models.backbones import (
+    LanguageModel,
+    build_language_model,
+    load_llm_tokenizer,
+    resolve_model_name,
+)
+from qformer_cli.models.blip2 import Stage2Model, soft_prompt_inputs
+from qformer_cli.models.convert import LoadReport, load_external_weights
+from qformer_cli.train.common import (
+    build_train_loader,
+    image_features,
+    load_frozen_vision,
+    read_caption_samples,
+)
+from qformer_cli.train.loop import PRECISION_DTYPES, StageRecipe
+
+
+@dataclass
+class Stage2Batch:
+    image_embeds: torch.Tensor  # (B, N, C) frozen vision features
+    captions: list[str]
+
+
+@dataclass
+class Stage2Losses:
+    lm: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.lm
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {"lm": self.lm}
+
+
+def split_for_prefix_lm(caption: str, generator: torch.Generator) -> tuple[str, str]:
+    """(prefix, suffix) at a random word boundary; the suffix keeps at least one word."""
+    words = caption.split()
+    if len(words) < 2:
+        return "", caption
+    cut = int(torch.randint(0, len(words), (1,), generator=generator))
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def join_prompt(prompt: str, text: str) -> str:
+    return f"{prompt} {text}".strip() if prompt else text
+
+
+class Stage2Objective(nn.Module):
+    """Language-modelling loss of the frozen LLM given the soft visual prompt."""
+
+    def __init__(
+        self,
+        bridge: Stage2Model,
+        llm: LanguageModel,
+        tokenizer,
+        *,
+        prompt: str,
+        max_text_len: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.bridge = bridge
+        self.llm = llm.model  # frozen: requires_grad False, kept in eval mode by the caller
+        self.family = llm.family
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.max_text_len = max_text_len
+        self.generator = generator or torch.Generator()
+
+    def train(self, mode: bool = True) -> Stage2Objective:
+        super().train(mode)
+        self.llm.eval()  # frozen: no dropout in the LLM, as in BLIP-2
+        return self
+
+    def forward(self, batch: Stage2Batch) -> Stage2Losses:
+        soft_prompt = self.bridge.soft_prompt(batch.image_embeds)  # (B, Q, D)
+        if self.family == "decoder-only":
+            return Stage2Losses(self._decoder_only_loss(soft_prompt, batch.captions))
+        return Stage2Losses(self._encoder_decoder_loss(soft_prompt, batch.captions))
+
+    def _tokens(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tokenizer.padding_side = "right"
+        encoded = self.tokenizer(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_text_len,
+            return_tensors="pt",
+        )
+        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+    def _decoder_only_loss(self, soft_prompt: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        texts = [join_prompt(self.prompt, caption) + "\n" for caption in captions]
+        input_ids, mask = self._tokens(texts, soft_prompt.device)
+        labels = input_ids.masked_fill(mask == 0, -100)
+        prompt_len = len(self.tokenizer(self.prompt).input_ids) if self.prompt else 0
+        labels[:, :prompt_len] = -100  # the text prompt is given, not learned
+        embeds, full_mask = soft_prompt_inputs(self.llm, soft_prompt, input_ids, mask)
+        query_labels = torch.full(soft_prompt.shape[:2], -100, device=labels.device)
+        output = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=full_mask,
+            labels=torch.cat([query_labels, labels], dim=1),
+        )
+        return output.loss
+
+    def _encoder_decoder_loss(self, soft_prompt: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        splits = [split_for_prefix_lm(caption, self.generator) for caption in captions]
+        encoder_ids, encoder_mask = self._tokens(
+            [join_prompt(self.prompt, prefix) for prefix, _ in splits], soft_prompt.device
+        )
+        target_ids, target_mask = self._tokens([suffix for _, suffix in splits], soft_prompt.device)
+        embeds, full_mask = soft_prompt_inputs(self.llm, soft_prompt, encoder_ids, encoder_mask)
+        output = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=full_mask,
+            labels=target_ids.masked_fill(target_mask == 0, -100),
+        )
+        return output.loss
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe
+
+
+def init_bridge(bridge: Stage2Model, path: Path) -> LoadReport:
+    """Q-Former weights from a stage-1 checkpoint (text parts dropped) or an external file."""
+    if (Path(path) / checkpoint.MANIFEST).is_file() or checkpoint.list_checkpoints(Path(path)):
+        directory = checkpoint.resolve_checkpoint(Path(path))
+        weights = checkpoint.load_weights(directory)
+        own = bridge.state_dict()
+        report = LoadReport()
+        for key, value in weights.items():
+            if key in own and own[key].shape == value.shape:
+                own[key].copy_(value)
+                report.loaded.append(key)
+            else:
+                report.ignored.append(key)  # stage-1 text parts and heads
+        report.missing = [key for key in own if key not in weights]
+        return report
+    return load_external_weights(bridge, Path(path))
+
+
+def build_stage2_recipe(
+    config: RunConfig,
+    device: torch.device,
+    ranks: Ranks,
+    report: Callable[[str], None],
+    init: Path | None = None,
+) -> StageRecipe:
+    dtype = PRECISION_DTYPES[config.train.precision]
+    vision = load_frozen_vision(config, device)
+    llm = build_language_model(config.model.llm, dtype=dtype)
+    llm.model.to(device)
+    tokenizer = load_llm_tokenizer(config.model.llm.model)
+    qformer_config: QFormerConfig = config.model.qformer_config()
+    qformer_config.encoder_width = vision.hidden_size
+    torch.manual_seed(config.train.seed)
+    bridge = Stage2Model(qformer_config, llm.embedding_dim)
+    source = init or Path(resolve_model_name(config.model.bert))
+    loaded = init_bridge(bridge, source)
+    report(f"Q-Former init from {source}: {loaded.summary()}")
+    bridge.to(device)
+
+    bad = BadSampleLog(skip=config.data.skip_bad_samples)
+    loader = build_train_loader(config, read_caption_samples(config.data, bad), bad, ranks)
+    generator = torch.Generator().manual_seed(config.train.seed + ranks.rank)
+    objective = Stage2Objective(
+        bridge,
+        llm,
+        tokenizer,
+        prompt=config.generate.prompt,
+        max_text_len=config.model.max_text_len,
+        generator=generator,
+    )
+
+    def prepare(batch) -> Stage2Batch:
+        features = image_features(vision, batch.pixel_values, device, config.train.precision)
+        return Stage2Batch(features, batch.captions)
+
+    return StageRecipe(
+        name="stage2",
+        objective=objective,
+        trainable=bridge,
+        prepare=prepare,
+        loader=loader,
+        checkpoint_config={
+            "stage": 2,
+            "qformer": asdict(qformer_config),
+            "llm_family": llm.family,
+            "llm_embedding_dim": llm.embedding_dim,
+            "run": config.to_dict(),
+        },
+        generators={"prefix_split": generator},
+    )

@@ -262,6 +262,229 @@ def _pretrain(
 
 
 # --------------------------------------------------------------------------------------------
+# qformer caption / eval-caption
+
+ModelOption = Annotated[
+    Path,
+    typer.Option(
+        "--model", help="Stage-2 run or checkpoint directory, or a transformers BLIP-2 directory."
+    ),
+]
+ImagesOption = Annotated[
+    Path | None, typer.Option("--images", help="An image file or folder (or the GT's images).")
+]
+AnnotationsOption = Annotated[
+    Path | None, typer.Option("--annotations", help="COCO-format caption ground truth.")
+]
+SplitOption = Annotated[
+    str, typer.Option("--split", help="sample_data split when no --images/--annotations.")
+]
+
+
+def _generation_settings(
+    config: Path | None,
+    overrides: list[str] | None,
+    flags: dict[str, Any],
+):
+    from qformer_cli.config import load_config
+
+    return load_config(config, [*(overrides or []), *flag_overrides(**flags)])
+
+
+def _caption_and_score(
+    model: Path,
+    images: Path | None,
+    annotations: Path | None,
+    split: str,
+    run_config: Any,
+    prompt_given: bool,
+    batch_size: int,
+    shuffle_images: bool,
+    device: str,
+    out_dir: Path,
+) -> dict[str, Any]:
+    from qformer_cli.eval.caption_metrics import evaluate_caption_files
+    from qformer_cli.eval.captioning import caption_inputs, caption_samples
+    from qformer_cli.generate import GenerationSettings
+    from qformer_cli.pretrained import load_stage2
+    from qformer_cli.train.loop import init_distributed
+
+    _, torch_device = init_distributed(device)
+    pipeline = load_stage2(model, torch_device)
+    samples, ground_truth = caption_inputs(images, annotations, split)
+    generate = run_config.generate
+    prompt = generate.prompt if prompt_given or not pipeline.prompt else pipeline.prompt
+    settings = GenerationSettings(
+        num_beams=generate.num_beams,
+        max_new_tokens=generate.max_new_tokens,
+        min_new_tokens=generate.min_new_tokens,
+        length_penalty=generate.length_penalty,
+        repetition_penalty=generate.repetition_penalty,
+    )
+    captions, bad = caption_samples(
+        pipeline,
+        samples,
+        settings,
+        prompt,
+        batch_size=batch_size,
+        device=torch_device,
+        shuffle_images=shuffle_images,
+        skip_bad_samples=run_config.data.skip_bad_samples,
+    )
+    results_path = out_dir / "captions.json"
+    results_path.write_text(json.dumps(captions, indent=1))
+    result: dict[str, Any] = {
+        "model": str(pipeline.directory),
+        "prompt": prompt,
+        "num_images": len(captions),
+        "captions": str(results_path),
+        "shuffled_images": shuffle_images,
+    }
+    if bad.total:
+        result["bad_samples"] = bad.summary()
+    if ground_truth is not None:
+        scores = evaluate_caption_files(ground_truth, results_path).to_dict()
+        (out_dir / "metrics.json").write_text(json.dumps(scores, indent=1))
+        result["metrics"] = scores
+    return result
+
+
+def _print_captions(result: dict[str, Any], as_json: bool, limit: int = 10) -> None:
+    if as_json:
+        print_json(result)
+        return
+    console = output_console(as_json)
+    captions = json.loads(Path(result["captions"]).read_text())
+    table = Table(title=f"Captions ({len(captions)} images, first {min(limit, len(captions))})")
+    table.add_column("image_id")
+    table.add_column("caption")
+    for row in captions[:limit]:
+        table.add_row(str(row["image_id"]), row["caption"])
+    console.print(table)
+    if "metrics" in result:
+        _print_metrics(console, result["metrics"], "Caption scores (COCO scale)")
+    console.print(f"wrote {result['captions']}", markup=False, highlight=False)
+
+
+def _print_metrics(console: Console, metrics: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for name, value in metrics.items():
+        if isinstance(value, float | int):
+            table.add_row(name, f"{value:.4f}")
+    for name, reason in metrics.get("skipped", {}).items():
+        table.add_row(name, f"skipped: {reason}")
+    console.print(table)
+
+
+
+
+@app.command()
+@handles_errors
+def caption(
+    model: ModelOption,
+    images: ImagesOption = None,
+    annotations: AnnotationsOption = None,
+    split: SplitOption = "val",
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="Text prompt (default: the model's own).")
+    ] = None,
+    num_beams: Annotated[int | None, typer.Option("--num-beams")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens")] = None,
+    min_new_tokens: Annotated[int | None, typer.Option("--min-new-tokens")] = None,
+    length_penalty: Annotated[float | None, typer.Option("--length-penalty")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    shuffle_images: Annotated[
+        bool,
+        typer.Option("--shuffle-images", help="Grounding check: images shuffled across inputs."),
+    ] = False,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Caption images with a stage-2 model; scores them when the ground truth is known."""
+    from qformer_cli.train.common import make_out_dir
+
+    run_config = _generation_settings(
+        config,
+        overrides,
+        {
+            "generate.prompt": prompt,
+            "generate.num_beams": num_beams,
+            "generate.max_new_tokens": max_new_tokens,
+            "generate.min_new_tokens": min_new_tokens,
+            "generate.length_penalty": length_penalty,
+            "generate.repetition_penalty": repetition_penalty,
+        },
+    )
+    out_dir = make_out_dir(out, "caption")
+    result = _caption_and_score(
+        model,
+        images,
+        annotations,
+        split,
+        run_config,
+        prompt is not None,
+        batch_size,
+        shuffle_images,
+        device,
+        out_dir,
+    )
+    _print_captions(result, as_json)
+
+
+@app.command("eval-caption")
+@handles_errors
+def eval_caption(
+    predictions: Annotated[
+        Path | None,
+        typer.Option("--predictions", help='Results file [{"image_id", "caption"}]: no model.'),
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Stage-2 model to caption with first.")
+    ] = None,
+    annotations: AnnotationsOption = None,
+    images: ImagesOption = None,
+    split: SplitOption = "val",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """COCO caption scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE when available)."""
+    from qformer_cli.data import sample_split_files
+    from qformer_cli.errors import UsageError
+    from qformer_cli.eval.caption_metrics import evaluate_caption_files
+    from qformer_cli.train.common import make_out_dir
+
+    if (predictions is None) == (model is None):
+        raise UsageError("give exactly one of --predictions FILE or --model DIR")
+    out_dir = make_out_dir(out, "eval-caption")
+    if model is not None:
+        run_config = _generation_settings(config, overrides, {})
+        result = _caption_and_score(
+            model, images, annotations, split, run_config, False, batch_size, False, device, out_dir
+        )
+        metrics = result["metrics"]
+    else:
+        ground_truth = annotations or sample_split_files(split).coco_captions
+        metrics = evaluate_caption_files(ground_truth, predictions).to_dict()
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if as_json:
+        print_json(metrics)
+        return
+    _print_metrics(output_console(as_json), metrics, "Caption scores (COCO scale)")
+
+
+# --------------------------------------------------------------------------------------------
 # qformer eval-retrieval
 
 

@@ -11,7 +11,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from qformer_cli import checkpoint
 from qformer_cli.config import QFormerConfig, RunConfig, from_dict
 from qformer_cli.errors import CheckpointError
-from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.backbones import (
+    LanguageModel,
+    VisionEncoder,
+    build_language_model,
+    build_vision_encoder,
+    load_llm_tokenizer,
+    resolve_model_name,
+)
+from qformer_cli.models.blip2 import Stage1Model, Stage2Model
+from qformer_cli.models.convert import import_state_dict, read_config_json, read_safetensors_dir
 
 
 @dataclass
@@ -47,3 +56,109 @@ def load_stage1(path: Path, device: torch.device) -> Stage1Checkpoint:
     _load_state(model, directory)
     tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
     return Stage1Checkpoint(model.to(device).eval(), tokenizer, run_config, directory)
+
+
+@dataclass
+class Stage2Pipeline:
+    """Everything needed to caption or answer: frozen vision, bridge, frozen LLM, tokenizer."""
+
+    vision: VisionEncoder
+    bridge: Stage2Model
+    llm: LanguageModel
+    tokenizer: PreTrainedTokenizerBase
+    image_processor_source: str  # where the image transform's settings are read
+    directory: Path
+    prompt: str  # the prompt the model was trained with
+
+
+def _is_transformers_blip2(path: Path) -> bool:
+    if not (path / "config.json").is_file() or (path / checkpoint.MANIFEST).is_file():
+        return False
+    return read_config_json(path).get("model_type") in ("blip-2", "blip_2")
+
+
+def load_stage2(
+    path: Path, device: torch.device, dtype: torch.dtype = torch.float32
+) -> Stage2Pipeline:
+    """A stage-2 model from a run/checkpoint directory or a transformers BLIP-2 directory."""
+    path = Path(path)
+    if _is_transformers_blip2(path):
+        return _load_transformers_blip2(path, device, dtype)
+    directory = checkpoint.resolve_checkpoint(path)
+    qformer_config, run_config = _checkpoint_config(directory, stage=2)
+    saved = checkpoint.load_config(directory)
+    vision = build_vision_encoder(run_config.model.vision, dtype=dtype)
+    llm = build_language_model(run_config.model.llm, dtype=dtype)
+    bridge = Stage2Model(qformer_config, saved["llm_embedding_dim"])
+    _load_state(bridge, directory)
+    return Stage2Pipeline(
+        vision=vision.to(device),
+        bridge=bridge.to(device).eval(),
+        llm=LanguageModel(llm.model.to(device), llm.family),
+        tokenizer=load_llm_tokenizer(run_config.model.llm.model),
+        image_processor_source=resolve_model_name(run_config.model.vision.model),
+        directory=directory,
+        prompt=run_config.generate.prompt,
+    )
+
+
+def _load_transformers_blip2(
+    path: Path, device: torch.device, dtype: torch.dtype
+) -> Stage2Pipeline:
+    """A transformers ``Blip2ForConditionalGeneration`` directory, split into our parts."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        Blip2Config,
+        Blip2VisionModel,
+    )
+
+    config = Blip2Config.from_pretrained(path)
+    tensors = read_safetensors_dir(path)
+    vision_model = Blip2VisionModel(config.vision_config)
+    _load_prefixed(vision_model, tensors, "vision_model.", path)
+    family = "decoder-only" if config.use_decoder_only_language_model else "encoder-decoder"
+    llm_class = AutoModelForCausalLM if family == "decoder-only" else AutoModelForSeq2SeqLM
+    language_model = llm_class.from_config(config.text_config)
+    _load_prefixed(language_model, tensors, "language_model.", path)
+    language_model.tie_weights()
+    qformer = config.qformer_config
+    qformer_config = QFormerConfig(
+        hidden_size=qformer.hidden_size,
+        num_layers=qformer.num_hidden_layers,
+        num_heads=qformer.num_attention_heads,
+        intermediate_size=qformer.intermediate_size,
+        num_query_tokens=config.num_query_tokens,
+        encoder_width=qformer.encoder_hidden_size,
+        cross_attention_freq=qformer.cross_attention_frequency,
+        vocab_size=qformer.vocab_size,
+        max_position_embeddings=qformer.max_position_embeddings,
+        layer_norm_eps=qformer.layer_norm_eps,
+        vision_layer_norm_eps=config.vision_config.layer_norm_eps,
+    )
+    llm = LanguageModel(language_model.to(dtype).eval().requires_grad_(False), family)
+    bridge = Stage2Model(qformer_config, llm.embedding_dim)
+    report = import_state_dict(bridge, tensors, "transformers")
+    if report.missing:
+        raise CheckpointError(f"{path}: missing BLIP-2 weights: {report.missing[:5]}")
+    return Stage2Pipeline(
+        vision=VisionEncoder(vision_model.to(dtype)).to(device),
+        bridge=bridge.to(device).eval(),
+        llm=LanguageModel(llm.model.to(device), family),
+        tokenizer=AutoTokenizer.from_pretrained(path),
+        image_processor_source=str(path),
+        directory=path,
+        prompt="",
+    )
+
+
+def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, path: Path) -> None:
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    result = module.load_state_dict(state, strict=False)
+    # Tied output embeddings are saved once; everything else must be present.
+    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: {prefix}* weights do not fit its config "
+            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )

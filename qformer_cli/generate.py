@@ -1,0 +1,71 @@
+"""Batched captioning and question answering with a stage-2 model.
+
+The soft visual prompt is placed before the text prompt and the frozen LLM generates with
+transformers' ``generate`` (KV cache, beam search, sampling). Decoder-only LLMs stop at the
+newline BLIP-2 trains them to end captions with, or at EOS; prompts of different lengths are
+left-padded (pads between the soft prompt and the text, masked out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qformer_cli.models.backbones import LanguageModel
+from qformer_cli.models.blip2 import Stage2Model, soft_prompt_inputs
+
+
+@dataclass
+class GenerationSettings:
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 8
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    do_sample: bool = False
+    top_p: float = 0.9
+    temperature: float = 1.0
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS and the newline token (BLIP-2 ends every training caption with "\\n")."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    if newline:
+        ids.append(newline[-1])
+    return ids
+
+
+@torch.no_grad()
+def generate_text(
+    bridge: Stage2Model,
+    llm: LanguageModel,
+    tokenizer,
+    image_embeds: torch.Tensor,
+    prompts: list[str],
+    settings: GenerationSettings,
+) -> list[str]:
+    """One generated text per image (B, N, C) for the given text prompts (B strings)."""
+    soft_prompt = bridge.soft_prompt(image_embeds)  # (B, Q, D)
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, padding="longest", return_tensors="pt").to(soft_prompt.device)
+    embeds, mask = soft_prompt_inputs(
+        llm.model, soft_prompt, encoded["input_ids"], encoded["attention_mask"]
+    )
+    options = {
+        "num_beams": settings.num_beams,
+        "max_new_tokens": settings.max_new_tokens,
+        "min_new_tokens": settings.min_new_tokens,
+        "length_penalty": settings.length_penalty,
+        "repetition_penalty": settings.repetition_penalty,
+        "do_sample": settings.do_sample,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if settings.do_sample:
+        options.update(top_p=settings.top_p, temperature=settings.temperature)
+    if llm.family == "decoder-only":
+        options["eos_token_id"] = stop_token_ids(tokenizer)
+    output = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options)
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+    return [text.strip() for text in texts]

@@ -304,7 +304,7 @@ def _caption_and_score(
     out_dir: Path,
 ) -> dict[str, Any]:
     from qformer_cli.eval.caption_metrics import evaluate_caption_files
-    from qformer_cli.eval.captioning import caption_inputs, caption_samples
+    from qformer_cli.eval.captioning import caption_inputs, generate_for_samples
     from qformer_cli.generate import GenerationSettings
     from qformer_cli.pretrained import load_stage2
     from qformer_cli.train.loop import init_distributed
@@ -321,16 +321,17 @@ def _caption_and_score(
         length_penalty=generate.length_penalty,
         repetition_penalty=generate.repetition_penalty,
     )
-    captions, bad = caption_samples(
+    generated, bad = generate_for_samples(
         pipeline,
         samples,
         settings,
-        prompt,
+        lambda _: prompt,
         batch_size=batch_size,
         device=torch_device,
         shuffle_images=shuffle_images,
         skip_bad_samples=run_config.data.skip_bad_samples,
     )
+    captions = [{"image_id": s.image_id, "caption": text} for s, text in generated]
     results_path = out_dir / "captions.json"
     results_path.write_text(json.dumps(captions, indent=1))
     result: dict[str, Any] = {
@@ -376,8 +377,6 @@ def _print_metrics(console: Console, metrics: dict[str, Any], title: str) -> Non
     for name, reason in metrics.get("skipped", {}).items():
         table.add_row(name, f"skipped: {reason}")
     console.print(table)
-
-
 
 
 @app.command()
@@ -482,6 +481,156 @@ def eval_caption(
         print_json(metrics)
         return
     _print_metrics(output_console(as_json), metrics, "Caption scores (COCO scale)")
+
+
+# --------------------------------------------------------------------------------------------
+# qformer eval-vqa
+
+VQA_PROMPTS = {"answer": "Question: {} Answer:", "short-answer": "Question: {} Short answer:"}
+
+
+@app.command("eval-vqa")
+@handles_errors
+def eval_vqa(
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Stage-2 run/checkpoint or transformers BLIP-2 directory."),
+    ] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option("--predictions", help='Score an existing [{"question_id", "answer"}] file.'),
+    ] = None,
+    split: SplitOption = "val",
+    questions: Annotated[
+        Path | None, typer.Option("--questions", help="VQAv2-format questions JSON.")
+    ] = None,
+    annotations: Annotated[
+        Path | None, typer.Option("--annotations", help="VQAv2-format annotations JSON.")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Folder holding the questions' images.")
+    ] = None,
+    prompt: Annotated[
+        str,
+        typer.Option(
+            "--prompt",
+            help="Template with {} for the question, or 'answer' / 'short-answer' (LAVIS).",
+        ),
+    ] = "answer",
+    metric: Annotated[
+        str, typer.Option("--metric", help="official (GT-Vision-Lab) | lavis (BLIP-2's numbers).")
+    ] = "official",
+    blind: Annotated[
+        bool, typer.Option("--blind", help="Shuffle images across questions (grounding check).")
+    ] = False,
+    num_beams: Annotated[int, typer.Option("--num-beams")] = 5,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 10,
+    min_new_tokens: Annotated[int, typer.Option("--min-new-tokens")] = 1,
+    length_penalty: Annotated[float, typer.Option("--length-penalty")] = -1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    skip_bad_samples: Annotated[bool, typer.Option("--skip-bad-samples")] = False,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Zero-shot VQA scored with the VQAv2 accuracy (leave-one-out over 10 answers)."""
+    from qformer_cli.data import sample_split_files
+    from qformer_cli.errors import UsageError
+    from qformer_cli.eval.vqa_metric import evaluate_vqa_files
+    from qformer_cli.train.common import make_out_dir
+
+    if (predictions is None) == (model is None):
+        raise UsageError("give exactly one of --predictions FILE or --model DIR")
+    files = sample_split_files(split)
+    questions = questions or files.vqa_questions
+    annotations = annotations or files.vqa_annotations
+    out_dir = make_out_dir(out, "eval-vqa")
+    result: dict[str, Any] = {}
+    if model is not None:
+        template = VQA_PROMPTS.get(prompt, prompt)
+        if "{}" not in template:
+            raise UsageError(f"--prompt {prompt!r}: the template needs {{}} for the question")
+        predictions = out_dir / "vqa_results.json"
+        result = _answer_questions(
+            model,
+            questions,
+            annotations,
+            images or files.image_dir,
+            template,
+            {
+                "num_beams": num_beams,
+                "max_new_tokens": max_new_tokens,
+                "min_new_tokens": min_new_tokens,
+                "length_penalty": length_penalty,
+            },
+            batch_size,
+            blind,
+            skip_bad_samples,
+            device,
+            predictions,
+        )
+    accuracy = evaluate_vqa_files(annotations, predictions, questions, metric=metric).to_dict()
+    (out_dir / "metrics.json").write_text(json.dumps(accuracy, indent=1))
+    result.update(accuracy, results=str(predictions), blind=blind)
+    if as_json:
+        print_json(result)
+        return
+    _print_vqa(output_console(as_json), accuracy)
+
+
+def _answer_questions(
+    model: Path,
+    questions: Path,
+    annotations: Path,
+    images: Path,
+    template: str,
+    generation: dict[str, Any],
+    batch_size: int,
+    blind: bool,
+    skip_bad_samples: bool,
+    device: str,
+    results_path: Path,
+) -> dict[str, Any]:
+    from qformer_cli.data import BadSampleLog, read_vqa
+    from qformer_cli.eval.captioning import generate_for_samples
+    from qformer_cli.generate import GenerationSettings
+    from qformer_cli.pretrained import load_stage2
+    from qformer_cli.train.loop import init_distributed
+
+    _, torch_device = init_distributed(device)
+    pipeline = load_stage2(model, torch_device)
+    bad = BadSampleLog(skip=skip_bad_samples)
+    samples = read_vqa(questions, annotations, images, bad=bad)
+    generated, bad_images = generate_for_samples(
+        pipeline,
+        samples,
+        GenerationSettings(**generation),
+        lambda sample: template.format(sample.question),
+        batch_size=batch_size,
+        device=torch_device,
+        shuffle_images=blind,
+        skip_bad_samples=skip_bad_samples,
+    )
+    answers = [{"question_id": s.question_id, "answer": text} for s, text in generated]
+    results_path.write_text(json.dumps(answers, indent=1))
+    result: dict[str, Any] = {"model": str(pipeline.directory), "prompt": template}
+    skipped = bad.total + bad_images.total
+    if skipped:
+        result["bad_samples"] = f"{bad.summary()}; {bad_images.summary()}"
+    return result
+
+
+def _print_vqa(console: Console, accuracy: dict[str, Any]) -> None:
+    table = Table(
+        title=f"VQA accuracy ({accuracy['metric']} metric, {accuracy['num_questions']} questions)"
+    )
+    table.add_column("answer type")
+    table.add_column("accuracy", justify="right")
+    table.add_row("overall", f"{accuracy['overall']:.2f}")
+    for name, value in accuracy["per_answer_type"].items():
+        table.add_row(name, f"{value:.2f}")
+    console.print(table)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""``qformer caption`` / ``eval-caption``: caption images in batches, optionally score them."""
+"""Generation over data sets: ``caption`` / ``eval-caption`` inputs, and batched generation
+for any samples with per-sample prompts (captions, VQA answers)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,25 +57,24 @@ def shuffled(features: torch.Tensor, seed: int) -> torch.Tensor:
     return features[order]
 
 
-def caption_samples(
+def generate_for_samples(
     pipeline: Stage2Pipeline,
     samples: list[Sample],
     settings: GenerationSettings,
-    prompt: str,
+    prompt_for: Callable[[Sample], str],
     *,
     batch_size: int,
     device: torch.device,
     shuffle_images: bool = False,
     skip_bad_samples: bool = False,
-    prompts: list[str] | None = None,
-) -> tuple[list[dict], BadSampleLog]:
-    """Generate for every sample: ``[{"image_id", "caption"}]`` in input order."""
+) -> tuple[list[tuple[Sample, str]], BadSampleLog]:
+    """Generate one text per sample (image + its text prompt), batched, in input order."""
     bad = BadSampleLog(skip=skip_bad_samples)
     transform = build_transform(load_transform_config(pipeline.image_processor_source), train=False)
     dataset = SampleDataset(samples, transform, bad_samples=bad)
+    dtype = next(pipeline.vision.parameters()).dtype
     results = []
     for index, batch in enumerate(make_dataloader(dataset, batch_size=batch_size)):
-        dtype = next(pipeline.vision.parameters()).dtype
         with torch.no_grad():
             features = pipeline.vision(batch.pixel_values.to(device=device, dtype=dtype))
         if shuffle_images:
@@ -83,11 +84,8 @@ def caption_samples(
             pipeline.llm,
             pipeline.tokenizer,
             features.float(),
-            [prompt] * len(batch) if prompts is None else prompts,
+            [prompt_for(sample) for sample in batch.samples],
             settings,
         )
-        results.extend(
-            {"image_id": image_id, "caption": text}
-            for image_id, text in zip(batch.image_ids, texts, strict=True)
-        )
+        results.extend(zip(batch.samples, texts, strict=True))
     return results, bad

@@ -188,6 +188,7 @@ class Trainer:
         self.stop_signal: int | None = None
         self.history: list[dict[str, float]] = []
         self.flops_per_step: float | None = None
+        self.started = time.perf_counter()
         self.peak_flops = measure_matmul_flops(device, PRECISION_DTYPES[config.precision])
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -335,6 +336,7 @@ class Trainer:
                 signal.signal(signum, handler)
 
     def _run(self) -> dict[str, Any]:
+        self.started = time.perf_counter()
         batches = self._batches()
         self.recipe.objective.train()
         self.progress.start(self.total_steps, self.state.step)
@@ -363,6 +365,7 @@ class Trainer:
         self.state.batch_in_epoch += 1
         global_images = images * self.ranks.world_size
         row = dict(totals, step=self.state.step, epoch=self.state.epoch)
+        row["elapsed_s"] = round(time.perf_counter() - self.started, 2)
         if elapsed:
             row["images_per_s"] = global_images / elapsed
             if self.flops_per_step:

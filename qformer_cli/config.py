@@ -68,7 +68,7 @@ QFORMER_PRESETS: dict[str, dict[str, Any]] = {
         "num_query_tokens": 16,
         "encoder_width": 128,
         "cross_attention_freq": 2,
-        "vocab_size": 512,
+        "vocab_size": 202,  # sample_data/backbones/bert: 201 WordPiece + [DEC]
         "max_position_embeddings": 64,
         "embed_dim": 64,
     },

@@ -1,0 +1,272 @@
+"""Torch datasets over samples, per-rank sharding, and the batching data loader.
+
+Workers never raise for a bad image: they pass a :class:`BadSample` along, and the loader
+reports it to the :class:`BadSampleLog` in the main process, which raises a one-line
+:class:`DataError` (or, with ``skip=True``, counts it and drops the sample from its batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from qformer_cli.data.sample import BadSampleLog, ImageError, Sample, load_image
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A sample that could not be used, on its way to the main process's log."""
+
+    message: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoadedSample:
+    sample: Sample
+    pixel_values: torch.Tensor  # (3, H, W)
+
+
+def load_sample(sample: Sample, transform: ImageTransform) -> LoadedSample | BadSample:
+    try:
+        return LoadedSample(sample, transform(load_image(sample)))
+    except ImageError as error:
+        return BadSample(str(error), error.reason)
+
+
+class SampleDataset(Dataset[LoadedSample | BadSample]):
+    """Map-style dataset: item ``i`` is sample ``i`` with its transformed image.
+
+    ``bad_samples`` is the policy for bad images (default: raise); pass the same log to the
+    readers so entry errors and image errors are counted together.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        transform: ImageTransform,
+        *,
+        skip_bad_samples: bool = False,
+        bad_samples: BadSampleLog | None = None,
+    ) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.bad_samples = bad_samples or BadSampleLog(skip=skip_bad_samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> LoadedSample | BadSample:
+        return load_sample(self.samples[index], self.transform)
+
+
+class StreamingSampleDataset(IterableDataset[LoadedSample | BadSample]):
+    """Iterable dataset over a re-iterable sample source (e.g. :func:`read_hf_dataset`).
+
+    The source does its own splitting across ranks and workers (``datasets`` streaming gives
+    each DataLoader worker its own shards)."""
+
+    def __init__(
+        self,
+        source: Iterable[Sample | BadSample],
+        transform: ImageTransform,
+        *,
+        skip_bad_samples: bool = False,
+        bad_samples: BadSampleLog | None = None,
+    ) -> None:
+        self.source = source
+        self.transform = transform
+        self.bad_samples = bad_samples or BadSampleLog(skip=skip_bad_samples)
+
+    def __iter__(self) -> Iterator[LoadedSample | BadSample]:
+        for item in self.source:
+            yield item if isinstance(item, BadSample) else load_sample(item, self.transform)
+
+    def set_epoch(self, epoch: int) -> None:
+        set_epoch = getattr(self.source, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+
+
+@dataclass
+class Batch:
+    """A batch of samples with their images stacked; ``skipped`` are the bad samples dropped."""
+
+    pixel_values: torch.Tensor  # (B, 3, H, W)
+    samples: list[Sample]
+    skipped: list[BadSample]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def image_ids(self) -> list[int | str]:
+        return [s.image_id for s in self.samples]
+
+    @property
+    def captions(self) -> list[str]:
+        """The first caption of each sample (training samples have exactly one)."""
+        return [s.captions[0] if s.captions else "" for s in self.samples]
+
+    @property
+    def all_captions(self) -> list[tuple[str, ...]]:
+        return [s.captions for s in self.samples]
+
+    @property
+    def questions(self) -> list[str]:
+        return [s.question or "" for s in self.samples]
+
+    @property
+    def question_ids(self) -> list[int | None]:
+        return [s.question_id for s in self.samples]
+
+    @property
+    def answers(self) -> list[tuple[str, ...]]:
+        return [s.answers for s in self.samples]
+
+
+def collate_samples(items: list[LoadedSample | BadSample]) -> Batch:
+    loaded = [item for item in items if isinstance(item, LoadedSample)]
+    skipped = [item for item in items if isinstance(item, BadSample)]
+    pixels = (
+        torch.stack([item.pixel_values for item in loaded]) if loaded else torch.empty(0, 3, 0, 0)
+    )
+    return Batch(pixels, [item.sample for item in loaded], skipped)
+
+
+class RankSampler(Sampler[int]):
+    """Indices of one rank's shard, like ``DistributedSampler``, for any world size (1 too).
+
+    Shuffled from ``seed + epoch`` when ``shuffle``; with ``equal_shards`` (training) indices
+    are repeated so every rank gets the same count, as DDP needs; without it (evaluation) each
+    sample appears exactly once across ranks.
+    """
+
+    def __init__(
+        self,
+        length: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        equal_shards: bool = True,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.length = length
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.equal_shards = equal_shards
+        self.epoch = 0
+        self.skip = 0  # indices of this epoch to leave out from the start (mid-epoch resume)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.length))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.length, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        if self.equal_shards and order:
+            padded = math.ceil(len(order) / self.world_size) * self.world_size
+            order = (order * math.ceil(padded / len(order)))[:padded]
+        return iter(order[self.rank :: self.world_size][self.skip :])
+
+    def __len__(self) -> int:
+        if self.equal_shards:
+            return math.ceil(self.length / self.world_size)
+        return len(range(self.rank, self.length, self.world_size))
+
+
+class SampleLoader:
+    """Iterates :class:`Batch` es; reports bad samples to the dataset's log in this process."""
+
+    def __init__(self, loader: DataLoader[Any], dataset: SampleDataset | StreamingSampleDataset):
+        self.loader = loader
+        self.dataset = dataset
+        self.bad_samples = dataset.bad_samples
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            for bad in batch.skipped:
+                self.bad_samples.handle(bad.message, bad.reason)
+            if len(batch):
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def skip_batches(self, count: int) -> None:
+        """Start this epoch's next pass after ``count`` batches, without loading them
+        (resuming mid-epoch); call after :meth:`set_epoch`."""
+        sampler = self.loader.sampler
+        if not isinstance(sampler, RankSampler):
+            if count:
+                raise ValueError("only map-style datasets can resume mid-epoch")
+            return
+        sampler.skip = count * (self.loader.batch_size or 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for a new epoch (call before iterating, as with DistributedSampler)."""
+        sampler = self.loader.sampler
+        if isinstance(sampler, RankSampler):
+            sampler.set_epoch(epoch)
+            sampler.skip = 0
+        if isinstance(self.dataset, StreamingSampleDataset):
+            self.dataset.set_epoch(epoch)
+
+
+def make_dataloader(
+    dataset: SampleDataset | StreamingSampleDataset,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    drop_last: bool = False,
+    equal_shards: bool | None = None,
+) -> SampleLoader:
+    """Batches of ``dataset`` for this rank, loaded by ``num_workers`` worker processes.
+
+    Map-style datasets are sharded here (``equal_shards`` defaults to ``shuffle``: training
+    pads shards to equal length, evaluation sees every sample once). Streaming datasets are
+    sharded by their source (see :func:`read_hf_dataset`'s ``rank``/``world_size``).
+    Worker random streams (crop, flip) are seeded from ``seed`` and ``rank``.
+    """
+    sampler = None
+    if isinstance(dataset, SampleDataset):
+        sampler = RankSampler(
+            len(dataset),
+            rank=rank,
+            world_size=world_size,
+            shuffle=shuffle,
+            seed=seed,
+            equal_shards=shuffle if equal_shards is None else equal_shards,
+        )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed * 1000 + rank),
+    )
+    return SampleLoader(loader, dataset)

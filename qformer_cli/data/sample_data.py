@@ -1,0 +1,59 @@
+"""Where the shipped synthetic world lives, so commands can default to it.
+
+The folder is ``sample_data/`` at the repository root, or ``$QFORMER_SAMPLE_DATA`` when set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from qformer_cli.errors import UsageError
+
+SPLITS = ("train", "val", "test")
+BACKBONES = ("vision", "opt", "t5", "bert")
+
+
+def sample_data_dir() -> Path:
+    override = os.environ.get("QFORMER_SAMPLE_DATA")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[2] / "sample_data"
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """One split's files in every format (``coco_captions`` is None for train)."""
+
+    split: str
+    root: Path  # Karpathy "image" paths are relative to it
+    image_dir: Path  # COCO "file_name"s and VQA image ids resolve here
+    karpathy: Path
+    coco_captions: Path | None
+    vqa_questions: Path
+    vqa_annotations: Path
+    scenes: Path  # ground-truth objects per image
+
+
+def sample_split_files(split: str, root: Path | None = None) -> SplitFiles:
+    if split not in SPLITS:
+        raise UsageError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
+    root = root or sample_data_dir()
+    return SplitFiles(
+        split=split,
+        root=root,
+        image_dir=root / "images" / split,
+        karpathy=root / f"karpathy_{split}.json",
+        coco_captions=None if split == "train" else root / f"captions_{split}.json",
+        vqa_questions=root / f"vqa_{split}_questions.json",
+        vqa_annotations=root / f"vqa_{split}_annotations.json",
+        scenes=root / f"scenes_{split}.json",
+    )
+
+
+def sample_backbone_dir(name: str, root: Path | None = None) -> Path:
+    """``sample_data/backbones/{vision,opt,t5,bert}``: transformers model folders."""
+    if name not in BACKBONES:
+        raise UsageError(f"unknown sample backbone '{name}' (choose from {', '.join(BACKBONES)})")
+    return (root or sample_data_dir()) / "backbones" / name

@@ -1,0 +1,203 @@
+"""Image transforms BLIP-2 uses, built with PIL + torch (torchvision is not a dependency).
+
+- eval: resize to a square (bicubic), scale to [0, 1], normalize with the encoder's mean/std
+  (LAVIS ``BlipImageEvalProcessor``).
+- train: RandomResizedCrop(scale 0.5-1.0, bicubic) + horizontal flip, then the same tensor steps
+  (LAVIS ``BlipImageTrainProcessor`` without RandAugment, as the BLIP-2 configs use it).
+
+The size, mean, std and resampling filter come from the vision encoder's own image processor
+config (``preprocessor_config.json``) where it has one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qformer_cli.errors import DataError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ImageTransformConfig:
+    """What the transforms need: output side length, normalization and resampling filter."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resample: Image.Resampling = Image.Resampling.BICUBIC
+
+
+def _size_from_processor(config: dict[str, Any]) -> int | None:
+    """The square side an image processor config produces (crop size, else resize size)."""
+    for key in ("crop_size", "size"):
+        value = config.get(key)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, dict):
+            side = value.get("height") or value.get("shortest_edge") or value.get("width")
+            if side:
+                return int(side)
+    return None
+
+
+def transform_config_from_processor(
+    config: dict[str, Any], image_size: int | None = None
+) -> ImageTransformConfig:
+    """Build an :class:`ImageTransformConfig` from an image processor config dict.
+
+    ``image_size`` overrides the processor's size (BLIP-2 fine-tunes at 364 px with a 224 px
+    processor, interpolating the position embeddings).
+    """
+    default = ImageTransformConfig()
+    side = image_size or _size_from_processor(config) or default.image_size
+    mean = tuple(config.get("image_mean") or default.mean)
+    std = tuple(config.get("image_std") or default.std)
+    if len(mean) != 3 or len(std) != 3:
+        raise DataError(f"image processor config: image_mean/image_std need 3 values, got {mean}")
+    resample = Image.Resampling(config.get("resample", default.resample))
+    return ImageTransformConfig(side, mean, std, resample)  # type: ignore[arg-type]
+
+
+def load_transform_config(
+    model_name_or_path: str | Path | None, image_size: int | None = None
+) -> ImageTransformConfig:
+    """Read the vision encoder's ``preprocessor_config.json`` (a local folder, or a hub id that
+    is already in the local cache); fall back to CLIP defaults when there is none."""
+    processor: dict[str, Any] = {}
+    if model_name_or_path is not None:
+        path = _find_processor_config(str(model_name_or_path))
+        if path is not None:
+            processor = _read_processor_config(path)
+    return transform_config_from_processor(processor, image_size)
+
+
+def _find_processor_config(model_name_or_path: str) -> Path | None:
+    local = Path(model_name_or_path)
+    if local.is_dir():
+        candidate = local / PREPROCESSOR_CONFIG
+        return candidate if candidate.is_file() else None
+    try:  # a hub id: only look in the local cache, never download here
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_name_or_path, PREPROCESSOR_CONFIG)
+    except Exception:
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _read_processor_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: malformed image processor config ({error})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: image processor config is not a JSON object")
+    return config
+
+
+def to_normalized_tensor(image: Image.Image, config: ImageTransformConfig) -> torch.Tensor:
+    """(H, W) RGB PIL image -> float tensor (3, H, W), normalized with the config's mean/std."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W)
+    mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+class EvalTransform:
+    """Resize to ``image_size`` squared and normalize (picklable for DataLoader workers)."""
+
+    def __init__(self, config: ImageTransformConfig) -> None:
+        self.config = config
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        side = self.config.image_size
+        if image.size != (side, side):
+            image = image.resize((side, side), self.config.resample)
+        return to_normalized_tensor(image, self.config)
+
+
+class TrainTransform:
+    """RandomResizedCrop + optional horizontal flip, then normalize.
+
+    Random numbers come from torch's global generator, which DataLoader seeds differently in each
+    worker (base_seed + worker_id), or from ``generator`` when given.
+    """
+
+    def __init__(
+        self,
+        config: ImageTransformConfig,
+        scale: tuple[float, float] = (0.5, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.config = config
+        self.scale = scale
+        self.ratio = ratio
+        self.hflip = hflip
+        self.generator = generator
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=self.generator))
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of a random crop, as torchvision's RandomResizedCrop picks it:
+        area fraction in ``scale``, log-uniform aspect ratio in ``ratio``, 10 tries, then a
+        centre crop with the ratio clamped."""
+        area = width * height
+        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target_area = area * self._uniform(*self.scale)
+            aspect = math.exp(self._uniform(log_low, log_high))
+            crop_w = round(math.sqrt(target_area * aspect))
+            crop_h = round(math.sqrt(target_area / aspect))
+            if 0 < crop_w <= width and 0 < crop_h <= height:
+                left = int(self._uniform(0, width - crop_w + 1))
+                top = int(self._uniform(0, height - crop_h + 1))
+                return left, top, left + crop_w, top + crop_h
+        return _center_crop_box(width, height, self.ratio)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        side = self.config.image_size
+        box = self.crop_box(*image.size)
+        image = image.resize((side, side), self.config.resample, box=box)
+        if self.hflip and self._uniform(0, 1) < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(image, self.config)
+
+
+def _center_crop_box(
+    width: int, height: int, ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        crop_w, crop_h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        crop_w, crop_h = round(height * ratio[1]), height
+    else:
+        crop_w, crop_h = width, height
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    return left, top, left + crop_w, top + crop_h
+
+
+def build_transform(
+    config: ImageTransformConfig, train: bool, hflip: bool = True
+) -> ImageTransform:
+    """The train or eval transform for ``config``; ``hflip=False`` keeps left/right meaningful
+    (the synthetic world's captions and questions name positions)."""
+    return TrainTransform(config, hflip=hflip) if train else EvalTransform(config)

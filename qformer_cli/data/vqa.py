@@ -1,0 +1,152 @@
+"""VQAv2 files: ``{"questions": [{"question_id", "image_id", "question"}]}`` and, where the
+answers are known, ``{"annotations": [{"question_id", "answers": [{"answer", ...}] x 10,
+"multiple_choice_answer", "answer_type", "question_type", ...}]}``.
+
+VQAv2 names images only by id; the image file is found in ``image_dir`` either with
+``image_pattern`` (e.g. ``"COCO_val2014_{image_id:012d}.jpg"``) or, by default, as the file whose
+name ends in that number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qformer_cli.data.json_files import (
+    entry_label,
+    read_json,
+    require_field,
+    require_list,
+    shown,
+)
+from qformer_cli.data.sample import (
+    IMAGE_EXTENSIONS,
+    BadSampleLog,
+    Sample,
+    image_id_from_name,
+    raise_or_skip,
+)
+from qformer_cli.errors import DataError
+
+
+@dataclass(frozen=True)
+class VqaAnswers:
+    answers: tuple[str, ...]
+    majority: str | None
+    answer_type: str | None
+    question_type: str | None
+
+
+def read_vqa(
+    questions_path: str | Path,
+    annotations_path: str | Path | None,
+    image_dir: str | Path,
+    *,
+    image_pattern: str | None = None,
+    bad: BadSampleLog | None = None,
+) -> list[Sample]:
+    """One sample per question, in the questions file's order, with its answers when
+    ``annotations_path`` is given (every question must then have an annotation)."""
+    questions = require_list(read_json(questions_path), questions_path, "questions")
+    answers = _read_answers(annotations_path, bad) if annotations_path is not None else None
+    find_image = ImageLocator(Path(image_dir), image_pattern)
+    samples = []
+    for index, entry in enumerate(questions):
+        where = entry_label(questions_path, "question", index, entry, "question_id")
+        try:
+            samples.append(_vqa_sample(entry, where, answers, annotations_path, find_image))
+        except DataError as error:
+            raise_or_skip(bad, error, _reason(str(error)))
+    return samples
+
+
+def _reason(message: str) -> str:
+    if "no image" in message:
+        return "missing image"
+    return "missing annotation" if "no annotation" in message else "missing field"
+
+
+def _vqa_sample(
+    entry: Any,
+    where: str,
+    answers: dict[int, VqaAnswers] | None,
+    annotations_path: str | Path | None,
+    find_image: ImageLocator,
+) -> Sample:
+    question_id = require_field(entry, "question_id", where, int)
+    image_id = require_field(entry, "image_id", where, (int, str))
+    question = require_field(entry, "question", where, str)
+    known = answers.get(question_id) if answers is not None else None
+    if answers is not None and known is None:
+        raise DataError(f"{where}: no annotation in {shown(annotations_path or '')}")
+    return Sample(
+        image=find_image(image_id, where),
+        image_id=image_id,
+        question=question,
+        question_id=question_id,
+        answers=known.answers if known else (),
+        answer=known.majority if known else None,
+        answer_type=known.answer_type if known else None,
+        question_type=known.question_type if known else None,
+        origin=where,
+    )
+
+
+def _read_answers(path: str | Path, bad: BadSampleLog | None) -> dict[int, VqaAnswers]:
+    annotations = require_list(read_json(path), path, "annotations")
+    by_question: dict[int, VqaAnswers] = {}
+    for index, entry in enumerate(annotations):
+        where = entry_label(path, "annotation", index, entry, "question_id")
+        try:
+            question_id = require_field(entry, "question_id", where, int)
+            by_question[question_id] = _parse_answers(entry, where)
+        except DataError as error:
+            raise_or_skip(bad, error, "missing field")
+    return by_question
+
+
+def _parse_answers(entry: dict[str, Any], where: str) -> VqaAnswers:
+    raw = require_field(entry, "answers", where, list)
+    answers = []
+    for k, answer in enumerate(raw):
+        text = answer.get("answer") if isinstance(answer, dict) else answer
+        if not isinstance(text, str):
+            raise DataError(f"{where}: answers[{k}] has no 'answer' text")
+        answers.append(text)
+    return VqaAnswers(
+        answers=tuple(answers),
+        majority=_optional_str(entry, "multiple_choice_answer", where),
+        answer_type=_optional_str(entry, "answer_type", where),
+        question_type=_optional_str(entry, "question_type", where),
+    )
+
+
+def _optional_str(entry: dict[str, Any], name: str, where: str) -> str | None:
+    return require_field(entry, name, where, str) if name in entry else None
+
+
+class ImageLocator:
+    """Finds the image file of an image id in one folder (by pattern, or by trailing number)."""
+
+    def __init__(self, image_dir: Path, pattern: str | None) -> None:
+        self.image_dir = image_dir
+        self.pattern = pattern
+        self._by_id: dict[int | str, Path] | None = None
+
+    def __call__(self, image_id: int | str, where: str) -> Path:
+        if self.pattern is not None:
+            return self.image_dir / self.pattern.format(image_id=image_id)
+        if self._by_id is None:
+            self._by_id = self._index()
+        path = self._by_id.get(image_id)
+        if path is None:
+            folder = shown(self.image_dir)
+            raise DataError(f"{where}: no image for image_id {image_id} in {folder}")
+        return path
+
+    def _index(self) -> dict[int | str, Path]:
+        if not self.image_dir.is_dir():
+            raise DataError(f"{shown(self.image_dir)}: image folder not found")
+        files = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        return {image_id_from_name(p): p for p in files}

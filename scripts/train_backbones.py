@@ -1,0 +1,584 @@
+"""Train the tiny pretrained backbones under ``sample_data/backbones/`` on the synthetic world.
+
+    python scripts/train_backbones.py all            # or: vision | opt | t5 | bert
+    python scripts/train_backbones.py opt --threads 2
+
+Each backbone is saved with ``save_pretrained`` (config + safetensors + tokenizer or image
+processor) and loads offline with ``AutoModel*.from_pretrained``. A ``training_summary.json``
+beside it records the recipe, final losses and the metrics of ``backbone_metrics.py``.
+
+- ``bert/``: BertForMaskedLM (Q-Former init), WordPiece tokenizer (lowercase) + ``[DEC]``.
+- ``vision/``: CLIPVisionModel trained CLIP-style against a small CLIPTextModel (discarded).
+- ``opt/``: OPTForCausalLM on caption and "Question: ... Answer: ...\\n" text (no images).
+- ``t5/``: T5ForConditionalGeneration on the same text, as (encoder input, target) pairs.
+
+Only the train split is used for training. Runs are deterministic for a given thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertTokenizer,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPVisionModel,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import backbone_metrics
+import make_sample_data as world
+
+from qformer_cli.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    EvalTransform,
+    ImageTransformConfig,
+)
+
+SEED = 0
+ROOT = Path(__file__).resolve().parent.parent
+# Sizes the Q-Former "tiny" preset depends on: do not change without changing it.
+BERT_SIZES = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=512,
+    max_position_embeddings=64,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+)
+LM_MAX_POSITIONS = 128  # room for 32 soft-prompt queries + prompt + answer
+EXTRA_VISION_SCENES = 6000
+
+
+# ---------------------------------------------------------------- corpus
+
+
+@dataclass
+class WorldText:
+    """The training split's text, keyed by image."""
+
+    captions: dict[int, list[str]]
+    descriptions: dict[int, str]  # a complete description: every object's size, colour, place
+    qa: dict[int, list[tuple[str, str]]]  # image_id -> [(question, canonical answer)]
+
+    def all_sentences(self) -> list[str]:
+        """Every caption, description and "Question: q Answer: a" text (tokenizer training)."""
+        qa = [f"{qa_prompt(q)} {a}" for pairs in self.qa.values() for q, a in pairs]
+        captions = [c for cs in self.captions.values() for c in cs]
+        return captions + [f"{d}." for d in self.descriptions.values()] + qa
+
+
+def load_world_text(data_dir: Path, split: str = "train") -> WorldText:
+    read_json = backbone_metrics.read_json
+    scenes = read_json(data_dir / f"scenes_{split}.json")
+    captions: dict[int, list[str]] = {}
+    for entry in read_json(data_dir / f"karpathy_{split}.json"):
+        captions.setdefault(entry["image_id"], []).append(entry["caption"])
+    questions = read_json(data_dir / f"vqa_{split}_questions.json")["questions"]
+    annotations = read_json(data_dir / f"vqa_{split}_annotations.json")["annotations"]
+    answer_of = {a["question_id"]: a["multiple_choice_answer"] for a in annotations}
+    qa: dict[int, list[tuple[str, str]]] = {}
+    for q in questions:
+        qa.setdefault(q["image_id"], []).append((q["question"], answer_of[q["question_id"]]))
+    return WorldText(
+        captions=captions,
+        descriptions={s["image_id"]: backbone_metrics.scene_description(s) for s in scenes},
+        qa=qa,
+    )
+
+
+def qa_prompt(question: str) -> str:
+    return f"Question: {question} Answer:"
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def build_bert_tokenizer(sentences: list[str], vocab_size: int = 512) -> BertTokenizer:
+    """WordPiece (lowercase) trained on the world's text, plus ``[DEC]`` as a special token."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size - 1, special_tokens=specials)
+    wordpiece.train_from_iterator(sentences, trainer)
+    tokenizer = BertTokenizer(vocab=wordpiece.get_vocab(), model_max_length=64)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[DEC]"]})
+    return tokenizer
+
+
+def build_byte_bpe(sentences: list[str], special_tokens: list[str], template: str) -> Tokenizer:
+    """Byte-level BPE (lowercasing) like GPT-2/OPT's; "\\n" is the single byte token "Ċ".
+
+    ``template`` is the post-processor for one sequence, e.g. "</s> $A" (OPT prepends BOS) or
+    "$A </s>" (T5 appends EOS)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,  # an upper bound: the world's ~60 words run out of merges well before
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+    )
+    bpe.train_from_iterator([s + "\n" for s in sentences], trainer)
+    used = [t for t in special_tokens if t in template]
+    bpe.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, bpe.token_to_id(t)) for t in used]
+    )
+    return bpe
+
+
+def build_opt_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
+    # OPT's ids: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3; "</s>" is prepended to each text.
+    bpe = build_byte_bpe(sentences, ["<s>", "<pad>", "</s>", "<unk>"], "</s> $A")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=LM_MAX_POSITIONS,
+    )
+
+
+def build_t5_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
+    # T5's ids: <pad>=0 (also the decoder start), </s>=1 appended to each text, <unk>=2.
+    bpe = build_byte_bpe(sentences, ["<pad>", "</s>", "<unk>"], "$A </s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=LM_MAX_POSITIONS,
+    )
+
+
+# ---------------------------------------------------------------- training loop
+
+
+def cosine_with_warmup(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def run_training(
+    model: torch.nn.Module,
+    loss_of_step: Callable[[int], torch.Tensor],
+    steps: int,
+    lr: float,
+    name: str,
+) -> list[float]:
+    """AdamW (wd 0.01), linear warmup then cosine to 10% of ``lr``; returns per-step losses."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(steps, max(1, steps // 20))
+    )
+    losses: list[float] = []
+    started = time.perf_counter()
+    for step in range(steps):
+        loss = loss_of_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            elapsed = time.perf_counter() - started
+            print(f"[{name}] step {step:4d}/{steps} loss {loss.item():.4f} ({elapsed:.0f}s)")
+    model.eval()
+    return losses
+
+
+def tail_mean(losses: list[float], n: int = 20) -> float:
+    return round(sum(losses[-n:]) / len(losses[-n:]), 4)
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------- BERT (Q-Former init)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor, special: torch.Tensor, tokenizer: BertTokenizer, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: 15% of non-special tokens are targets; 80% [MASK], 10% random, 10% kept."""
+    chosen = (torch.rand(input_ids.shape, generator=gen) < 0.15) & ~special
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    roll = torch.rand(input_ids.shape, generator=gen)
+    masked = input_ids.clone()
+    masked[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    random_ids = torch.randint(5, len(tokenizer) - 1, input_ids.shape, generator=gen)
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    masked[swap] = random_ids[swap]
+    return masked, labels
+
+
+def train_bert(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[str, Any]:
+    tokenizer = build_bert_tokenizer(text.all_sentences())
+    config = BertConfig(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **BERT_SIZES
+    )
+    torch.manual_seed(SEED)
+    model = BertForMaskedLM(config)
+    sentences = [c for cs in text.captions.values() for c in cs]
+    sentences += [q for pairs in text.qa.values() for q, _ in pairs]
+    encoded = tokenizer(
+        sentences, padding=True, return_tensors="pt", return_special_tokens_mask=True
+    )
+    ids, attention = encoded["input_ids"], encoded["attention_mask"]  # (N, L)
+    special = encoded["special_tokens_mask"].bool()  # (N, L); padding counts as special
+    gen = torch.Generator().manual_seed(SEED)
+    batch_size = 128
+
+    def loss_of_step(step: int) -> torch.Tensor:
+        rows = torch.randint(0, len(ids), (batch_size,), generator=gen)
+        masked, labels = mask_tokens(ids[rows], special[rows], tokenizer, gen)
+        return model(input_ids=masked, attention_mask=attention[rows], labels=labels).loss
+
+    losses = run_training(model, loss_of_step, steps, 1e-3, "bert")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "recipe": f"MLM (15%, 80/10/10) on {len(sentences)} captions and questions, "
+        f"{steps} steps x batch {batch_size}, AdamW lr 1e-3, warmup + cosine",
+        "vocab_size": len(tokenizer),
+        "final_mlm_loss": tail_mean(losses),
+        "first_mlm_loss": round(losses[0], 4),
+        **backbone_metrics.mlm_accuracy(out, data_dir),
+    }
+
+
+# ---------------------------------------------------------------- vision (CLIP-style)
+
+
+def extra_scenes(count: int) -> tuple[torch.Tensor, list[list[str]]]:
+    """``count`` more scenes of the same world from the "vision-pretrain" random streams (not
+    shipped): their pixels (count, 3, 64, 64) and captions. More images, less overfitting."""
+    transform = EvalTransform(ImageTransformConfig(64))
+    scenes = [world.make_scene(SEED, "vision-pretrain", index)[0] for index in range(count)]
+    return torch.stack([transform(s.image) for s in scenes]), [s.captions for s in scenes]
+
+
+def train_vision(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[str, Any]:
+    tokenizer = build_bert_tokenizer(text.all_sentences())
+    scenes = backbone_metrics.read_json(data_dir / "scenes_train.json")
+    more_pixels, more_captions = extra_scenes(EXTRA_VISION_SCENES)
+    shipped_pixels = backbone_metrics.load_split_pixels(data_dir, scenes, None)
+    pixels = torch.cat([shipped_pixels, more_pixels])  # (N, 3, 64, 64)
+    captions_of = [text.captions[s["image_id"]] for s in scenes] + more_captions
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            image_size=64,
+            patch_size=8,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+        ),
+        projection_dim=128,
+    )
+    torch.manual_seed(SEED)
+    clip = CLIPModel(config)
+    gen = torch.Generator().manual_seed(SEED)
+    picker = random.Random(SEED)
+    batch_size = 64
+
+    def loss_of_step(step: int) -> torch.Tensor:
+        rows = torch.randperm(len(pixels), generator=gen)[:batch_size].tolist()
+        captions = [picker.choice(captions_of[r]) for r in rows]
+        negatives = [shape_swapped(c, picker) for c in captions]
+        tokens = tokenizer(captions + negatives, padding=True, return_tensors="pt")
+        output = clip(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            pixel_values=pixels[rows],
+        )
+        return contrastive_loss_with_hard_negatives(output.logits_per_image)
+
+    losses = run_training(clip, loss_of_step, steps, 1e-3, "vision")
+    vision = CLIPVisionModel(config.vision_config)
+    vision.load_state_dict(clip.vision_model.state_dict())
+    vision.save_pretrained(out)
+    image_processor().save_pretrained(out)
+    return {
+        "recipe": "CLIP contrastive loss against a 2-layer CLIPTextModel (discarded) on the "
+        f"{len(scenes)} train images and {EXTRA_VISION_SCENES} more scenes of the world "
+        "(random streams 'vision-pretrain', not shipped), "
+        "image vs one of its 5 captions plus one shape-swapped hard negative caption per image, "
+        f"{steps} steps x batch {batch_size}, AdamW lr 1e-3, "
+        "warmup + cosine, no augmentation",
+        "final_clip_loss": tail_mean(losses),
+        "first_clip_loss": round(losses[0], 4),
+        "val_image_to_caption_r1": backbone_metrics.retrieval_r1(clip, tokenizer, data_dir),
+        "parameters": sum(p.numel() for p in vision.parameters()),
+        **backbone_metrics.probe_report(out, data_dir),
+    }
+
+
+SHAPE_WORD = re.compile(r"\b(circle|square|triangle)\b")
+
+
+def shape_swapped(caption: str, rng: random.Random) -> str:
+    """The caption with one shape word replaced by another: a hard negative that only an
+    encoder that sees shapes can tell from the positive (colour and place stay the same)."""
+    match = rng.choice(list(SHAPE_WORD.finditer(caption)))
+    other = rng.choice([s for s in ("circle", "square", "triangle") if s != match.group(1)])
+    return caption[: match.start()] + other + caption[match.end() :]
+
+
+def contrastive_loss_with_hard_negatives(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """CLIP loss where each image also competes against B extra (hard negative) captions.
+
+    logits_per_image: (B, 2B), columns [positives; negatives]. Image -> text picks its caption
+    among all 2B; text -> image uses the B positive captions only."""
+    batch = logits_per_image.shape[0]
+    targets = torch.arange(batch)
+    image_to_text = torch.nn.functional.cross_entropy(logits_per_image, targets)
+    text_to_image = torch.nn.functional.cross_entropy(logits_per_image[:, :batch].T, targets)
+    return (image_to_text + text_to_image) / 2
+
+
+def image_processor() -> CLIPImageProcessorPil:
+    # Saved as a plain "CLIPImageProcessor" config; the PIL variant needs no torchvision.
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": 64},
+        crop_size={"height": 64, "width": 64},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        resample=3,  # bicubic
+    )
+
+
+# ---------------------------------------------------------------- LM text (OPT and T5)
+
+
+def lm_pairs(text: WorldText, rng: random.Random) -> Iterator[tuple[str, str]]:
+    """Endless (context, continuation) pairs; the LM reads the context and predicts the rest.
+
+    Some pairs put the scene's full description before the caption or question, so the LM
+    learns to use what comes before it (the soft prompt's job later) without ever seeing an
+    image; with no context it can only guess (blind). The context is "" for a bare caption.
+    """
+    image_ids = sorted(text.captions)
+    while True:
+        image_id = rng.choice(image_ids)
+        described = rng.random() < 0.3
+        description = f"{text.descriptions[image_id]}. " if described else ""
+        if rng.random() < 0.5:
+            question, answer = rng.choice(text.qa[image_id])
+            yield f"{description}{qa_prompt(question)}", answer
+        else:
+            yield description.rstrip(), rng.choice(text.captions[image_id])
+
+
+def opt_batch(
+    pairs: Iterator[tuple[str, str]],
+    tokenizer: PreTrainedTokenizerFast,
+    batch_size: int,
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Right-padded "context continuation\\n" texts with random position offsets, so every
+    position up to ``LM_MAX_POSITIONS`` is trained (a soft prompt pushes text to later ones)."""
+    texts = [" ".join(filter(None, next(pairs))) + "\n" for _ in range(batch_size)]
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    ids, attention = tokens["input_ids"], tokens["attention_mask"]  # (B, L)
+    length = ids.shape[1]
+    offsets = torch.randint(0, LM_MAX_POSITIONS - length + 1, (batch_size, 1), generator=gen)
+    positions = offsets + torch.arange(length)[None, :]  # (B, L)
+    labels = ids.masked_fill(attention == 0, -100)
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "position_ids": positions,
+        "labels": labels,
+    }
+
+
+def train_opt(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[str, Any]:
+    tokenizer = build_opt_tokenizer(text.all_sentences())
+    config = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_hidden_layers=3,
+        ffn_dim=512,
+        num_attention_heads=4,
+        max_position_embeddings=LM_MAX_POSITIONS,
+        word_embed_proj_dim=128,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(SEED)
+    model = OPTForCausalLM(config)
+    pairs = lm_pairs(text, random.Random(SEED))
+    gen = torch.Generator().manual_seed(SEED)
+    batch_size = 64
+
+    def loss_of_step(step: int) -> torch.Tensor:
+        return model(**opt_batch(pairs, tokenizer, batch_size, gen)).loss
+
+    losses = run_training(model, loss_of_step, steps, 2e-3, "opt")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "recipe": "causal LM on '[description ]caption\\n' and "
+        "'[description ]Question: q Answer: a\\n' text from the train split (no images), "
+        f"random position offsets, {steps} steps x batch {batch_size}, AdamW lr 2e-3",
+        "vocab_size": len(tokenizer),
+        "newline_token_id": tokenizer("\n", add_special_tokens=False)["input_ids"][0],
+        "final_lm_loss": tail_mean(losses),
+        "first_lm_loss": round(losses[0], 4),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **backbone_metrics.blind_lm_report(out, data_dir),
+    }
+
+
+def t5_pair(context: str, continuation: str, rng: random.Random) -> tuple[str, str]:
+    """An (encoder input, target) pair; a bare caption is split at a random word (prefix LM)."""
+    if context:
+        return context, continuation
+    words = continuation.split()
+    cut = rng.randint(0, len(words) - 1)
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def train_t5(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[str, Any]:
+    tokenizer = build_t5_tokenizer(text.all_sentences())
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=128,
+        d_kv=32,
+        d_ff=512,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(SEED)
+    model = T5ForConditionalGeneration(config)
+    rng = random.Random(SEED)
+    pairs = lm_pairs(text, rng)
+    batch_size = 64
+
+    def loss_of_step(step: int) -> torch.Tensor:
+        inputs, targets = zip(*(t5_pair(*next(pairs), rng) for _ in range(batch_size)), strict=True)
+        encoded = tokenizer(list(inputs), padding=True, return_tensors="pt")
+        labels = tokenizer(list(targets), padding=True, return_tensors="pt")
+        label_ids = labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)
+        return model(**encoded, labels=label_ids).loss
+
+    losses = run_training(model, loss_of_step, steps, 2e-3, "t5")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "recipe": "seq2seq on the same text: caption prefix -> suffix (random split), "
+        "'[description ]Question: q Answer:' -> answer, description -> caption; "
+        f"{steps} steps x batch {batch_size}, AdamW lr 2e-3",
+        "vocab_size": len(tokenizer),
+        "final_loss": tail_mean(losses),
+        "first_loss": round(losses[0], 4),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **backbone_metrics.blind_lm_report(out, data_dir),
+    }
+
+
+# ---------------------------------------------------------------- main
+
+DEFAULT_STEPS = {"bert": 300, "vision": 500, "opt": 600, "t5": 600}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="train the tiny sample backbones")
+    parser.add_argument("which", choices=["all", *DEFAULT_STEPS])
+    parser.add_argument("--data", type=Path, default=ROOT / "sample_data")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="override the default steps")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
+    text = load_world_text(args.data)
+    names = list(DEFAULT_STEPS) if args.which == "all" else [args.which]
+    for name in names:
+        out = args.data / "backbones" / name
+        out.mkdir(parents=True, exist_ok=True)
+        steps = args.steps or DEFAULT_STEPS[name]
+        started = time.perf_counter()
+        if name == "bert":
+            summary = train_bert(text, args.data, out, steps)
+        elif name == "vision":
+            summary = train_vision(text, args.data, out, steps)
+        elif name == "opt":
+            summary = train_opt(text, args.data, out, steps)
+        else:
+            summary = train_t5(text, args.data, out, steps)
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        summary["threads"] = args.threads
+        write_summary(out, summary)
+        print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The synthetic world: regeneration is byte-identical, the shipped data came from the script's
+defaults, and its questions, answers and captions agree with the scene ground truth (checked
+by a small solver written independently of the generator)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "sample_data"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import make_sample_data  # noqa: E402
+
+COLORS = {"red", "green", "blue", "yellow", "purple"}
+SHAPES = {"circle", "square", "triangle"}
+CELL_OF_PHRASE = {
+    "in the top left corner": (0, 0),
+    "at the top": (0, 1),
+    "in the top right corner": (0, 2),
+    "on the left": (1, 0),
+    "in the center": (1, 1),
+    "on the right": (1, 2),
+    "in the bottom left corner": (2, 0),
+    "at the bottom": (2, 1),
+    "in the bottom right corner": (2, 2),
+}
+NUMBER_WORDS = {"one": "1", "two": "2", "three": "3", "four": "4"}
+
+
+def load(name: str) -> object:
+    return json.loads((SHIPPED / name).read_text())
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    make_sample_data.main(
+        ["--out", str(out), "--num-train", "12", "--num-val", "4", "--num-test", "4"]
+    )
+    return out
+
+
+def test_regeneration_is_byte_identical(small_world: Path, tmp_path: Path) -> None:
+    make_sample_data.main(
+        ["--out", str(tmp_path), "--num-train", "12", "--num-val", "4", "--num-test", "4"]
+    )
+    first, second = files_of(small_world), files_of(tmp_path)
+    assert len(first) == 12 + 4 + 4 + 14  # images + 14 JSON files
+    assert first == second
+
+
+def test_another_seed_gives_other_images(small_world: Path, tmp_path: Path) -> None:
+    make_sample_data.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--seed",
+            "1",
+            "--num-train",
+            "2",
+            "--num-val",
+            "0",
+            "--num-test",
+            "0",
+        ]
+    )
+    name = "images/train/scene_100000.png"
+    assert (tmp_path / name).read_bytes() != (small_world / name).read_bytes()
+
+
+def test_shipped_data_is_what_the_script_generates(small_world: Path) -> None:
+    """Each image has its own random stream, so a small run reproduces the first shipped ones."""
+    for name, content in files_of(small_world / "images").items():
+        assert (SHIPPED / "images" / name).read_bytes() == content, name
+    shipped_val = load("karpathy_val.json")
+    small_val = json.loads((small_world / "karpathy_val.json").read_text())
+    assert shipped_val[:4] == small_val
+    shipped_questions = load("vqa_test_questions.json")["questions"]
+    small_questions = json.loads((small_world / "vqa_test_questions.json").read_text())["questions"]
+    assert shipped_questions[:16] == small_questions
+
+
+def test_shipped_sizes_and_budget() -> None:
+    assert len(list((SHIPPED / "images" / "train").glob("*.png"))) == 3000
+    assert len(list((SHIPPED / "images" / "val").glob("*.png"))) == 300
+    assert len(list((SHIPPED / "images" / "test").glob("*.png"))) == 300
+    total = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
+    assert total <= 40 * 1024 * 1024
+
+
+# ---------------------------------------------------------------- an independent solver
+
+
+def solve(question: str, objects: list[dict[str, object]]) -> str:
+    """The right answer to a question about a scene, from the objects alone."""
+    colors = [o["color"] for o in objects]
+    shapes = [o["shape"] for o in objects]
+    at = {(o["row"], o["col"]): o for o in objects}
+    if question == "how many shapes are there?":
+        return str(len(objects))
+    if m := re.fullmatch(r"how many (\w+) shapes are there\?", question):
+        return str(colors.count(m[1]))
+    if m := re.fullmatch(r"how many (\w+)s are there\?", question):
+        return str(shapes.count(m[1]))
+    if m := re.fullmatch(r"is there a (\w+) (\w+)\?", question):
+        return "yes" if (m[1], m[2]) in zip(colors, shapes, strict=True) else "no"
+    if m := re.fullmatch(r"is there a (\w+)\?", question):
+        return "yes" if m[1] in shapes else "no"
+    if m := re.fullmatch(r"is the (\w+) (\w+)\?", question):
+        assert shapes.count(m[1]) == 1, question
+        return "yes" if colors[shapes.index(m[1])] == m[2] else "no"
+    if m := re.fullmatch(r"what color is the object (.+)\?", question):
+        return str(at[CELL_OF_PHRASE[m[1]]]["color"])
+    if m := re.fullmatch(r"what color is the (\w+)\?", question):
+        assert shapes.count(m[1]) == 1, question
+        return str(colors[shapes.index(m[1])])
+    if m := re.fullmatch(r"what shape is the (\w+) object\?", question):
+        assert colors.count(m[1]) == 1, question
+        return str(shapes[colors.index(m[1])])
+    if m := re.fullmatch(r"what shape is (.+)\?", question):
+        return str(at[CELL_OF_PHRASE[m[1]]]["shape"])
+    if m := re.fullmatch(r"what size is the (\w+) (\w+)\?", question):
+        (match,) = [o for o in objects if (o["color"], o["shape"]) == (m[1], m[2])]
+        return str(match["size"])
+    raise AssertionError(f"unparsed question: {question}")
+
+
+def normalize(answer: str) -> str:
+    """The VQAv2 normalizations this world uses: case, final period, articles, number words."""
+    words = [w for w in answer.lower().rstrip(".").split() if w not in {"a", "an", "the"}]
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_vqa_answers_agree_with_the_scenes(split: str) -> None:
+    scenes = {s["image_id"]: s["objects"] for s in load(f"scenes_{split}.json")}
+    questions = load(f"vqa_{split}_questions.json")["questions"]
+    annotations = {
+        a["question_id"]: a for a in load(f"vqa_{split}_annotations.json")["annotations"]
+    }
+    assert len(questions) == len(annotations) == 4 * len(scenes)
+    disagreements = 0
+    for q in questions:
+        annotation = annotations[q["question_id"]]
+        truth = solve(q["question"], scenes[q["image_id"]])
+        human = [normalize(a["answer"]) for a in annotation["answers"]]
+        assert len(human) == 10 and [a["answer_id"] for a in annotation["answers"]] == list(
+            range(1, 11)
+        )
+        assert annotation["multiple_choice_answer"] == truth
+        assert 7 <= human.count(truth) <= 10, q  # up to three people disagree
+        disagreements += human.count(truth) < 10
+    assert 0.4 * len(questions) < disagreements < 0.8 * len(questions)
+
+
+def test_yes_no_is_balanced_with_hard_negatives() -> None:
+    scenes = {s["image_id"]: s["objects"] for s in load("scenes_train.json")}
+    yes = no = hard = 0
+    for q in load("vqa_train_questions.json")["questions"]:
+        m = re.fullmatch(r"is there a (\w+) (\w+)\?", q["question"])
+        truth = solve(q["question"], scenes[q["image_id"]])
+        if truth not in ("yes", "no"):
+            continue
+        yes, no = yes + (truth == "yes"), no + (truth == "no")
+        if m and truth == "no":
+            objects = scenes[q["image_id"]]
+            hard += m[1] in {o["color"] for o in objects} and m[2] in {o["shape"] for o in objects}
+    assert yes == no == 1500
+    assert hard >= 300  # colour and shape both present, just not on the same object
+
+
+def test_answers_include_variants_the_metric_normalizes() -> None:
+    raw = Counter(
+        a["answer"]
+        for ann in load("vqa_val_annotations.json")["annotations"]
+        for a in ann["answers"]
+    )
+    assert {"two", "2", "Red.", "red", "a circle", "circle"} <= set(raw)
+    assert sum(n for a, n in raw.items() if a != normalize(a)) > 0.1 * sum(raw.values())
+
+
+def test_captions_name_only_what_is_in_the_scene() -> None:
+    scenes = {s["image_id"]: s for s in load("scenes_val.json")}
+    for entry in load("karpathy_val.json"):
+        image_id = int(re.search(r"(\d+)\.png$", entry["image"])[1])
+        objects = scenes[image_id]["objects"]
+        assert len(entry["caption"]) == len(set(entry["caption"])) == 5
+        for caption in entry["caption"]:
+            words = set(caption.replace(",", " ").replace(":", " ").split())
+            assert words & COLORS <= {o["color"] for o in objects}, caption
+            assert words & SHAPES <= {o["shape"] for o in objects}, caption
+            if "plain background" in caption:
+                assert scenes[image_id]["background"] == "clean"

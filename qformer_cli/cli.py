@@ -634,6 +634,37 @@ def _print_vqa(console: Console, accuracy: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# qformer convert
+
+
+@app.command()
+@handles_errors
+def convert(
+    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    model: Annotated[Path, typer.Option("--model", help="Stage-2 run or checkpoint directory.")],
+    to: Annotated[str, typer.Option("--to", help="Target format: transformers.")] = "transformers",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Write a stage-2 model as a transformers Blip2ForConditionalGeneration directory."""
+    import torch
+
+    from qformer_cli.errors import UsageError
+    from qformer_cli.export.transformers_blip2 import export_to_transformers
+    from qformer_cli.pretrained import load_stage2
+
+    if to != "transformers":
+        raise UsageError(f"--to {to!r}: only 'transformers' is supported")
+    pipeline = load_stage2(model, torch.device("cpu"))
+    export_to_transformers(pipeline, out)
+    result = {"model": str(pipeline.directory), "out": str(out), "format": to}
+    if as_json:
+        print_json(result)
+    else:
+        output_console(as_json).print(f"wrote {out} (transformers Blip2ForConditionalGeneration)")
+
+
+# --------------------------------------------------------------------------------------------
 # qformer eval-retrieval
 
 

@@ -74,7 +74,16 @@ def test_help_lists_only_working_commands():
     }
     for name in listed:
         assert name in result.stdout
-    assert listed == {"info", "pretrain-stage1", "eval-retrieval"}  # each has its own tests
+    assert listed == {
+        "info",
+        "pretrain-stage1",
+        "pretrain-stage2",
+        "eval-retrieval",
+        "caption",
+        "eval-caption",
+        "eval-vqa",
+        "convert",
+    }  # each has its own tests
 
 
 def test_version_and_module_entry_point():

@@ -403,6 +403,7 @@ def save_transformers_blip2(
     vision_model: nn.Module,
     directory: Path,
     language_model: nn.Module | None = None,
+    image_token_index: int | None = None,
 ) -> None:
     """Write a full transformers BLIP-2 directory: ``Blip2ForImageTextRetrieval`` for a stage-1
     model, ``Blip2ForConditionalGeneration`` for a stage-2 one (with its frozen LLM).
@@ -440,6 +441,7 @@ def save_transformers_blip2(
         if language_model is None:
             raise CheckpointError("a stage-2 export needs its language model")
         config_kwargs["text_config"] = language_model.config.to_dict()
+        config_kwargs["image_token_index"] = image_token_index
         hf_model = Blip2ForConditionalGeneration(Blip2Config(**config_kwargs))
         for key, value in language_model.state_dict().items():
             state[f"language_model.{key}"] = value

@@ -1,0 +1,65 @@
+"""A stage-2 model as a transformers ``Blip2ForConditionalGeneration`` directory + processor."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from qformer_cli.data import load_transform_config
+from qformer_cli.models.convert import save_transformers_blip2
+from qformer_cli.pretrained import Stage2Pipeline
+
+IMAGE_TOKEN = "<image>"
+
+
+def _processor(pipeline: Stage2Pipeline):
+    from transformers import Blip2Processor, BlipImageProcessor
+
+    transform = load_transform_config(pipeline.image_processor_source)
+    image_processor = BlipImageProcessor(
+        size={"height": transform.image_size, "width": transform.image_size},
+        image_mean=list(transform.mean),
+        image_std=list(transform.std),
+        resample=int(transform.resample),
+        do_convert_rgb=True,
+    )
+    tokenizer = copy.deepcopy(pipeline.tokenizer)
+    return Blip2Processor(
+        image_processor, tokenizer, num_query_tokens=pipeline.bridge.config.num_query_tokens
+    )
+
+
+@torch.no_grad()
+def _make_room_for_image_token(language_model: torch.nn.Module, token_id: int, pad_id: int) -> None:
+    """transformers' BLIP-2 marks the soft prompt's slots with an ``<image>`` token id, which
+    must be a row of the LLM's embeddings. A new row copies the pad row, so the (tied) output
+    layer never prefers it over pad."""
+    embeddings = language_model.get_input_embeddings()
+    if token_id < embeddings.num_embeddings:
+        return
+    language_model.resize_token_embeddings(token_id + 1, mean_resizing=False)
+    weight = language_model.get_input_embeddings().weight
+    weight[embeddings.num_embeddings :] = weight[pad_id]
+    output = language_model.get_output_embeddings()
+    if output is not None and output.weight is not weight:
+        output.weight[embeddings.num_embeddings :] = output.weight[pad_id]
+
+
+def export_to_transformers(pipeline: Stage2Pipeline, out: Path) -> Path:
+    """Write ``out`` so that ``Blip2ForConditionalGeneration.from_pretrained(out)`` and
+    ``Blip2Processor.from_pretrained(out)`` load it (needs a ``Blip2VisionModel`` encoder)."""
+    processor = _processor(pipeline)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    language_model = copy.deepcopy(pipeline.llm.model)
+    _make_room_for_image_token(language_model, image_token_id, processor.tokenizer.pad_token_id)
+    save_transformers_blip2(
+        pipeline.bridge,
+        pipeline.vision.model,
+        out,
+        language_model=language_model,
+        image_token_index=image_token_id,
+    )
+    processor.save_pretrained(out)
+    return out

@@ -33,6 +33,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/pytest -q -m ""
 
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -291,6 +291,69 @@ def _generation_settings(
     return load_config(config, [*(overrides or []), *flag_overrides(**flags)])
 
 
+BackendOption = Annotated[
+    str,
+    typer.Option("--backend", help="torch | onnx (--model is then an export-onnx directory)."),
+]
+
+
+def _load_generator(backend: str, model: Path, device: str) -> Any:
+    """The stage-2 pipeline for ``--backend torch`` or the onnxruntime one for ``onnx``."""
+    from qformer_cli.errors import UsageError
+    from qformer_cli.train.loop import init_distributed
+
+    if backend == "onnx":
+        from qformer_cli.export.onnx_runtime import OnnxPipeline
+
+        pipeline = OnnxPipeline.load(model)
+        Console(stderr=True).print(f"onnxruntime provider: {pipeline.provider}", markup=False)
+        return pipeline
+    if backend != "torch":
+        raise UsageError(f"--backend {backend!r}: choose torch or onnx")
+    from qformer_cli.pretrained import load_stage2
+
+    _, torch_device = init_distributed(device)
+    return load_stage2(model, torch_device)
+
+
+def _generate(
+    pipeline: Any,
+    samples: list,
+    settings: Any,
+    prompt_for: Callable[[Any], str],
+    *,
+    batch_size: int,
+    shuffle_images: bool,
+    skip_bad_samples: bool,
+) -> tuple[list, Any]:
+    from qformer_cli.errors import UsageError
+    from qformer_cli.eval.captioning import generate_for_samples
+
+    if not hasattr(pipeline, "bridge"):  # the onnxruntime pipeline
+        from qformer_cli.export.onnx_runtime import generate_for_samples_onnx
+
+        if shuffle_images:
+            raise UsageError("--shuffle-images / --blind need --backend torch")
+        return generate_for_samples_onnx(
+            pipeline,
+            samples,
+            settings,
+            prompt_for,
+            batch_size=batch_size,
+            skip_bad_samples=skip_bad_samples,
+        )
+    return generate_for_samples(
+        pipeline,
+        samples,
+        settings,
+        prompt_for,
+        batch_size=batch_size,
+        device=next(pipeline.bridge.parameters()).device,
+        shuffle_images=shuffle_images,
+        skip_bad_samples=skip_bad_samples,
+    )
+
+
 def _caption_and_score(
     model: Path,
     images: Path | None,
@@ -302,15 +365,13 @@ def _caption_and_score(
     shuffle_images: bool,
     device: str,
     out_dir: Path,
+    backend: str = "torch",
 ) -> dict[str, Any]:
     from qformer_cli.eval.caption_metrics import evaluate_caption_files
-    from qformer_cli.eval.captioning import caption_inputs, generate_for_samples
+    from qformer_cli.eval.captioning import caption_inputs
     from qformer_cli.generate import GenerationSettings
-    from qformer_cli.pretrained import load_stage2
-    from qformer_cli.train.loop import init_distributed
 
-    _, torch_device = init_distributed(device)
-    pipeline = load_stage2(model, torch_device)
+    pipeline = _load_generator(backend, model, device)
     samples, ground_truth = caption_inputs(images, annotations, split)
     generate = run_config.generate
     prompt = generate.prompt if prompt_given or not pipeline.prompt else pipeline.prompt
@@ -321,13 +382,12 @@ def _caption_and_score(
         length_penalty=generate.length_penalty,
         repetition_penalty=generate.repetition_penalty,
     )
-    generated, bad = generate_for_samples(
+    generated, bad = _generate(
         pipeline,
         samples,
         settings,
         lambda _: prompt,
         batch_size=batch_size,
-        device=torch_device,
         shuffle_images=shuffle_images,
         skip_bad_samples=run_config.data.skip_bad_samples,
     )
@@ -335,7 +395,8 @@ def _caption_and_score(
     results_path = out_dir / "captions.json"
     results_path.write_text(json.dumps(captions, indent=1))
     result: dict[str, Any] = {
-        "model": str(pipeline.directory),
+        "model": str(model),
+        "backend": backend,
         "prompt": prompt,
         "num_images": len(captions),
         "captions": str(results_path),
@@ -399,6 +460,7 @@ def caption(
         bool,
         typer.Option("--shuffle-images", help="Grounding check: images shuffled across inputs."),
     ] = False,
+    backend: BackendOption = "torch",
     config: ConfigOption = None,
     overrides: SetOption = None,
     out: OutOption = None,
@@ -414,7 +476,8 @@ def caption(
         overrides,
         {
             "generate.prompt": prompt,
-            "generate.num_beams": num_beams,
+            # the onnxruntime backend decodes greedily
+            "generate.num_beams": num_beams or (1 if backend == "onnx" else None),
             "generate.max_new_tokens": max_new_tokens,
             "generate.min_new_tokens": min_new_tokens,
             "generate.length_penalty": length_penalty,
@@ -433,6 +496,7 @@ def caption(
         shuffle_images,
         device,
         out_dir,
+        backend,
     )
     _print_captions(result, as_json)
 
@@ -523,12 +587,15 @@ def eval_vqa(
     blind: Annotated[
         bool, typer.Option("--blind", help="Shuffle images across questions (grounding check).")
     ] = False,
-    num_beams: Annotated[int, typer.Option("--num-beams")] = 5,
+    num_beams: Annotated[
+        int | None, typer.Option("--num-beams", help="Default 5 (1 with --backend onnx).")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 10,
     min_new_tokens: Annotated[int, typer.Option("--min-new-tokens")] = 1,
     length_penalty: Annotated[float, typer.Option("--length-penalty")] = -1.0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     skip_bad_samples: Annotated[bool, typer.Option("--skip-bad-samples")] = False,
+    backend: BackendOption = "torch",
     out: OutOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
@@ -559,7 +626,7 @@ def eval_vqa(
             images or files.image_dir,
             template,
             {
-                "num_beams": num_beams,
+                "num_beams": num_beams or (1 if backend == "onnx" else 5),
                 "max_new_tokens": max_new_tokens,
                 "min_new_tokens": min_new_tokens,
                 "length_penalty": length_penalty,
@@ -569,6 +636,7 @@ def eval_vqa(
             skip_bad_samples,
             device,
             predictions,
+            backend,
         )
     accuracy = evaluate_vqa_files(annotations, predictions, questions, metric=metric).to_dict()
     (out_dir / "metrics.json").write_text(json.dumps(accuracy, indent=1))
@@ -591,30 +659,26 @@ def _answer_questions(
     skip_bad_samples: bool,
     device: str,
     results_path: Path,
+    backend: str,
 ) -> dict[str, Any]:
     from qformer_cli.data import BadSampleLog, read_vqa
-    from qformer_cli.eval.captioning import generate_for_samples
     from qformer_cli.generate import GenerationSettings
-    from qformer_cli.pretrained import load_stage2
-    from qformer_cli.train.loop import init_distributed
 
-    _, torch_device = init_distributed(device)
-    pipeline = load_stage2(model, torch_device)
+    pipeline = _load_generator(backend, model, device)
     bad = BadSampleLog(skip=skip_bad_samples)
     samples = read_vqa(questions, annotations, images, bad=bad)
-    generated, bad_images = generate_for_samples(
+    generated, bad_images = _generate(
         pipeline,
         samples,
         GenerationSettings(**generation),
         lambda sample: template.format(sample.question),
         batch_size=batch_size,
-        device=torch_device,
         shuffle_images=blind,
         skip_bad_samples=skip_bad_samples,
     )
     answers = [{"question_id": s.question_id, "answer": text} for s, text in generated]
     results_path.write_text(json.dumps(answers, indent=1))
-    result: dict[str, Any] = {"model": str(pipeline.directory), "prompt": template}
+    result: dict[str, Any] = {"model": str(model), "backend": backend, "prompt": template}
     skipped = bad.total + bad_images.total
     if skipped:
         result["bad_samples"] = f"{bad.summary()}; {bad_images.summary()}"
@@ -631,6 +695,51 @@ def _print_vqa(console: Console, accuracy: dict[str, Any]) -> None:
     for name, value in accuracy["per_answer_type"].items():
         table.add_row(name, f"{value:.2f}")
     console.print(table)
+
+
+# --------------------------------------------------------------------------------------------
+# qformer export-onnx
+
+
+@app.command("export-onnx")
+@handles_errors
+def export_onnx_command(
+    model: Annotated[Path, typer.Option("--model", help="Stage-2 run or checkpoint directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the graphs and manifest.")],
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16")] = "fp32",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="onnxruntime vs PyTorch parity check.")
+    ] = True,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Export a stage-2 model to ONNX (vision+Q-Former, LLM prefill/decode with KV cache)."""
+    import torch
+
+    from qformer_cli.export.onnx_export import export_onnx
+    from qformer_cli.pretrained import load_stage2
+    from qformer_cli.train.common import make_out_dir
+
+    pipeline = load_stage2(model, torch.device("cpu"))
+    manifest = export_onnx(
+        pipeline, make_out_dir(out, "export-onnx"), precision=precision, opset=opset, check=check
+    )
+    result = {"out": str(out), "graphs": sorted(manifest.get("graphs", {})), **manifest}
+    if as_json:
+        print_json(result)
+        return
+    console = output_console(as_json)
+    parity = manifest.get("parity")
+    if parity:
+        table = Table(title=f"Parity, onnxruntime ({parity['provider']}) vs PyTorch")
+        table.add_column("graph")
+        table.add_column("max abs diff", justify="right")
+        for graph, by_batch in parity["max_abs_diff"].items():
+            worst = max(max(outputs.values()) for outputs in by_batch.values())
+            table.add_row(graph, f"{worst:.2e}")
+        console.print(table)
+    console.print(f"wrote {out}", markup=False, highlight=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ def test_help_lists_only_working_commands():
         "eval-caption",
         "eval-vqa",
         "convert",
+        "export-onnx",
     }  # each has its own tests
 
 

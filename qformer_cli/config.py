@@ -123,6 +123,11 @@ class DataConfig:
     train: str = ""  # training captions: Karpathy or COCO JSON (default: the root's train split)
     image_root: str = ""  # where the JSON's image paths resolve (default: beside the JSON)
     image_size: int = 0  # 0 = the vision encoder's own image processor size
+    # Stage 2 may also learn VQA answers: VQAv2 questions + annotations of the training images.
+    vqa_questions: str = ""
+    vqa_annotations: str = ""
+    vqa_images: str = ""  # default: images/train beside the questions file
+    vqa_prompt: str = "Question: {} Answer:"
     augment: bool = False  # RandomResizedCrop(0.5-1.0) + flip, the paper's training transform
     hflip: bool = True  # part of augment; off where captions name left/right
     num_workers: int = 0

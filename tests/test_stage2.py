@@ -35,10 +35,10 @@ def _bridge(width: int) -> Stage2Model:
 def test_decoder_only_loss_masks_queries_prompt_and_padding():
     tokenizer = AutoTokenizer.from_pretrained(sample_backbone_dir("opt"))
     llm, bridge = _opt(len(tokenizer)), _bridge(32)
-    objective = Stage2Objective(bridge, llm, tokenizer, prompt="a photo of", max_text_len=32)
+    objective = Stage2Objective(bridge, llm, tokenizer, max_text_len=32)
     captions = ["a red circle", "two blue squares on the left"]
     images = torch.randn(2, 9, 128)
-    loss = objective(Stage2Batch(images, captions)).total
+    loss = objective(Stage2Batch.captions(images, captions, "a photo of")).total
 
     # Worked out independently: score only the caption tokens and the final newline.
     with torch.no_grad():
@@ -61,10 +61,12 @@ def test_decoder_only_loss_masks_queries_prompt_and_padding():
 def test_gradients_reach_the_bridge_but_not_the_llm():
     tokenizer = AutoTokenizer.from_pretrained(sample_backbone_dir("opt"))
     llm, bridge = _opt(len(tokenizer)), _bridge(32)
-    objective = Stage2Objective(bridge, llm, tokenizer, prompt="", max_text_len=16)
+    objective = Stage2Objective(bridge, llm, tokenizer, max_text_len=16)
     objective.train()
     assert not llm.model.training  # the frozen LLM stays in eval mode (no dropout)
-    objective(Stage2Batch(torch.randn(2, 9, 128), ["a red circle", "a cat"])).total.backward()
+    objective(
+        Stage2Batch.captions(torch.randn(2, 9, 128), ["a red circle", "a cat"], "")
+    ).total.backward()
     assert bridge.llm_proj.weight.grad is not None
     assert bridge.qformer.query_tokens.grad.abs().sum() > 0
     assert all(p.grad is None for p in llm.model.parameters())
@@ -79,12 +81,10 @@ def test_encoder_decoder_loss_predicts_the_suffix():
     llm = LanguageModel(T5ForConditionalGeneration(config).eval(), "encoder-decoder")
     bridge = _bridge(32)
     generator = torch.Generator().manual_seed(0)
-    objective = Stage2Objective(
-        bridge, llm, tokenizer, prompt="", max_text_len=16, generator=generator
-    )
+    objective = Stage2Objective(bridge, llm, tokenizer, max_text_len=16, generator=generator)
     caption = "a small red circle above a blue square"
     images = torch.randn(1, 9, 128)
-    loss = objective(Stage2Batch(images, [caption])).total
+    loss = objective(Stage2Batch.captions(images, [caption], "")).total
 
     # Independently: the same split, the encoder sees [soft prompt; prefix], the decoder is
     # teacher-forced on the suffix (shifted right from the start token) and scored on it.
@@ -110,3 +110,26 @@ def test_prefix_split_keeps_every_word_and_a_nonempty_suffix(seed: int):
 
 def test_one_word_caption_is_all_suffix():
     assert split_for_prefix_lm("circle", torch.Generator()) == ("", "circle")
+
+
+def test_a_vqa_pair_learns_only_the_answer():
+    tokenizer = AutoTokenizer.from_pretrained(sample_backbone_dir("opt"))
+    llm, bridge = _opt(len(tokenizer)), _bridge(32)
+    objective = Stage2Objective(bridge, llm, tokenizer, max_text_len=32)
+    images = torch.randn(1, 9, 128)
+    question = "Question: what color is the circle? Answer:"
+    batch = Stage2Batch(images, [question], ["red"], [False])
+    loss = objective(batch).total
+    with torch.no_grad():
+        prompt = bridge.soft_prompt(images)[0]
+        prompt_ids = tokenizer(question).input_ids
+        full_ids = tokenizer(f"{question} red\n").input_ids
+        embeds = torch.cat([prompt, llm.model.get_input_embeddings()(torch.tensor(full_ids))])
+        logits = llm.model(inputs_embeds=embeds[None]).logits[0]
+    queries = prompt.shape[0]
+    positions = range(len(prompt_ids), len(full_ids))  # " red" and the newline
+    expected = sum(
+        F.cross_entropy(logits[queries + p - 1][None], torch.tensor([full_ids[p]]))
+        for p in positions
+    ) / len(positions)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)

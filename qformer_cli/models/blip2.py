@@ -57,6 +57,11 @@ class Stage2Model(nn.Module):
         self.config = config
         self.qformer = QFormer(config, with_text=False)
         self.llm_proj = nn.Linear(config.hidden_size, llm_hidden_size)
+        # normal(0, 0.02) as transformers initializes BLIP-2's language_projection: torch's
+        # default (uniform +-1/sqrt(H)) makes the soft prompt tens of times larger than the LLM's
+        # token embeddings, which a small LLM then cannot read.
+        nn.init.normal_(self.llm_proj.weight, std=config.initializer_range)
+        nn.init.zeros_(self.llm_proj.bias)
 
     def soft_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Frozen image features (B, N, C) -> soft prompt (B, Q, LLM hidden)."""

@@ -20,6 +20,7 @@ from qformer_cli.data import (
     one_caption_per_sample,
     read_coco_captions,
     read_karpathy,
+    read_vqa,
     sample_data_dir,
     sample_split_files,
 )
@@ -65,6 +66,26 @@ def read_caption_samples(data: DataConfig, bad: BadSampleLog) -> list[Sample]:
     if not samples:
         raise UsageError(f"{path}: no training captions")
     return samples
+
+
+def resolve_data_path(path: str) -> Path:
+    """A path as given, or, for ``sample_data/...`` not found here, inside the embedded default."""
+    candidate = Path(path)
+    if not candidate.exists() and path.startswith("sample_data/"):
+        return sample_data_dir() / path[len("sample_data/") :]
+    return candidate
+
+
+def read_vqa_training_samples(data: DataConfig, bad: BadSampleLog) -> list[Sample]:
+    """VQAv2 question-answer pairs mixed into stage-2 training (none unless configured)."""
+    if not data.vqa_questions:
+        return []
+    if not data.vqa_annotations:
+        raise UsageError("data.vqa_questions needs data.vqa_annotations (the answers)")
+    questions = resolve_data_path(data.vqa_questions)
+    image_dir = Path(data.vqa_images) if data.vqa_images else questions.parent / "images" / "train"
+    samples = read_vqa(questions, resolve_data_path(data.vqa_annotations), image_dir, bad=bad)
+    return [sample for sample in samples if sample.answer]
 
 
 def build_train_loader(

@@ -32,14 +32,28 @@ from qformer_cli.train.common import (
     image_features,
     load_frozen_vision,
     read_caption_samples,
+    read_vqa_training_samples,
 )
 from qformer_cli.train.loop import PRECISION_DTYPES, StageRecipe
 
 
 @dataclass
 class Stage2Batch:
+    """Frozen image features and, per sample, a given text prompt and the text to learn.
+
+    Captions are learned after the caption prompt (and, for encoder-decoder LLMs, split at a
+    random word: ``split_target``); VQA pairs learn the answer after "Question: ... Answer:".
+    """
+
     image_embeds: torch.Tensor  # (B, N, C) frozen vision features
-    captions: list[str]
+    prompts: list[str]
+    targets: list[str]
+    split_target: list[bool]
+
+    @classmethod
+    def captions(cls, image_embeds: torch.Tensor, captions: list[str], prompt: str) -> Stage2Batch:
+        count = len(captions)
+        return cls(image_embeds, [prompt] * count, list(captions), [True] * count)
 
 
 @dataclass
@@ -76,7 +90,6 @@ class Stage2Objective(nn.Module):
         llm: LanguageModel,
         tokenizer,
         *,
-        prompt: str,
         max_text_len: int,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -85,7 +98,6 @@ class Stage2Objective(nn.Module):
         self.llm = llm.model  # frozen: requires_grad False, kept in eval mode by the caller
         self.family = llm.family
         self.tokenizer = tokenizer
-        self.prompt = prompt
         self.max_text_len = max_text_len
         self.generator = generator or torch.Generator()
 
@@ -97,8 +109,8 @@ class Stage2Objective(nn.Module):
     def forward(self, batch: Stage2Batch) -> Stage2Losses:
         soft_prompt = self.bridge.soft_prompt(batch.image_embeds)  # (B, Q, D)
         if self.family == "decoder-only":
-            return Stage2Losses(self._decoder_only_loss(soft_prompt, batch.captions))
-        return Stage2Losses(self._encoder_decoder_loss(soft_prompt, batch.captions))
+            return Stage2Losses(self._decoder_only_loss(soft_prompt, batch))
+        return Stage2Losses(self._encoder_decoder_loss(soft_prompt, batch))
 
     def _tokens(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         self.tokenizer.padding_side = "right"
@@ -111,12 +123,16 @@ class Stage2Objective(nn.Module):
         )
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
-    def _decoder_only_loss(self, soft_prompt: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        texts = [join_prompt(self.prompt, caption) + "\n" for caption in captions]
+    def _decoder_only_loss(self, soft_prompt: torch.Tensor, batch: Stage2Batch) -> torch.Tensor:
+        texts = [
+            join_prompt(prompt, target) + "\n"
+            for prompt, target in zip(batch.prompts, batch.targets, strict=True)
+        ]
         input_ids, mask = self._tokens(texts, soft_prompt.device)
         labels = input_ids.masked_fill(mask == 0, -100)
-        prompt_len = len(self.tokenizer(self.prompt).input_ids) if self.prompt else 0
-        labels[:, :prompt_len] = -100  # the text prompt is given, not learned
+        for row, prompt in enumerate(batch.prompts):
+            # the text prompt (with BOS) is given, not learned
+            labels[row, : len(self.tokenizer(prompt).input_ids) if prompt else 0] = -100
         embeds, full_mask = soft_prompt_inputs(self.llm, soft_prompt, input_ids, mask)
         query_labels = torch.full(soft_prompt.shape[:2], -100, device=labels.device)
         output = self.llm(
@@ -126,12 +142,16 @@ class Stage2Objective(nn.Module):
         )
         return output.loss
 
-    def _encoder_decoder_loss(self, soft_prompt: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        splits = [split_for_prefix_lm(caption, self.generator) for caption in captions]
-        encoder_ids, encoder_mask = self._tokens(
-            [join_prompt(self.prompt, prefix) for prefix, _ in splits], soft_prompt.device
-        )
-        target_ids, target_mask = self._tokens([suffix for _, suffix in splits], soft_prompt.device)
+    def _encoder_decoder_loss(self, soft_prompt: torch.Tensor, batch: Stage2Batch) -> torch.Tensor:
+        encoder_texts, decoder_texts = [], []
+        for prompt, target, split in zip(
+            batch.prompts, batch.targets, batch.split_target, strict=True
+        ):
+            prefix, suffix = split_for_prefix_lm(target, self.generator) if split else ("", target)
+            encoder_texts.append(join_prompt(prompt, prefix))
+            decoder_texts.append(suffix)
+        encoder_ids, encoder_mask = self._tokens(encoder_texts, soft_prompt.device)
+        target_ids, target_mask = self._tokens(decoder_texts, soft_prompt.device)
         embeds, full_mask = soft_prompt_inputs(self.llm, soft_prompt, encoder_ids, encoder_mask)
         output = self.llm(
             inputs_embeds=embeds,
@@ -185,20 +205,35 @@ def build_stage2_recipe(
     bridge.to(device)
 
     bad = BadSampleLog(skip=config.data.skip_bad_samples)
-    loader = build_train_loader(config, read_caption_samples(config.data, bad), bad, ranks)
+    samples = read_caption_samples(config.data, bad) + read_vqa_training_samples(config.data, bad)
+    loader = build_train_loader(config, samples, bad, ranks)
     generator = torch.Generator().manual_seed(config.train.seed + ranks.rank)
     objective = Stage2Objective(
         bridge,
         llm,
         tokenizer,
-        prompt=config.generate.prompt,
         max_text_len=config.model.max_text_len,
         generator=generator,
     )
 
+    caption_prompt = config.generate.prompt
+    vqa_prompt = config.data.vqa_prompt
+
     def prepare(batch) -> Stage2Batch:
         features = image_features(vision, batch.pixel_values, device, config.train.precision)
-        return Stage2Batch(features, batch.captions)
+        questions = [sample.question is not None for sample in batch.samples]
+        return Stage2Batch(
+            features,
+            [
+                vqa_prompt.format(s.question) if q else caption_prompt
+                for s, q in zip(batch.samples, questions, strict=True)
+            ],
+            [
+                s.answer if q else s.captions[0]
+                for s, q in zip(batch.samples, questions, strict=True)
+            ],
+            [not q for q in questions],
+        )
 
     return StageRecipe(
         name="stage2",

@@ -1,0 +1,1 @@
+"""Benchmarks that print tables (``make bench`` / ``python -m bench.run_all``); never tests."""

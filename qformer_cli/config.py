@@ -124,6 +124,7 @@ class DataConfig:
     image_root: str = ""  # where the JSON's image paths resolve (default: beside the JSON)
     image_size: int = 0  # 0 = the vision encoder's own image processor size
     # Stage 2 may also learn VQA answers: VQAv2 questions + annotations of the training images.
+    # (configs/tiny.yaml does: its tiny LM cannot answer zero-shot from captions alone)
     vqa_questions: str = ""
     vqa_annotations: str = ""
     vqa_images: str = ""  # default: images/train beside the questions file
@@ -136,13 +137,16 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-4
-    min_lr: float = 1e-5
+    """Defaults: the embedded default's recipe (a few CPU minutes); configs/blip2_*.yaml hold the
+    paper's (lr 1e-4, warmup 2000, cosine to 1e-5 / 5e-5)."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    warmup_steps: int = 2000
+    warmup_steps: int = 50
     warmup_start_lr: float = 1e-6
-    max_steps: int = 0  # 0 = run for `epochs`
+    max_steps: int = 300  # 0 = run for `epochs`
     epochs: int = 1
     batch_size: int = 32
     grad_accum: int = 1

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
+
+from qformer_cli.flops import count_flops as package_count_flops
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -148,42 +148,15 @@ def peak_memory_gib(fn: Callable[[], object], device: torch.device) -> float | N
 # FLOP counting
 
 
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _sdpa_backward_flops(
-    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
-) -> int:
-    return flop_counter.sdpa_backward_flop_count(
-        grad_out_shape, query_shape, key_shape, value_shape
-    )
-
-
-def _cpu_sdpa_formulas() -> dict[Any, Callable[..., int]]:
-    """FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash kernel, so on CPU every
-    attention would count as 0 FLOPs; count it with torch's own SDPA formulas instead (a model
-    with explicit matmul attention, like LAVIS, is counted in full, so this keeps us comparable)."""
-    aten = torch.ops.aten
-    formulas: dict[Any, Callable[..., int]] = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_backward_flops
-    return formulas
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of one call of ``fn`` (torch's FlopCounterMode, plus CPU attention)."""
+    return package_count_flops(fn)[0]
 
 
 FLOP_NOTE = (
     "FLOPs: torch FlopCounterMode; attention on CPU (which it counts as 0) added with torch's "
     "own SDPA formulas"
 )
-
-
-def count_flops(fn: Callable[[], object]) -> float:
-    """FLOPs of one call of ``fn`` (torch's FlopCounterMode, plus CPU attention)."""
-    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_formulas()) as counter:
-        fn()
-    return float(counter.get_total_flops())
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from qformer_cli.config import ModelConfig
+from qformer_cli.flops import count_flops
 from qformer_cli.models.backbones import (
     LanguageModel,
     VisionEncoder,
@@ -95,9 +95,7 @@ def stage_totals(models: MetaModels) -> dict[str, dict[str, int]]:
 
 
 def _flops(fn: Any) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
+    return int(count_flops(fn)[0])
 
 
 def forward_flops(models: MetaModels, image_size: int) -> dict[str, int]:

@@ -23,11 +23,11 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from qformer_cli import checkpoint
 from qformer_cli.config import TrainConfig
 from qformer_cli.errors import QformerError, UsageError
+from qformer_cli.flops import count_flops
 from qformer_cli.losses import Ranks
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -320,9 +320,7 @@ class Trainer:
         return totals, sum(self.recipe.batch_size_of(b) for b in micro_batches)
 
     def _measure_flops(self, micro_batches: list[Any]) -> None:
-        with FlopCounterMode(display=False) as counter:
-            result = self._step(micro_batches)
-        self.flops_per_step = float(counter.get_total_flops())
+        self.flops_per_step, result = count_flops(lambda: self._step(micro_batches))
         self._after_step(*result, elapsed=None)
 
     def run(self, resume_from: Path | None = None) -> dict[str, Any]:

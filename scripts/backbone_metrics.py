@@ -205,25 +205,41 @@ def answer_word(generated: str) -> str:
 QAItem = tuple[str, str, str]  # (scene description, question, majority answer)
 
 
+def question_kind(question: str, answer: str) -> str | None:
+    """The kind a val question is scored as: "color" is the issue's colour-of-a-named-shape
+    template ("what color is the circle?"); "position" asks the colour or shape of the object at
+    a place; "shape" the shape of a named colour; "size"; "number"; "yes/no"."""
+    if question in {f"what color is the {shape}?" for shape in SHAPES}:
+        return "color"
+    if question.startswith("how many"):
+        return "number"
+    if answer in ("yes", "no"):
+        return "yes/no"
+    if question.startswith("what color is the object") or (
+        question.startswith("what shape is") and not question.startswith("what shape is the")
+    ):
+        return "position"
+    if question.startswith("what shape is the"):
+        return "shape"
+    if question.startswith("what size"):
+        return "size"
+    return None
+
+
 def question_groups(data_dir: Path, split: str = "val") -> dict[str, list[QAItem]]:
-    """Questions per kind: the colour-of-a-named-shape template of the issue ("what color is
-    the circle?"), counts, and yes/no; each with its scene's full description."""
+    """Questions per kind (``question_kind``), each with its scene's full description."""
     questions = read_json(data_dir / f"vqa_{split}_questions.json")["questions"]
     annotations = read_json(data_dir / f"vqa_{split}_annotations.json")["annotations"]
     answer_of = {a["question_id"]: a["multiple_choice_answer"] for a in annotations}
     described = {
         s["image_id"]: scene_description(s) for s in read_json(data_dir / f"scenes_{split}.json")
     }
-    groups: dict[str, list[QAItem]] = {"color": [], "number": [], "yes/no": []}
-    color_questions = {f"what color is the {shape}?" for shape in SHAPES}
+    groups: dict[str, list[QAItem]] = {kind: [] for kind in VALID_ANSWERS}
     for q in questions:
         item = (described[q["image_id"]], q["question"], answer_of[q["question_id"]])
-        if item[1] in color_questions:
-            groups["color"].append(item)
-        elif item[1].startswith("how many"):
-            groups["number"].append(item)
-        elif item[2] in ("yes", "no"):
-            groups["yes/no"].append(item)
+        kind = question_kind(item[1], item[2])
+        if kind is not None:
+            groups[kind].append(item)
     return groups
 
 
@@ -231,6 +247,9 @@ VALID_ANSWERS = {
     "color": COLORS,
     "number": (*NUMBERS, "one", "two", "three"),
     "yes/no": ("yes", "no"),
+    "shape": SHAPES,
+    "position": (*COLORS, *SHAPES),
+    "size": ("small", "large"),
 }
 
 
@@ -276,7 +295,7 @@ def blind_lm_report(lm_dir: Path, data_dir: Path, with_description: bool = True)
     """Per question kind on val: fluent (a valid word of that kind) and accuracy against the
     majority answer when prompted "Question: q Answer:" alone (blind), the prior's rate (always
     the kind's most common answer), and accuracy when the scene's description comes first
-    (shows the LM can use context, which is what a soft prompt will give it)."""
+    (the LM must read context: that is how a soft prompt will steer it later)."""
     answer = lm_answerer(lm_dir)
     report: dict[str, Any] = {
         "issue_prompt_answer": answer(["Question: what color is the circle? Answer:"])[0]

@@ -9,10 +9,12 @@ beside it records the recipe, final losses and the metrics of ``backbone_metrics
 
 - ``bert/``: BertForMaskedLM (Q-Former init), WordPiece tokenizer (lowercase) + ``[DEC]``.
 - ``vision/``: CLIPVisionModel trained CLIP-style against a small CLIPTextModel (discarded).
-- ``opt/``: OPTForCausalLM on caption and "Question: ... Answer: ...\\n" text (no images).
+- ``opt/``: OPTForCausalLM on caption and "[scene description.] Question: ... Answer: ...\\n"
+  text (no images): blind without the description, taught to read it when it is there.
 - ``t5/``: T5ForConditionalGeneration on the same text, as (encoder input, target) pairs.
 
-Only the train split is used for training. Runs are deterministic for a given thread count.
+Only the train split (plus unrendered random scenes of the same world) is used for training.
+Runs are deterministic for a given thread count.
 """
 
 from __future__ import annotations
@@ -408,46 +410,136 @@ def image_processor() -> CLIPImageProcessorPil:
 # ---------------------------------------------------------------- LM text (OPT and T5)
 
 
-def lm_pairs(text: WorldText, rng: random.Random) -> Iterator[tuple[str, str]]:
-    """Endless (context, continuation) pairs; the LM reads the context and predicts the rest.
+LM_CONTEXT_SHARE = 0.5  # of LM examples: scene context + question + answer
+LM_BLIND_QA_SHARE = 0.25  # blind "Question: q Answer: a" (the rest are captions)
+ANSWER_WEIGHT = 3.0  # OPT loss weight of the answer tokens after "Answer:"
 
-    Some pairs put the scene's full description before the caption or question, so the LM
-    learns to use what comes before it (the soft prompt's job later) without ever seeing an
-    image; with no context it can only guess (blind). The context is "" for a bare caption.
-    """
+BOS_MARK = "</s>"  # OPT's BOS; T5 drops it from contexts
+LMExample = tuple[str, str, str]  # (context, prompt, continuation); the text is their join
+
+
+def context_forms(objects: list[world.SceneObject], noise_kind: str, rng: random.Random) -> str:
+    """One textual scene description to put before a question: usually complete (every object's
+    size, colour, shape and place, in reading or shuffled order, sometimes counted), else one of
+    the seven caption templates (which may leave out sizes or places)."""
+    if rng.random() < 0.25:
+        return rng.choice(world.caption_templates(objects, noise_kind))
+    ordered = list(objects)
+    if rng.random() < 0.5:
+        rng.shuffle(ordered)
+    description = world.full_description(ordered)
+    roll = rng.random()
+    if roll < 0.25:
+        count = len(objects)
+        head = f"there are {world.NUMBER_WORDS[count]} shapes:"
+        head = "there is one shape:" if count == 1 else head
+        description = f"{head} {description}"
+    elif roll < 0.4:
+        background = "plain" if noise_kind == "clean" else "noisy"
+        description = f"{description} on a {background} background"
+    return description
+
+
+def context_question(objects: list[world.SceneObject], rng: random.Random) -> tuple[str, str]:
+    """A (question, answer) about the scene: yes/no, number or "other" (colour, shape, size,
+    by name or by place), a third each, drawn with the dataset's own question templates."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        spec = world.yes_no_question(objects, rng.random() < 0.5, rng)
+    elif kind == 1:
+        spec = world.number_question(objects, rng)
+    else:
+        spec = rng.choice(world.other_question_candidates(objects, rng))
+    return spec.question, spec.answer
+
+
+def lm_pairs(text: WorldText, rng: random.Random) -> Iterator[LMExample]:
+    """Endless (context, prompt, continuation) examples; the LM reads context and prompt and
+    predicts the continuation.
+
+    Half are "description. Question: q Answer: a" about a fresh random scene of the world
+    (``world.sample_objects``, not rendered), with varied description forms, so the LM learns
+    to READ what comes before the question (the soft prompt's job later). The rest carry no
+    context: blind "Question: q Answer: a" and captions from the train split, where the LM can
+    only learn the answer prior (blind) and fluent text. A few captions follow their scene's
+    full description (description -> caption)."""
     image_ids = sorted(text.captions)
     while True:
+        roll = rng.random()
+        if roll < LM_CONTEXT_SHARE:
+            objects = world.sample_objects(rng)
+            noise_kind = rng.choice(world.NOISE_KINDS)
+            question, answer = context_question(objects, rng)
+            # Half the contexts end with OPT's BOS, as in BLIP-2: [soft prompt] </s> Question: ...
+            end = f".{BOS_MARK}" if rng.random() < 0.5 else "."
+            yield f"{context_forms(objects, noise_kind, rng)}{end}", qa_prompt(question), answer
+            continue
         image_id = rng.choice(image_ids)
-        described = rng.random() < 0.3
-        description = f"{text.descriptions[image_id]}. " if described else ""
-        if rng.random() < 0.5:
+        if roll < LM_CONTEXT_SHARE + LM_BLIND_QA_SHARE:
             question, answer = rng.choice(text.qa[image_id])
-            yield f"{description}{qa_prompt(question)}", answer
+            yield "", qa_prompt(question), answer
+        elif rng.random() < 0.1:
+            yield text.descriptions[image_id] + ".", "", rng.choice(text.captions[image_id])
         else:
-            yield description.rstrip(), rng.choice(text.captions[image_id])
+            yield "", "", rng.choice(text.captions[image_id])
+
+
+def join_example(*parts: str) -> str:
+    """The parts joined by spaces; none after a context that ends in BOS ``</s>``."""
+    text = ""
+    for part in filter(None, parts):
+        text += part if not text or text.endswith(BOS_MARK) else f" {part}"
+    return text
 
 
 def opt_batch(
-    pairs: Iterator[tuple[str, str]],
+    pairs: Iterator[LMExample],
     tokenizer: PreTrainedTokenizerFast,
     batch_size: int,
     gen: torch.Generator,
 ) -> dict[str, torch.Tensor]:
-    """Right-padded "context continuation\\n" texts with random position offsets, so every
-    position up to ``LM_MAX_POSITIONS`` is trained (a soft prompt pushes text to later ones)."""
-    texts = [" ".join(filter(None, next(pairs))) + "\n" for _ in range(batch_size)]
+    """Right-padded "context prompt continuation\n" texts with random position offsets, so every
+    position up to ``LM_MAX_POSITIONS`` is trained (a soft prompt pushes text to later ones).
+
+    ``weights`` (B, L) per target token: 0 on the context (the LM reads it, it is not asked to
+    write it), ``ANSWER_WEIGHT`` on the continuation after a question prompt, 1 elsewhere."""
+    examples = [next(pairs) for _ in range(batch_size)]
+    texts = [join_example(*e) + "\n" for e in examples]
     tokens = tokenizer(texts, padding=True, return_tensors="pt")
     ids, attention = tokens["input_ids"], tokens["attention_mask"]  # (B, L)
+    # Byte-level BPE never merges across a space, so a prefix tokenizes as the text's first tokens.
+    context_len = [len(tokenizer(c)["input_ids"]) if c else 1 for c, _, _ in examples]
+    prompt_len = [
+        len(tokenizer(join_example(c, p))["input_ids"]) if p else 0 for c, p, _ in examples
+    ]
+    weights = attention.float()
+    for row, (n_context, n_prompt) in enumerate(zip(context_len, prompt_len, strict=True)):
+        weights[row, :n_context] = 0.0
+        if n_prompt:
+            weights[row, n_prompt:] *= ANSWER_WEIGHT
     length = ids.shape[1]
     offsets = torch.randint(0, LM_MAX_POSITIONS - length + 1, (batch_size, 1), generator=gen)
     positions = offsets + torch.arange(length)[None, :]  # (B, L)
-    labels = ids.masked_fill(attention == 0, -100)
     return {
         "input_ids": ids,
         "attention_mask": attention,
         "position_ids": positions,
-        "labels": labels,
+        "weights": weights,
     }
+
+
+def weighted_lm_loss(model: OPTForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy, each target token weighted by ``batch["weights"]``."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).logits[:, :-1]  # (B, L-1, V)
+    targets, weights = batch["input_ids"][:, 1:], batch["weights"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view_as(targets)
+    return (per_token * weights).sum() / weights.sum()
 
 
 def train_opt(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[str, Any]:
@@ -473,15 +565,17 @@ def train_opt(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[st
     batch_size = 64
 
     def loss_of_step(step: int) -> torch.Tensor:
-        return model(**opt_batch(pairs, tokenizer, batch_size, gen)).loss
+        return weighted_lm_loss(model, opt_batch(pairs, tokenizer, batch_size, gen))
 
     losses = run_training(model, loss_of_step, steps, 2e-3, "opt")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
-        "recipe": "causal LM on '[description ]caption\\n' and "
-        "'[description ]Question: q Answer: a\\n' text from the train split (no images), "
-        f"random position offsets, {steps} steps x batch {batch_size}, AdamW lr 2e-3",
+        "recipe": "causal LM (no images): 50% 'scene description.[</s>] Question: q Answer: a\\n' "
+        "about fresh random scenes (varied description forms; loss 0 on the description, "
+        f"x{ANSWER_WEIGHT:g} on the answer), 25% blind 'Question: q Answer: a\\n' and 25% captions "
+        "from the train split; random position offsets, "
+        f"{steps} steps x batch {batch_size}, AdamW lr 2e-3",
         "vocab_size": len(tokenizer),
         "newline_token_id": tokenizer("\n", add_special_tokens=False)["input_ids"][0],
         "final_lm_loss": tail_mean(losses),
@@ -491,10 +585,10 @@ def train_opt(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[st
     }
 
 
-def t5_pair(context: str, continuation: str, rng: random.Random) -> tuple[str, str]:
+def t5_pair(context: str, prompt: str, continuation: str, rng: random.Random) -> tuple[str, str]:
     """An (encoder input, target) pair; a bare caption is split at a random word (prefix LM)."""
-    if context:
-        return context, continuation
+    if context or prompt:
+        return join_example(context.removesuffix(BOS_MARK), prompt), continuation
     words = continuation.split()
     cut = rng.randint(0, len(words) - 1)
     return " ".join(words[:cut]), " ".join(words[cut:])
@@ -534,8 +628,9 @@ def train_t5(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[str
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
-        "recipe": "seq2seq on the same text: caption prefix -> suffix (random split), "
-        "'[description ]Question: q Answer:' -> answer, description -> caption; "
+        "recipe": "seq2seq on the same examples: 'description. Question: q Answer:' -> answer "
+        "(50%, fresh random scenes), blind 'Question: q Answer:' -> answer (25%), caption "
+        "prefix -> suffix (random split) or description -> caption (25%); "
         f"{steps} steps x batch {batch_size}, AdamW lr 2e-3",
         "vocab_size": len(tokenizer),
         "final_loss": tail_mean(losses),
@@ -547,7 +642,7 @@ def train_t5(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[str
 
 # ---------------------------------------------------------------- main
 
-DEFAULT_STEPS = {"bert": 300, "vision": 500, "opt": 600, "t5": 600}
+DEFAULT_STEPS = {"bert": 300, "vision": 500, "opt": 2000, "t5": 900}
 
 
 def main(argv: list[str] | None = None) -> None:

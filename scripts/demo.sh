@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-runs/demo}
-STAGE1_STEPS=${DEMO_STAGE1_STEPS:-150}
+STAGE1_STEPS=${DEMO_STAGE1_STEPS:-300}
 STAGE2_STEPS=${DEMO_STAGE2_STEPS:-300}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 rm -rf "$OUT"
@@ -27,7 +27,7 @@ stamp "stage 1: ITC + ITM + ITG, $STAGE1_STEPS steps"
 qformer pretrain-stage1 --config configs/tiny.yaml --max-steps "$STAGE1_STEPS" --out "$OUT/stage1"
 
 stamp "retrieval on sample_data val with the stage-1 checkpoint"
-qformer eval-retrieval --model "$OUT/stage1" --k 16 --out "$OUT/retrieval"
+qformer eval-retrieval --model "$OUT/stage1" --k 8 --out "$OUT/retrieval"
 
 stamp "stage 2: frozen tiny OPT, $STAGE2_STEPS steps from the stage-1 checkpoint"
 qformer pretrain-stage2 --config configs/tiny.yaml --init "$OUT/stage1" \
@@ -58,8 +58,11 @@ from pathlib import Path
 out = Path(sys.argv[1])
 load = lambda p: json.loads((out / p).read_text())
 r = load("retrieval/metrics.json")
-print(f"  retrieval text->image R@1 {r['text_to_image']['R@1']:.2f}  image->text R@1 "
-      f"{r['image_to_text']['R@1']:.2f}  (chance {100 / r['num_images']:.2f})")
+for mode in ("", "_itc_only"):
+    t2i, i2t = r["text_to_image" + mode], r["image_to_text" + mode]
+    print(f"  retrieval{mode.replace('_', ' ')}: text->image R@1/5/10 {t2i['R@1']:.2f}/"
+          f"{t2i['R@5']:.2f}/{t2i['R@10']:.2f}, image->text {i2t['R@1']:.2f}/{i2t['R@5']:.2f}/"
+          f"{i2t['R@10']:.2f} (chance R@1 {100 / r['num_images']:.2f})")
 c, cs = load("caption/metrics.json"), load("caption-shuffled/metrics.json")
 print(f"  caption CIDEr real {c['CIDEr']:.3f} vs shuffled images {cs['CIDEr']:.3f}")
 v, vb = load("vqa/metrics.json"), load("vqa-blind/metrics.json")

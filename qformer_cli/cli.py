@@ -60,6 +60,12 @@ MaxStepsOption = Annotated[int | None, typer.Option("--max-steps", help="Stop af
 BatchSizeOption = Annotated[
     int | None, typer.Option("--batch-size", help="Global batch size (all processes).")
 ]
+SkipBadOption = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad-samples", help="Skip unreadable samples and report them (else: error)."
+    ),
+]
 ResumeOption = Annotated[
     str | None,
     typer.Option("--resume", help="auto (newest good checkpoint of --out / the latest run) | DIR."),
@@ -152,6 +158,7 @@ def pretrain_stage1(
     batch_size: BatchSizeOption = None,
     precision: PrecisionOption = None,
     seed: SeedOption = None,
+    skip_bad_samples: SkipBadOption = False,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
     debug: DebugOption = False,
@@ -166,6 +173,7 @@ def pretrain_stage1(
         "train.batch_size": batch_size,
         "train.precision": precision,
         "train.seed": seed,
+        "data.skip_bad_samples": skip_bad_samples or None,
     }
     _pretrain(
         "pretrain-stage1",
@@ -211,6 +219,7 @@ def pretrain_stage2(
     batch_size: BatchSizeOption = None,
     precision: PrecisionOption = None,
     seed: SeedOption = None,
+    skip_bad_samples: SkipBadOption = False,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
     debug: DebugOption = False,
@@ -229,6 +238,7 @@ def pretrain_stage2(
         "train.batch_size": batch_size,
         "train.precision": precision,
         "train.seed": seed,
+        "data.skip_bad_samples": skip_bad_samples or None,
     }
     builder = functools.partial(build_stage2_recipe, init=init)
     _pretrain("pretrain-stage2", builder, config, overrides, flags, out, resume, device, as_json)

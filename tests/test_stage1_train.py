@@ -88,3 +88,23 @@ def test_resume_from_a_corrupt_checkpoint_is_refused(tmp_path: Path):
     result = _train(tmp_path / "other", "--max-steps", "1", "--resume", str(directory))
     assert result.exit_code == 1
     assert "truncated" in result.stderr or "checksum" in result.stderr
+
+
+def test_skip_bad_samples_goes_on_and_reports(tmp_path: Path):
+    from qformer_cli.data import sample_split_files
+
+    entries = json.loads(sample_split_files("train").karpathy.read_text())[:40]
+    root = sample_split_files("train").root
+    for entry in entries:
+        entry["image"] = str(root / entry["image"])
+    entries[3]["image"] = str(tmp_path / "missing.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    entries[5]["image"] = str(tmp_path / "broken.png")
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(entries))
+    failed = _train(tmp_path / "a", "--max-steps", "1", "--data", str(data))
+    assert failed.exit_code == 1 and "missing.png" in failed.stderr
+    # 5 steps of 8 = the whole file once, so both bad entries are met
+    result = _train(tmp_path / "b", "--max-steps", "5", "--data", str(data), "--skip-bad-samples")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["bad_samples"].startswith("skipped 2 bad samples")

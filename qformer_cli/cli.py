@@ -759,28 +759,40 @@ def export_onnx_command(
 @app.command()
 @handles_errors
 def convert(
-    out: Annotated[Path, typer.Argument(help="Output directory.")],
-    model: Annotated[Path, typer.Option("--model", help="Stage-2 run or checkpoint directory.")],
-    to: Annotated[str, typer.Option("--to", help="Target format: transformers.")] = "transformers",
+    out: Annotated[
+        Path, typer.Argument(help="Output directory (transformers) or .pth file (lavis).")
+    ],
+    model: Annotated[Path, typer.Option("--model", help="A run or checkpoint directory.")],
+    to: Annotated[str, typer.Option("--to", help="transformers | lavis")] = "transformers",
     as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Write a stage-2 model as a transformers Blip2ForConditionalGeneration directory."""
+    """Write a checkpoint in another layout: a transformers BLIP-2 directory (stage 2) or a
+    LAVIS {"model": state_dict} .pth (stage 1 or 2)."""
     import torch
 
     from qformer_cli.errors import UsageError
-    from qformer_cli.export.transformers_blip2 import export_to_transformers
-    from qformer_cli.pretrained import load_stage2
 
-    if to != "transformers":
-        raise UsageError(f"--to {to!r}: only 'transformers' is supported")
-    pipeline = load_stage2(model, torch.device("cpu"))
-    export_to_transformers(pipeline, out)
-    result = {"model": str(pipeline.directory), "out": str(out), "format": to}
+    if to == "transformers":
+        from qformer_cli.export.transformers_blip2 import export_to_transformers
+        from qformer_cli.pretrained import load_stage2
+
+        pipeline = load_stage2(model, torch.device("cpu"))
+        export_to_transformers(pipeline, out)
+        source = pipeline.directory
+    elif to == "lavis":
+        from qformer_cli.models.convert import save_lavis
+        from qformer_cli.pretrained import load_trainable
+
+        trainable, source = load_trainable(model)
+        save_lavis(trainable, out)
+    else:
+        raise UsageError(f"--to {to!r}: choose transformers or lavis")
+    result = {"model": str(source), "out": str(out), "format": to}
     if as_json:
         print_json(result)
     else:
-        output_console(as_json).print(f"wrote {out} (transformers Blip2ForConditionalGeneration)")
+        output_console(as_json).print(f"wrote {out} ({to})", markup=False, highlight=False)
 
 
 # --------------------------------------------------------------------------------------------

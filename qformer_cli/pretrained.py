@@ -50,10 +50,10 @@ def _load_state(model: torch.nn.Module, directory: Path) -> None:
 
 def load_stage1(path: Path, device: torch.device) -> Stage1Checkpoint:
     """A stage-1 model from a run or checkpoint directory, in eval mode on ``device``."""
-    directory = checkpoint.resolve_checkpoint(path)
-    qformer_config, run_config = _checkpoint_config(directory, stage=1)
-    model = Stage1Model(qformer_config)
-    _load_state(model, directory)
+    model, directory = load_trainable(path)
+    if not isinstance(model, Stage1Model):
+        raise CheckpointError(f"{directory}: a stage-2 checkpoint; this needs stage 1")
+    _, run_config = _checkpoint_config(directory, stage=1)
     tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
     return Stage1Checkpoint(model.to(device).eval(), tokenizer, run_config, directory)
 
@@ -162,3 +162,18 @@ def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, path: Pa
             f"{path}: {prefix}* weights do not fit its config "
             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
+
+
+def load_trainable(path: Path) -> tuple[Stage1Model | Stage2Model, Path]:
+    """The trainable model of a stage-1 or stage-2 checkpoint (no backbones), and its directory."""
+    directory = checkpoint.resolve_checkpoint(Path(path))
+    saved = checkpoint.load_config(directory)
+    qformer_config = QFormerConfig(**saved["qformer"])
+    if saved.get("stage") == 1:
+        model: Stage1Model | Stage2Model = Stage1Model(qformer_config)
+    elif saved.get("stage") == 2:
+        model = Stage2Model(qformer_config, saved["llm_embedding_dim"])
+    else:
+        raise CheckpointError(f"{directory}: unknown stage {saved.get('stage')!r}")
+    _load_state(model, directory)
+    return model, directory

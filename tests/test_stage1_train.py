@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from qformer_cli import checkpoint
 from qformer_cli.cli import app
+from qformer_cli.config import QFormerConfig
+from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.convert import load_external_weights
 from qformer_cli.train.loop import STOP_AFTER_STEP_ENV
 
 runner = CliRunner()
@@ -48,6 +52,18 @@ def test_training_writes_checkpoint_metrics_and_plot(tmp_path: Path):
     checkpoint.verify_checkpoint(final)
     assert (final / "tokenizer" / "tokenizer.json").is_file()
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-00000002", "step-00000004"]
+
+    # ... and it converts to LAVIS's layout, which loads back tensor for tensor.
+    converted = runner.invoke(
+        app, ["convert", str(tmp_path / "s1.pth"), "--model", str(run), "--to", "lavis"]
+    )
+    assert converted.exit_code == 0, converted.output
+    trained = load_file(str(final / "model.safetensors"))
+    fresh = Stage1Model(QFormerConfig(**json.loads((final / "config.json").read_text())["qformer"]))
+    report = load_external_weights(fresh, tmp_path / "s1.pth")
+    assert report.missing == [] and report.unexpected == []
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, trained[key]), key
 
 
 @pytest.mark.slow

@@ -447,3 +447,16 @@ def save_transformers_blip2(
             state[f"language_model.{key}"] = value
     _load_exactly(hf_model, state, f"{type(hf_model).__name__} export")
     hf_model.save_pretrained(directory)
+
+
+def save_lavis(model: Stage1Model | Stage2Model, path: Path) -> None:
+    """Write LAVIS's ``{"model": state_dict}`` layout (trainable parameters only, as LAVIS saves;
+    the LM head's decoder is tied to the word embeddings and written under both names)."""
+    state = export_state_dict(model, "lavis")
+    if "Qformer.cls.predictions.bias" in state:
+        state["Qformer.cls.predictions.decoder.weight"] = state[
+            "Qformer.bert.embeddings.word_embeddings.weight"
+        ]
+        state["Qformer.cls.predictions.decoder.bias"] = state["Qformer.cls.predictions.bias"]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state}, path)

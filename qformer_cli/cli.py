@@ -60,6 +60,12 @@ MaxStepsOption = Annotated[int | None, typer.Option("--max-steps", help="Stop af
 BatchSizeOption = Annotated[
     int | None, typer.Option("--batch-size", help="Global batch size (all processes).")
 ]
+VisionModelOption = Annotated[
+    str | None, typer.Option("--vision-model", help="Frozen vision encoder: hub id or path.")
+]
+TrainDataOption = Annotated[
+    str | None, typer.Option("--data", help="Training captions: Karpathy or COCO JSON.")
+]
 SkipBadOption = Annotated[
     bool,
     typer.Option(
@@ -148,12 +154,8 @@ def pretrain_stage1(
     overrides: SetOption = None,
     out: OutOption = None,
     resume: ResumeOption = None,
-    vision_model: Annotated[
-        str | None, typer.Option("--vision-model", help="Frozen vision encoder: hub id or path.")
-    ] = None,
-    data: Annotated[
-        str | None, typer.Option("--data", help="Training captions: Karpathy or COCO JSON.")
-    ] = None,
+    vision_model: VisionModelOption = None,
+    data: TrainDataOption = None,
     max_steps: MaxStepsOption = None,
     batch_size: BatchSizeOption = None,
     precision: PrecisionOption = None,
@@ -206,12 +208,8 @@ def pretrain_stage2(
     llm: Annotated[
         str | None, typer.Option("--llm", help="Frozen LLM: hub id or path (causal or seq2seq).")
     ] = None,
-    vision_model: Annotated[
-        str | None, typer.Option("--vision-model", help="Frozen vision encoder: hub id or path.")
-    ] = None,
-    data: Annotated[
-        str | None, typer.Option("--data", help="Training captions: Karpathy or COCO JSON.")
-    ] = None,
+    vision_model: VisionModelOption = None,
+    data: TrainDataOption = None,
     prompt: Annotated[
         str | None, typer.Option("--prompt", help='Text prompt before each caption ("a photo of").')
     ] = None,

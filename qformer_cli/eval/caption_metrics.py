@@ -38,6 +38,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from qformer_cli.errors import DataError, QformerError
+from qformer_cli.eval.json_input import entry_field, read_json
 
 ImageId = int | str
 """An image id as it appears in the JSON files; matched by exact value and type."""
@@ -80,27 +81,6 @@ class CaptionScores:
 # ----------------------------------------------------------------------------- file readers
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{path}: cannot read JSON: {error}") from error
-
-
-def _field(path: Path, where: str, entry: Any, name: str, kinds: tuple[type, ...]) -> Any:
-    """``entry[name]``, checked to be one of ``kinds`` (bools are never accepted as ids)."""
-    if not isinstance(entry, dict):
-        raise DataError(f"{path}: {where}: expected an object, got {type(entry).__name__}")
-    if name not in entry:
-        raise DataError(f'{path}: {where}: missing "{name}"')
-    value = entry[name]
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        wanted = " or ".join(kind.__name__ for kind in kinds)
-        raise DataError(f'{path}: {where}: "{name}" must be {wanted}, got {type(value).__name__}')
-    return value
-
-
 def _list_of(path: Path, data: Any, key: str) -> list[Any]:
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise DataError(f'{path}: expected a COCO-format JSON object with an "{key}" list')
@@ -120,17 +100,17 @@ def load_caption_ground_truth(path: Path | str) -> dict[ImageId, list[str]]:
     pycocotools ignores them.
     """
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     references: dict[ImageId, list[str]] = {}
     for index, image in enumerate(_list_of(path, data, "images")):
-        image_id = _field(path, f"images[{index}]", image, "id", (int, str))
+        image_id = entry_field(path, f"images[{index}]", image, "id", (int, str))
         if image_id in references:
             raise DataError(f"{path}: images[{index}]: image id {image_id!r} is listed twice")
         references[image_id] = []
     for index, annotation in enumerate(_list_of(path, data, "annotations")):
         where = f"annotations[{index}]"
-        image_id = _field(path, where, annotation, "image_id", (int, str))
-        caption = _field(path, where, annotation, "caption", (str,))
+        image_id = entry_field(path, where, annotation, "image_id", (int, str))
+        caption = entry_field(path, where, annotation, "caption", (str,))
         if image_id in references:
             references[image_id].append(caption)
     uncaptioned = [image_id for image_id, captions in references.items() if not captions]
@@ -148,16 +128,16 @@ def load_caption_results(path: Path | str) -> dict[ImageId, str]:
     An image captioned twice is an error naming the repeated ids.
     """
     path = Path(path)
-    entries = _read_json(path)
+    entries = read_json(path)
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a JSON list of results, got {type(entries).__name__}")
     captions: dict[ImageId, str] = {}
     repeated: list[ImageId] = []
     for index, entry in enumerate(entries):
-        image_id = _field(path, f"entry {index}", entry, "image_id", (int, str))
+        image_id = entry_field(path, f"entry {index}", entry, "image_id", (int, str))
         if image_id in captions and image_id not in repeated:
             repeated.append(image_id)
-        captions[image_id] = _field(path, f"entry {index}", entry, "caption", (str,))
+        captions[image_id] = entry_field(path, f"entry {index}", entry, "caption", (str,))
     if repeated:
         raise DataError(
             f"{path}: {len(repeated)} images have more than one caption; one hypothesis per "

@@ -30,7 +30,6 @@ on, before Python 3.12's compensated ``sum``).
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from qformer_cli.errors import DataError, UsageError
+from qformer_cli.eval.json_input import entry_field, json_entries, read_json
 
 MetricVariant = Literal["official", "lavis"]
 METRIC_VARIANTS: tuple[str, ...] = get_args(MetricVariant)
@@ -363,40 +363,6 @@ def check_coverage(
 # ----------------------------------------------------------------------------- file readers
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{path}: cannot read JSON: {error}") from error
-
-
-def _entries(path: Path, data: Any, key: str | None) -> list[Any]:
-    """The list of entries of a file: ``data[key]``, or ``data`` itself when ``key`` is None."""
-    if key is None:
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
-        return data
-    if not isinstance(data, dict) or not isinstance(data.get(key), list):
-        raise DataError(f'{path}: expected a JSON object with a "{key}" list')
-    return data[key]
-
-
-def _field(path: Path, index: int, entry: Any, name: str, kinds: tuple[type, ...]) -> Any:
-    """``entry[name]``, checked to be one of ``kinds`` (bools are never accepted as ids)."""
-    if not isinstance(entry, dict):
-        raise DataError(f"{path}: entry {index}: expected an object, got {type(entry).__name__}")
-    if name not in entry:
-        raise DataError(f'{path}: entry {index}: missing "{name}"')
-    value = entry[name]
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        wanted = " or ".join(kind.__name__ for kind in kinds)
-        raise DataError(
-            f'{path}: entry {index}: "{name}" must be {wanted}, got {type(value).__name__}'
-        )
-    return value
-
-
 def _unique_ids(path: Path, ids: Sequence[QuestionId]) -> None:
     repeated = [qid for qid, count in Counter(ids).items() if count > 1]
     if repeated:
@@ -407,11 +373,11 @@ def _unique_ids(path: Path, ids: Sequence[QuestionId]) -> None:
 
 
 def _read_answers(path: Path, index: int, entry: dict[str, Any]) -> tuple[dict[str, Any], ...]:
-    answers = _field(path, index, entry, "answers", (list,))
+    answers = entry_field(path, f"entry {index}", entry, "answers", (list,))
     if not answers:
         raise DataError(f'{path}: entry {index}: "answers" is empty')
     for answer in answers:
-        _field(path, index, answer, "answer", (str,))
+        entry_field(path, f"entry {index}", answer, "answer", (str,))
     return tuple(answers)
 
 
@@ -419,12 +385,12 @@ def load_vqa_annotations(path: Path | str) -> list[VqaAnnotation]:
     """Read a VQAv2 annotations file ``{"annotations": [...]}`` in file order."""
     path = Path(path)
     annotations = []
-    for index, entry in enumerate(_entries(path, _read_json(path), "annotations")):
+    for index, entry in enumerate(json_entries(path, read_json(path), "annotations")):
         annotations.append(
             VqaAnnotation(
-                question_id=_field(path, index, entry, "question_id", (int, str)),
-                question_type=_field(path, index, entry, "question_type", (str,)),
-                answer_type=_field(path, index, entry, "answer_type", (str,)),
+                question_id=entry_field(path, f"entry {index}", entry, "question_id", (int, str)),
+                question_type=entry_field(path, f"entry {index}", entry, "question_type", (str,)),
+                answer_type=entry_field(path, f"entry {index}", entry, "answer_type", (str,)),
                 answers=_read_answers(path, index, entry),
             )
         )
@@ -435,8 +401,11 @@ def load_vqa_annotations(path: Path | str) -> list[VqaAnnotation]:
 def load_vqa_question_ids(path: Path | str) -> list[QuestionId]:
     """Read the question ids of a VQAv2 questions file ``{"questions": [...]}``."""
     path = Path(path)
-    entries = _entries(path, _read_json(path), "questions")
-    ids = [_field(path, i, entry, "question_id", (int, str)) for i, entry in enumerate(entries)]
+    entries = json_entries(path, read_json(path), "questions")
+    ids = [
+        entry_field(path, f"entry {i}", entry, "question_id", (int, str))
+        for i, entry in enumerate(entries)
+    ]
     _unique_ids(path, ids)
     return ids
 
@@ -449,11 +418,11 @@ def load_vqa_results(path: Path | str) -> dict[QuestionId, str]:
     path = Path(path)
     predictions: dict[QuestionId, str] = {}
     repeated: list[QuestionId] = []
-    for index, entry in enumerate(_entries(path, _read_json(path), None)):
-        question_id = _field(path, index, entry, "question_id", (int, str))
+    for index, entry in enumerate(json_entries(path, read_json(path), None)):
+        question_id = entry_field(path, f"entry {index}", entry, "question_id", (int, str))
         if question_id in predictions:
             repeated.append(question_id)
-        predictions[question_id] = _field(path, index, entry, "answer", (str,))
+        predictions[question_id] = entry_field(path, f"entry {index}", entry, "answer", (str,))
     if repeated:
         raise DataError(
             f"{path}: {len(repeated)} question ids are answered more than once "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,17 @@ def resolve_resume(
     return out or found.parent.parent, found
 
 
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(enabled)`` for the block, then the previous setting."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def train_stage(
     command: str,
     build: RecipeBuilder,
@@ -56,53 +68,37 @@ def train_stage(
     device_choice: str,
     console: Console,
 ) -> dict[str, Any]:
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(config.train.deterministic)
-    try:
-        return _train_stage(command, build, config, out, resume, device_choice, console)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+    with deterministic_algorithms(config.train.deterministic):
+        ranks, device = init_distributed(device_choice)
+        torch.manual_seed(config.train.seed)
+        is_main = ranks.rank == 0
 
+        def report(message: str) -> None:
+            if is_main:
+                console.print(message, markup=False, highlight=False)
 
-def _train_stage(
-    command: str,
-    build: RecipeBuilder,
-    config: RunConfig,
-    out: Path | None,
-    resume: str | None,
-    device_choice: str,
-    console: Console,
-) -> dict[str, Any]:
-    ranks, device = init_distributed(device_choice)
-    torch.manual_seed(config.train.seed)
-    is_main = ranks.rank == 0
-
-    def report(message: str) -> None:
+        out_dir, resume_from = resolve_resume(resume, out, command, report)
+        out_dir = make_out_dir(out_dir, command)
         if is_main:
-            console.print(message, markup=False, highlight=False)
-
-    out_dir, resume_from = resolve_resume(resume, out, command, report)
-    out_dir = make_out_dir(out_dir, command)
-    if is_main:
-        write_resolved_config(out_dir, config)
-    recipe = build(config, device, ranks, report)
-    progress = TrainingProgress(console, enabled=is_main)
-    trainer = Trainer(recipe, config.train, out_dir, device, ranks, progress)
-    if resume_from is not None:
-        report(f"resuming from {resume_from}")
-    result = trainer.run(resume_from)
-    history = result.pop("history")
-    if is_main:
-        plot_losses(history, out_dir / "loss.png", f"qformer {command}")
-        console.print(summary_table(history))
-    last = history[-1] if history else {}
-    first = history[0] if history else {}
-    return {
-        "out_dir": str(out_dir),
-        "final_checkpoint": result["final_checkpoint"],
-        "steps": result["steps"],
-        "first": {k: v for k, v in first.items() if k not in ("step", "epoch")},
-        "last": {k: v for k, v in last.items() if k not in ("step", "epoch")},
-        "loss_plot": str(out_dir / "loss.png"),
-        "bad_samples": recipe.loader.bad_samples.summary(),
-    }
+            write_resolved_config(out_dir, config)
+        recipe = build(config, device, ranks, report)
+        progress = TrainingProgress(console, enabled=is_main)
+        trainer = Trainer(recipe, config.train, out_dir, device, ranks, progress)
+        if resume_from is not None:
+            report(f"resuming from {resume_from}")
+        result = trainer.run(resume_from)
+        history = result.pop("history")
+        if is_main:
+            plot_losses(history, out_dir / "loss.png", f"qformer {command}")
+            console.print(summary_table(history))
+        last = history[-1] if history else {}
+        first = history[0] if history else {}
+        return {
+            "out_dir": str(out_dir),
+            "final_checkpoint": result["final_checkpoint"],
+            "steps": result["steps"],
+            "first": {k: v for k, v in first.items() if k not in ("step", "epoch")},
+            "last": {k: v for k, v in last.items() if k not in ("step", "epoch")},
+            "loss_plot": str(out_dir / "loss.png"),
+            "bad_samples": recipe.loader.bad_samples.summary(),
+        }

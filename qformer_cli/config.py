@@ -42,6 +42,9 @@ class QFormerConfig:
     embed_dim: int = 256  # ITC projection width
     pad_token_id: int = 0
     initializer_range: float = 0.02
+    # The freshly initialized cross-attention layers (BERT has none to copy). 0.02 is BERT's
+    # choice for width 768; see the tiny preset for why a narrow Q-Former needs more.
+    cross_attention_initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -71,6 +74,11 @@ QFORMER_PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": 202,  # sample_data/backbones/bert: 201 WordPiece + [DEC]
         "max_position_embeddings": 64,
         "embed_dim": 64,
+        # At width 128, normal(0, 0.02) cross-attention gives attention logits ~6x flatter than
+        # at 768: every query reads the same average of the image tokens, and ITC sat on a
+        # plateau (text->image R@1 ~2% after 300 demo steps). With 0.1 the queries attend
+        # selectively from the start and R@1 reaches ~29% in the same steps (measured; README).
+        "cross_attention_initializer_range": 0.1,
     },
 }
 

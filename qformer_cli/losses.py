@@ -117,12 +117,16 @@ def mine_hard_negatives(
     positive_index: torch.Tensor,
     mining: NegativeMining,
     generator: torch.Generator | None = None,
+    text_ids: torch.Tensor | None = None,
+    all_text_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """For each local row, the global index of one negative (B,).
 
     ``similarity`` (B, G) scores this rank's samples against the global batch; ``positive_index``
     (B,) is each row's own global index. Candidates exclude every sample of the same image
-    (``image_ids`` (B,) vs ``all_image_ids`` (G,)), the positive included. ``sample`` draws with
+    (``image_ids`` (B,) vs ``all_image_ids`` (G,)), the positive included, and, when
+    ``text_ids`` (B,) / ``all_text_ids`` (G,) are given, every sample whose caption is the same
+    text: an image captioned word for word like the positive is no negative. ``sample`` draws with
     probability softmax(similarity) (BLIP-2); ``hardest`` takes the most similar candidate
     (deterministic, for tests). A row with no candidate (the batch shows one image only) falls
     back to any other sample.
@@ -130,8 +134,10 @@ def mine_hard_negatives(
     if similarity.shape[1] < 2:
         raise ValueError("ITM needs at least 2 samples in the (global) batch")
     rows = torch.arange(similarity.shape[0], device=similarity.device)
-    same_image = image_ids[:, None] == all_image_ids[None, :]  # (B, G), includes the positive
-    weights = F.softmax(similarity.float(), dim=1).masked_fill(same_image, 0.0)
+    not_negative = image_ids[:, None] == all_image_ids[None, :]  # (B, G), includes the positive
+    if text_ids is not None and all_text_ids is not None:
+        not_negative |= text_ids[:, None] == all_text_ids[None, :]
+    weights = F.softmax(similarity.float(), dim=1).masked_fill(not_negative, 0.0)
     fallback = torch.ones_like(weights)
     fallback[rows, positive_index] = 0.0
     weights = torch.where((weights.sum(dim=1) > 0)[:, None], weights, fallback)

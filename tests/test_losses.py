@@ -134,3 +134,42 @@ def test_every_trainable_parameter_gets_a_gradient():
     objective(_batch()).total.backward()
     no_grad = [n for n, p in objective.named_parameters() if p.grad is None]
     assert no_grad == []
+
+
+def test_a_word_for_word_identical_caption_is_not_a_negative():
+    # Row 0's hardest other image is sample 1, but sample 1's caption is the same text
+    # ("a red circle" twice): the next hardest, sample 3, is taken instead.
+    similarity = torch.tensor(
+        [
+            [9.0, 8.0, 1.0, 2.0],
+            [8.0, 9.0, 5.0, 1.0],
+            [0.0, 3.0, 9.0, 4.0],
+        ]
+    )
+    image_ids = torch.tensor([10, 11, 12])
+    all_image_ids = torch.tensor([10, 11, 12, 13])
+    text_ids = torch.tensor([100, 100, 102])
+    all_text_ids = torch.tensor([100, 100, 102, 103])
+    picked = mine_hard_negatives(
+        similarity,
+        image_ids,
+        all_image_ids,
+        torch.tensor([0, 1, 2]),
+        "hardest",
+        text_ids=text_ids,
+        all_text_ids=all_text_ids,
+    )
+    assert picked.tolist() == [3, 2, 3]
+    without_text_ids = mine_hard_negatives(
+        similarity, image_ids, all_image_ids, torch.tensor([0, 1, 2]), "hardest"
+    )
+    assert without_text_ids.tolist() == [1, 0, 3]
+
+
+def test_caption_ids_are_equal_exactly_for_equal_texts():
+    from qformer_cli.train.stage1 import caption_ids
+
+    ids = caption_ids(["a red circle", "a red circle", "a red circle ", "A red circle"], "cpu")
+    assert ids.dtype == torch.int64
+    assert ids[0] == ids[1]
+    assert len(set(ids.tolist())) == 3

@@ -176,3 +176,13 @@ def test_gradients_flow_through_the_cached_query_kv():
     assert model.query_tokens.grad is not None and model.query_tokens.grad.abs().sum() > 0
     cross = model.layers[0].cross_attention.attention.key.weight.grad
     assert cross is not None and cross.abs().sum() > 0
+
+
+def test_cross_attention_weights_take_their_own_initializer_range():
+    torch.manual_seed(0)
+    qformer = QFormer(qformer_preset("tiny", cross_attention_initializer_range=0.1))
+    cross = qformer.layers[0].cross_attention.attention.key.weight
+    self_attn_weights = [p for n, p in qformer.named_parameters() if "self_attention" in n]
+    assert abs(cross.std().item() - 0.1) < 0.01
+    assert abs(self_attn_weights[0].std().item() - 0.02) < 0.003
+    assert qformer_preset("blip2").cross_attention_initializer_range == 0.02

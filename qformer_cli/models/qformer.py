@@ -248,7 +248,8 @@ class QFormer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """BERT initialization: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+        """BERT initialization: normal(0, 0.02) weights, zero biases, unit LayerNorms; the
+        cross-attention weights with ``cross_attention_initializer_range``."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
@@ -259,6 +260,13 @@ class QFormer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.query_tokens, std=std)
+        for layer in self.layers:
+            if layer.cross_attention is not None:
+                for module in layer.cross_attention.modules():
+                    if isinstance(module, nn.Linear):
+                        nn.init.normal_(
+                            module.weight, std=self.config.cross_attention_initializer_range
+                        )
 
     def encode_image(self, image_embeds: torch.Tensor) -> ImageKV:
         """Frozen image features (B, N, C) -> cross-attention K/V per layer, computed once."""

@@ -11,6 +11,7 @@ Work done once per batch and shared (``reuse=True``, the default):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ class Stage1Batch:
     input_ids: torch.Tensor  # (B, T), [CLS] first
     text_mask: torch.Tensor  # (B, T), 1 = real token
     image_ids: torch.Tensor  # (B,) int64; same id = same image (not a negative)
+    # (B,) int64 caption fingerprints (caption_ids); same id = same text (not a negative either)
+    text_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -119,8 +122,7 @@ class Stage1Objective(nn.Module):
         size = batch.input_ids.shape[0]
         local = torch.arange(size, device=batch.input_ids.device)
         positive_index = local + ranks.rank * size
-        all_image_ids = gather_no_grad(batch.image_ids, ranks)
-        mine = self._mine(all_image_ids, batch.image_ids, positive_index)
+        mine = self._mine(batch, positive_index, ranks)
         negative_image = mine(sim_t2i)  # (B,) global index of a hard negative image per text
         negative_text = mine(sim_i2t)  # (B,) global index of a hard negative text per image
 
@@ -134,12 +136,20 @@ class Stage1Objective(nn.Module):
         )
         return self.model.itm_head(joint.query_output).mean(dim=1)
 
-    def _mine(
-        self, all_image_ids: torch.Tensor, image_ids: torch.Tensor, positive_index: torch.Tensor
-    ):
+    def _mine(self, batch: Stage1Batch, positive_index: torch.Tensor, ranks: Ranks):
+        all_image_ids = gather_no_grad(batch.image_ids, ranks)
+        all_text_ids = None if batch.text_ids is None else gather_no_grad(batch.text_ids, ranks)
+
         def mine(similarity: torch.Tensor) -> torch.Tensor:
             return mine_hard_negatives(
-                similarity, image_ids, all_image_ids, positive_index, self.mining, self.generator
+                similarity,
+                batch.image_ids,
+                all_image_ids,
+                positive_index,
+                self.mining,
+                self.generator,
+                text_ids=batch.text_ids,
+                all_text_ids=all_text_ids,
             )
 
         return mine
@@ -203,6 +213,16 @@ def stage1_qformer_config(config: RunConfig, vision_width: int, tokenizer) -> QF
     return qformer_config
 
 
+def caption_ids(captions: list[str], device: torch.device) -> torch.Tensor:
+    """(B,) int64 fingerprints of the caption texts, equal on every rank for equal texts.
+
+    Synthetic and templated data sets (and real ones: "a man riding a wave on a surfboard")
+    caption different images word for word alike; such a pair is not an ITM negative.
+    """
+    digests = [hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest() for text in captions]
+    return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], device=device)
+
+
 def tokenize(tokenizer, texts: list[str], max_len: int, device: torch.device) -> tuple:
     encoded = tokenizer(
         texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt"
@@ -238,7 +258,7 @@ def build_stage1_recipe(
         )
         ids = torch.tensor([image_index[i] for i in batch.image_ids], device=device)
         features = image_features(vision, batch.pixel_values, device, config.train.precision)
-        return Stage1Batch(features, input_ids, text_mask, ids)
+        return Stage1Batch(features, input_ids, text_mask, ids, caption_ids(batch.captions, device))
 
     def save_tokenizer(directory: Path) -> None:
         tokenizer.save_pretrained(directory / "tokenizer")

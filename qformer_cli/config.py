@@ -116,6 +116,10 @@ class ModelConfig:
     )
     bert: str = "sample_data/backbones/bert"  # Q-Former init and its tokenizer
     max_text_len: int = 32
+    # Stage 2's Linear(H -> LLM hidden): normal(0, std). 0.02 as transformers initializes BLIP-2.
+    # An LLM whose token embeddings are much larger (the tiny T5's rows have norm ~11) reads a
+    # soft prompt of matching scale far sooner: configs/tiny_t5.yaml uses 0.1 (README: demo).
+    llm_proj_init_std: float = 0.02
 
     def qformer_config(self) -> QFormerConfig:
         known = {f.name for f in dataclasses.fields(QFormerConfig)}

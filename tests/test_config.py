@@ -92,3 +92,17 @@ def test_presets_hold_the_papers_sizes():
         1408,
     )
     assert (blip2.cross_attention_freq, blip2.vocab_size, blip2.layer_norm_eps) == (2, 30523, 1e-12)
+
+
+def test_the_t5_demo_config_scales_the_soft_prompt_projection():
+    import torch
+
+    from qformer_cli.models.blip2 import Stage2Model
+
+    config = load_config(CONFIG_DIR / "tiny_t5.yaml")
+    assert config.model.llm.model == "sample_data/backbones/t5"
+    torch.manual_seed(0)
+    bridge = Stage2Model(config.model.qformer_config(), 128, config.model.llm_proj_init_std)
+    assert abs(bridge.llm_proj.weight.std().item() - 0.1) < 0.01
+    default = Stage2Model(qformer_preset("tiny"), 128)
+    assert abs(default.llm_proj.weight.std().item() - 0.02) < 0.002

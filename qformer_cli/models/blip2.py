@@ -52,15 +52,18 @@ class Stage1Model(nn.Module):
 class Stage2Model(nn.Module):
     """Q-Former without text parts + ``Linear(H -> LLM hidden)``: the LLM's soft visual prompt."""
 
-    def __init__(self, config: QFormerConfig, llm_hidden_size: int) -> None:
+    def __init__(
+        self, config: QFormerConfig, llm_hidden_size: int, proj_init_std: float = 0.02
+    ) -> None:
         super().__init__()
         self.config = config
         self.qformer = QFormer(config, with_text=False)
         self.llm_proj = nn.Linear(config.hidden_size, llm_hidden_size)
-        # normal(0, 0.02) as transformers initializes BLIP-2's language_projection: torch's
-        # default (uniform +-1/sqrt(H)) makes the soft prompt tens of times larger than the LLM's
-        # token embeddings, which a small LLM then cannot read.
-        nn.init.normal_(self.llm_proj.weight, std=config.initializer_range)
+        # normal(0, 0.02) by default, as transformers initializes BLIP-2's language_projection.
+        # The soft prompt's scale should be near the LLM's token embeddings': a small LLM reads
+        # one tens of times larger (torch's default init for the tiny OPT) or smaller (0.02 for
+        # the tiny T5, whose embeddings are large) poorly or not at all.
+        nn.init.normal_(self.llm_proj.weight, std=proj_init_std)
         nn.init.zeros_(self.llm_proj.bias)
 
     def soft_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:

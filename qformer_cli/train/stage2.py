@@ -198,7 +198,7 @@ def build_stage2_recipe(
     qformer_config: QFormerConfig = config.model.qformer_config()
     qformer_config.encoder_width = vision.hidden_size
     torch.manual_seed(config.train.seed)
-    bridge = Stage2Model(qformer_config, llm.embedding_dim)
+    bridge = Stage2Model(qformer_config, llm.embedding_dim, config.model.llm_proj_init_std)
     source = init or Path(resolve_model_name(config.model.bert))
     loaded = init_bridge(bridge, source)
     report(f"Q-Former init from {source}: {loaded.summary()}")

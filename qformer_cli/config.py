@@ -77,7 +77,7 @@ QFORMER_PRESETS: dict[str, dict[str, Any]] = {
         # At width 128, normal(0, 0.02) cross-attention gives attention logits ~6x flatter than
         # at 768: every query reads the same average of the image tokens, and ITC sat on a
         # plateau (text->image R@1 ~2% after 300 demo steps). With 0.1 the queries attend
-        # selectively from the start and R@1 reaches ~29% in the same steps (measured; README).
+        # selectively from the start and R@1 reaches ~20% in the same steps (make demo; README).
         "cross_attention_initializer_range": 0.1,
     },
 }

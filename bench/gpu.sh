@@ -2,11 +2,13 @@
 # The benchmarks on one CUDA GPU, as is: needs PyTorch (CUDA build), transformers, PyYAML and
 # Pillow installed; no network. Run from anywhere:
 #
-#   bash bench/gpu.sh                 # about 2-4 minutes on an H100; PYTHON=... to pick python
+#   bash bench/gpu.sh                 # about 3-5 minutes on an H100; PYTHON=... to pick python
 #
 # Prints the GPU (nvidia-smi), then the same tables as `make bench` measured with --device cuda
-# (B=8, as on CPU), then the stage-1 step again at B=64, since B=8 leaves a GPU mostly idle.
-# Paste the output into BENCHMARKS.md with the card's name.
+# (B=8, as on CPU), then at B=64 (B=8 leaves a GPU mostly idle) the stage-1 step, the stage-1
+# step with a ViT-g-shaped encoder online vs cached features, and a stage-2 step through an
+# OPT-2.7B-shaped frozen LLM (bench/frozen_backbones.py). Every part has its own time limit, so
+# the whole script stays under 8 minutes. Paste the output into BENCHMARKS.md with the card's name.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -54,9 +56,11 @@ if missing:
 EOF
 
 status=0
-timeout 270 "$PY" -m bench.run_all --device cuda --warmup 3 --repeats 20 --format markdown \
+timeout 180 "$PY" -m bench.run_all --device cuda --warmup 3 --repeats 20 --format markdown \
     || status=$?
-timeout 150 "$PY" -m bench.stage1_step --device cuda --batch-size 64 --warmup 3 --repeats 10 \
+timeout 90 "$PY" -m bench.stage1_step --device cuda --batch-size 64 --warmup 3 --repeats 10 \
     --format markdown || status=$?
+timeout 150 "$PY" -m bench.frozen_backbones --device cuda --batch-size 64 --warmup 3 \
+    --repeats 10 --format markdown || status=$?
 [ "$status" -eq 0 ] || echo "== some benchmark failed or timed out (exit $status)"
 exit "$status"

@@ -78,6 +78,7 @@ def test_help_lists_only_working_commands():
         "info",
         "pretrain-stage1",
         "pretrain-stage2",
+        "extract-features",
         "eval-retrieval",
         "caption",
         "eval-caption",

@@ -106,3 +106,16 @@ def test_the_t5_demo_config_scales_the_soft_prompt_projection():
     assert abs(bridge.llm_proj.weight.std().item() - 0.1) < 0.01
     default = Stage2Model(qformer_preset("tiny"), 128)
     assert abs(default.llm_proj.weight.std().item() - 0.02) < 0.002
+
+
+def test_a_partial_backbone_section_keeps_the_other_defaults(tmp_path: Path):
+    # The backbones' defaults live in ModelConfig (sample_data's), not in BackboneConfig ("").
+    config = load_config(None, ["model.vision.config.layer_norm_eps=0.001"])
+    assert config.model.vision.model == "sample_data/backbones/vision"
+    assert config.model.vision.config == {"layer_norm_eps": 0.001}
+    assert config.model.llm.model == "sample_data/backbones/opt"
+    path = tmp_path / "llm.yaml"
+    path.write_text("model:\n  llm:\n    architecture: OPTForCausalLM\n")
+    from_file = load_config(path)
+    assert from_file.model.llm.model == "sample_data/backbones/opt"
+    assert from_file.model.llm.architecture == "OPTForCausalLM"

@@ -64,7 +64,7 @@ def test_batches_carry_images_and_text(val_questions: list) -> None:
     batches = list(loader)
     assert [len(b) for b in batches] == [16, 16, 8] and len(loader) == 3
     first = batches[0]
-    assert first.pixel_values.shape == (16, 3, 64, 64)
+    assert first.images.shape == (16, 3, 64, 64)
     assert first.question_ids == [s.question_id for s in val_questions[:16]]
     assert first.questions[0] == val_questions[0].question
     assert first.answers[0] == val_questions[0].answers
@@ -76,9 +76,7 @@ def test_workers_load_the_same_batches(val_questions: list) -> None:
     single = list(make_dataloader(dataset, batch_size=8))
     parallel = list(make_dataloader(dataset, batch_size=8, num_workers=2))
     assert [b.question_ids for b in single] == [b.question_ids for b in parallel]
-    assert all(
-        torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(single, parallel, strict=True)
-    )
+    assert all(torch.equal(a.images, b.images) for a, b in zip(single, parallel, strict=True))
 
 
 def test_ranks_see_disjoint_shards(val_questions: list) -> None:
@@ -101,7 +99,7 @@ def test_training_loader_shuffles_and_augments_reproducibly(val_questions: list)
         loader = make_dataloader(dataset, batch_size=8, shuffle=True, num_workers=2, seed=1)
         loader.set_epoch(epoch)
         batch = next(iter(loader))
-        return batch.question_ids, batch.pixel_values
+        return batch.question_ids, batch.images
 
     ids0, pixels0 = first_batch(0)
     ids0_again, pixels0_again = first_batch(0)

@@ -8,7 +8,7 @@ Typical use::
     samples = read_vqa(files.vqa_questions, files.vqa_annotations, files.image_dir, bad=bad)
     transform = build_transform(load_transform_config(vision_model), train=False)
     loader = make_dataloader(SampleDataset(samples, transform, bad_samples=bad), batch_size=32)
-    for batch in loader: ...  # batch.pixel_values (B, 3, H, W), batch.questions, ...
+    for batch in loader: ...  # batch.images (B, 3, H, W), batch.questions, ...
     print(bad.summary())
 """
 

@@ -32,7 +32,7 @@ class BadSample:
 @dataclass(frozen=True)
 class LoadedSample:
     sample: Sample
-    pixel_values: torch.Tensor  # (3, H, W)
+    image: torch.Tensor  # (3, H, W) pixel values, or (N, C) features from a feature cache
 
 
 def load_sample(sample: Sample, transform: ImageTransform) -> LoadedSample | BadSample:
@@ -100,7 +100,9 @@ class StreamingSampleDataset(IterableDataset[LoadedSample | BadSample]):
 class Batch:
     """A batch of samples with their images stacked; ``skipped`` are the bad samples dropped."""
 
-    pixel_values: torch.Tensor  # (B, 3, H, W)
+    # (B, 3, H, W) pixel values, or (B, N, C) frozen-encoder features read from a feature cache
+    # (qformer_cli.data.features), which the training recipes then use instead of the encoder
+    images: torch.Tensor
     samples: list[Sample]
     skipped: list[BadSample]
 
@@ -136,10 +138,8 @@ class Batch:
 def collate_samples(items: list[LoadedSample | BadSample]) -> Batch:
     loaded = [item for item in items if isinstance(item, LoadedSample)]
     skipped = [item for item in items if isinstance(item, BadSample)]
-    pixels = (
-        torch.stack([item.pixel_values for item in loaded]) if loaded else torch.empty(0, 3, 0, 0)
-    )
-    return Batch(pixels, [item.sample for item in loaded], skipped)
+    images = torch.stack([item.image for item in loaded]) if loaded else torch.empty(0, 3, 0, 0)
+    return Batch(images, [item.sample for item in loaded], skipped)
 
 
 class RankSampler(Sampler[int]):
@@ -196,10 +196,10 @@ class RankSampler(Sampler[int]):
 class SampleLoader:
     """Iterates :class:`Batch` es; reports bad samples to the dataset's log in this process."""
 
-    def __init__(self, loader: DataLoader[Any], dataset: SampleDataset | StreamingSampleDataset):
+    def __init__(self, loader: DataLoader[Any], dataset: Dataset[LoadedSample | BadSample]):
         self.loader = loader
         self.dataset = dataset
-        self.bad_samples = dataset.bad_samples
+        self.bad_samples: BadSampleLog = dataset.bad_samples  # every dataset here carries one
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
@@ -232,7 +232,7 @@ class SampleLoader:
 
 
 def make_dataloader(
-    dataset: SampleDataset | StreamingSampleDataset,
+    dataset: Dataset[LoadedSample | BadSample],
     *,
     batch_size: int,
     shuffle: bool = False,
@@ -251,7 +251,7 @@ def make_dataloader(
     Worker random streams (crop, flip) are seeded from ``seed`` and ``rank``.
     """
     sampler = None
-    if isinstance(dataset, SampleDataset):
+    if not isinstance(dataset, IterableDataset):  # map-style: SampleDataset, FeatureDataset
         sampler = RankSampler(
             len(dataset),
             rank=rank,

@@ -76,7 +76,7 @@ def generate_for_samples(
     results = []
     for index, batch in enumerate(make_dataloader(dataset, batch_size=batch_size)):
         with torch.no_grad():
-            features = pipeline.vision(batch.pixel_values.to(device=device, dtype=dtype))
+            features = pipeline.vision(batch.images.to(device=device, dtype=dtype))
         if shuffle_images:
             features = shuffled(features, seed=index)
         texts = generate_text(

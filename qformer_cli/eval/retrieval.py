@@ -165,7 +165,7 @@ def load_retrieval_set(
     features = []
     for batch in loader:
         with torch.no_grad():
-            features.append(vision(batch.pixel_values.to(device)).float())
+            features.append(vision(batch.images.to(device)).float())
     captions = [caption for sample in samples for caption in sample.captions]
     owners = [i for i, sample in enumerate(samples) for _ in sample.captions]
     encoded = tokenizer(

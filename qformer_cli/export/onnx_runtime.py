@@ -206,6 +206,6 @@ def generate_for_samples_onnx(
     results: list[tuple[Any, str]] = []
     for batch in make_dataloader(dataset, batch_size=batch_size):
         prompts = [prompt_for(sample) for sample in batch.samples]
-        texts = generate_text_onnx(pipeline, batch.pixel_values.numpy(), prompts, settings)
+        texts = generate_text_onnx(pipeline, batch.images.numpy(), prompts, settings)
         results.extend(zip(batch.samples, texts, strict=True))
     return results, bad

@@ -24,6 +24,7 @@ from qformer_cli.data import (
     sample_data_dir,
     sample_split_files,
 )
+from qformer_cli.data.features import FeatureDataset, FeatureIndex
 from qformer_cli.data.json_files import read_json
 from qformer_cli.errors import UsageError
 from qformer_cli.losses import Ranks
@@ -89,20 +90,29 @@ def read_vqa_training_samples(data: DataConfig, bad: BadSampleLog) -> list[Sampl
 
 
 def build_train_loader(
-    config: RunConfig, samples: list[Sample], bad: BadSampleLog, ranks: Ranks
+    config: RunConfig,
+    samples: list[Sample],
+    bad: BadSampleLog,
+    ranks: Ranks,
+    features: FeatureIndex | None = None,
 ) -> SampleLoader:
-    vision_name = resolve_model_name(config.model.vision.model)
-    transform_config = load_transform_config(vision_name, config.data.image_size or None)
-    transform = build_transform(
-        transform_config, train=config.data.augment, hflip=config.data.hflip
-    )
+    """Shuffled, sharded batches of images, or of their cached encoder features."""
+    if features is not None:
+        dataset: SampleDataset | FeatureDataset = FeatureDataset(samples, features, bad)
+    else:
+        vision_name = resolve_model_name(config.model.vision.model)
+        transform_config = load_transform_config(vision_name, config.data.image_size or None)
+        transform = build_transform(
+            transform_config, train=config.data.augment, hflip=config.data.hflip
+        )
+        dataset = SampleDataset(samples, transform, bad_samples=bad)
     global_batch = config.train.batch_size
     if global_batch % ranks.world_size:
         raise UsageError(
             f"train.batch_size {global_batch} is not divisible by {ranks.world_size} processes"
         )
     return make_dataloader(
-        SampleDataset(samples, transform, bad_samples=bad),
+        dataset,
         batch_size=global_batch // ranks.world_size,
         shuffle=True,
         num_workers=config.data.num_workers,

@@ -175,6 +175,9 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        self.eager_model = model
+        if config.compile:
+            model = torch.compile(model)  # after DDP: its optimizer splits graphs at buckets
         self.model = model
         self.optimizer = build_optimizer(recipe.trainable, config)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
@@ -320,7 +323,13 @@ class Trainer:
         return totals, sum(self.recipe.batch_size_of(b) for b in micro_batches)
 
     def _measure_flops(self, micro_batches: list[Any]) -> None:
-        self.flops_per_step, result = count_flops(lambda: self._step(micro_batches))
+        # Eagerly: dynamo refuses frames under FlopCounterMode's dispatch mode, and remembers the
+        # refusal, so counting through the compiled model would leave it uncompiled for good.
+        compiled, self.model = self.model, self.eager_model
+        try:
+            self.flops_per_step, result = count_flops(lambda: self._step(micro_batches))
+        finally:
+            self.model = compiled
         self._after_step(*result, elapsed=None)
 
     def run(self, resume_from: Path | None = None) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from qformer_cli.train.common import (
     load_frozen_vision,
     read_caption_samples,
 )
+from qformer_cli.train.features import open_feature_cache
 from qformer_cli.train.loop import StageRecipe
 
 
@@ -233,9 +234,12 @@ def tokenize(tokenizer, texts: list[str], max_len: int, device: torch.device) ->
 def build_stage1_recipe(
     config: RunConfig, device: torch.device, ranks: Ranks, report: Callable[[str], None]
 ) -> StageRecipe:
+    # A feature cache is checked first (configs only), and then no encoder is loaded at all.
+    cache = open_feature_cache(config) if config.data.features else None
     tokenizer = load_qformer_tokenizer(config.model.bert)
-    vision = load_frozen_vision(config, device)
-    qformer_config = stage1_qformer_config(config, vision.hidden_size, tokenizer)
+    vision = None if cache else load_frozen_vision(config, device)
+    vision_width = cache.encoder_width if cache else vision.hidden_size
+    qformer_config = stage1_qformer_config(config, vision_width, tokenizer)
     torch.manual_seed(config.train.seed)
     model = Stage1Model(qformer_config)
     init = load_external_weights(model, Path(resolve_model_name(config.model.bert)))
@@ -247,7 +251,9 @@ def build_stage1_recipe(
     image_index = {
         image_id: i for i, image_id in enumerate(dict.fromkeys(s.image_id for s in samples))
     }
-    loader = build_train_loader(config, samples, bad, ranks)
+    loader = build_train_loader(config, samples, bad, ranks, features=cache)
+    if cache:
+        report(f"training on cached features from {cache.directory} ({cache.dtype}; no images)")
     generator = torch.Generator(device=device).manual_seed(config.train.seed + ranks.rank)
     objective = Stage1Objective(model, tokenizer.convert_tokens_to_ids(DEC_TOKEN))
     objective.generator = generator
@@ -257,7 +263,10 @@ def build_stage1_recipe(
             tokenizer, batch.captions, config.model.max_text_len, device
         )
         ids = torch.tensor([image_index[i] for i in batch.image_ids], device=device)
-        features = image_features(vision, batch.pixel_values, device, config.train.precision)
+        if vision is None:  # (B, N, C) cached features
+            features = batch.images.to(device)
+        else:
+            features = image_features(vision, batch.images, device, config.train.precision)
         return Stage1Batch(features, input_ids, text_mask, ids, caption_ids(batch.captions, device))
 
     def save_tokenizer(directory: Path) -> None:

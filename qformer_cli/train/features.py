@@ -1,0 +1,115 @@
+"""``qformer extract-features``: run the frozen vision encoder once over the training images.
+
+The images are the ones ``pretrain-stage1`` with the same config would train on (one row per
+image id), transformed as for evaluation (no augmentation: a cached feature is one fixed view).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from qformer_cli.config import RunConfig
+from qformer_cli.data import BadSampleLog, SampleDataset, build_transform, make_dataloader
+from qformer_cli.data.features import (
+    FEATURE_DTYPES,
+    FeatureIndex,
+    FeatureWriter,
+    check_fingerprint,
+    encoder_fingerprint,
+    image_key,
+    read_index,
+    unique_images,
+)
+from qformer_cli.data.transforms import ImageTransformConfig, load_transform_config
+from qformer_cli.errors import UsageError
+from qformer_cli.models.backbones import backbone_config, resolve_model_name
+from qformer_cli.train.common import image_features, load_frozen_vision, read_caption_samples
+
+
+def train_transform_config(config: RunConfig) -> ImageTransformConfig:
+    """Image size and normalization of the configured vision encoder (its processor config)."""
+    vision_name = resolve_model_name(config.model.vision.model)
+    return load_transform_config(vision_name, config.data.image_size or None)
+
+
+def expected_fingerprint(config: RunConfig) -> dict[str, str]:
+    """The cache fingerprint this config's encoder and transform give (reads configs only)."""
+    name = resolve_model_name(config.model.vision.model)
+    encoder_config = backbone_config(config.model.vision).to_dict()
+    return encoder_fingerprint(name, encoder_config, train_transform_config(config))
+
+
+def open_feature_cache(config: RunConfig) -> FeatureIndex:
+    """``data.features``, checked against the config before any backbone loads."""
+    if config.data.augment:
+        raise UsageError(
+            "--features cannot be combined with data.augment: cached features are of one fixed, "
+            "un-augmented view of each image"
+        )
+    index = read_index(Path(config.data.features))
+    check_fingerprint(index, expected_fingerprint(config))
+    return index
+
+
+def extract_features(
+    config: RunConfig,
+    out: Path,
+    *,
+    dtype: str,
+    shard_size: int,
+    batch_size: int,
+    device: torch.device,
+    console: Console,
+    report: Callable[[str], None],
+) -> dict[str, Any]:
+    if dtype not in FEATURE_DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)} (got {dtype!r})")
+    fingerprint = expected_fingerprint(config)
+    bad = BadSampleLog(skip=config.data.skip_bad_samples)
+    samples = list(unique_images(read_caption_samples(config.data, bad)))
+    transform = build_transform(train_transform_config(config), train=False)
+    loader = make_dataloader(
+        SampleDataset(samples, transform, bad_samples=bad),
+        batch_size=batch_size,
+        num_workers=config.data.num_workers,
+    )
+    vision = load_frozen_vision(config, device)
+    writer = FeatureWriter(out, fingerprint, dtype, shard_size)
+    report(f"extracting {len(samples)} images with {fingerprint['model']} on {device}")
+    started = time.perf_counter()
+    with _progress(console) as progress:
+        task = progress.add_task("images", total=len(samples))
+        for batch in loader:
+            features = image_features(vision, batch.images, device, config.train.precision)
+            writer.add([image_key(sample) for sample in batch.samples], features)
+            progress.advance(task, len(batch) + len(batch.skipped))
+    index = writer.finish()
+    seconds = time.perf_counter() - started
+    return {
+        "out_dir": str(out),
+        "num_images": index["num_images"],
+        "feature_shape": index["feature_shape"],
+        "dtype": dtype,
+        "shards": len(index["shards"]),
+        "encoder": fingerprint,
+        "images_per_s": round(index["num_images"] / seconds, 2) if seconds > 0 else None,
+        "bad_samples": bad.summary(),
+    }
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("extract"),
+        MofNCompleteColumn(),
+        BarColumn(bar_width=24),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )

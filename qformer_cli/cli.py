@@ -239,6 +239,17 @@ def pretrain_stage2(
     seed: SeedOption = None,
     skip_bad_samples: SkipBadOption = False,
     compile_step: CompileOption = False,
+    fsdp: Annotated[
+        bool,
+        typer.Option("--fsdp", help="Shard the frozen LLM across the torchrun processes (FSDP2)."),
+    ] = False,
+    activation_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--activation-checkpointing",
+            help="Recompute the LLM's block activations in backward (less memory, more time).",
+        ),
+    ] = False,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
     debug: DebugOption = False,
@@ -259,6 +270,8 @@ def pretrain_stage2(
         "train.seed": seed,
         "data.skip_bad_samples": skip_bad_samples or None,
         "train.compile": compile_step or None,
+        "train.fsdp": fsdp or None,
+        "train.activation_checkpointing": activation_checkpointing or None,
     }
     builder = functools.partial(build_stage2_recipe, init=init)
     _pretrain("pretrain-stage2", builder, config, overrides, flags, out, resume, device, as_json)

@@ -171,6 +171,9 @@ class TrainConfig:
     # torch.compile the objective (the Q-Former passes and losses): minutes of compilation once,
     # then fused elementwise work; bf16 stage-1 steps ran 1.58x faster on an H100 (BENCHMARKS.md)
     compile: bool = False
+    # Stage 2, for LLMs too big to hold whole on every process (qformer_cli/train/sharding.py):
+    fsdp: bool = False  # shard the frozen LLM's weights across processes with FSDP2 (torchrun)
+    activation_checkpointing: bool = False  # recompute LLM block activations in backward
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def make_out_dir(out: Path | None, command: str) -> Path:
     directory = out or Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-test"
+        probe = directory / f".write-test-{os.getpid()}"  # one per process: torchrun ranks
         probe.write_text("")
         probe.unlink()
     except OSError as exc:

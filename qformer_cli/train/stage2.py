@@ -36,6 +36,7 @@ from qformer_cli.train.common import (
     read_vqa_training_samples,
 )
 from qformer_cli.train.loop import PRECISION_DTYPES, StageRecipe
+from qformer_cli.train.sharding import checkpoint_activations, describe, shard_frozen_lm
 
 
 @dataclass
@@ -82,6 +83,30 @@ def join_prompt(prompt: str, text: str) -> str:
     return f"{prompt} {text}".strip() if prompt else text
 
 
+class PromptedLM(nn.Module):
+    """The frozen LLM reading ``[soft prompt; token embeddings]``: the embedding lookup and the
+    LLM in one module, so that FSDP can shard all of the LLM's weights as one unit."""
+
+    def __init__(self, llm: nn.Module) -> None:
+        super().__init__()
+        self.llm = llm  # frozen: requires_grad False, eval mode
+
+    def forward(
+        self,
+        soft_prompt: torch.Tensor,  # (B, Q, D)
+        input_ids: torch.Tensor,  # (B, T) the (encoder) text after the soft prompt
+        attention_mask: torch.Tensor,  # (B, T)
+        labels: torch.Tensor,  # (B, Q + T) decoder-only; (B, T') decoder targets otherwise
+    ) -> torch.Tensor:
+        embeds, full_mask = soft_prompt_inputs(self.llm, soft_prompt, input_ids, attention_mask)
+        # No KV cache in training: nothing reads it, and a block recomputed by activation
+        # checkpointing would append its keys/values a second time.
+        output = self.llm(
+            inputs_embeds=embeds, attention_mask=full_mask, labels=labels, use_cache=False
+        )
+        return output.loss
+
+
 class Stage2Objective(nn.Module):
     """Language-modelling loss of the frozen LLM given the soft visual prompt."""
 
@@ -96,7 +121,7 @@ class Stage2Objective(nn.Module):
     ) -> None:
         super().__init__()
         self.bridge = bridge
-        self.llm = llm.model  # frozen: requires_grad False, kept in eval mode by the caller
+        self.prompted_lm = PromptedLM(llm.model)
         self.family = llm.family
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
@@ -104,7 +129,7 @@ class Stage2Objective(nn.Module):
 
     def train(self, mode: bool = True) -> Stage2Objective:
         super().train(mode)
-        self.llm.eval()  # frozen: no dropout in the LLM, as in BLIP-2
+        self.prompted_lm.eval()  # frozen: no dropout in the LLM, as in BLIP-2
         return self
 
     def forward(self, batch: Stage2Batch) -> Stage2Losses:
@@ -134,14 +159,9 @@ class Stage2Objective(nn.Module):
         for row, prompt in enumerate(batch.prompts):
             # the text prompt (with BOS) is given, not learned
             labels[row, : len(self.tokenizer(prompt).input_ids) if prompt else 0] = -100
-        embeds, full_mask = soft_prompt_inputs(self.llm, soft_prompt, input_ids, mask)
         query_labels = torch.full(soft_prompt.shape[:2], -100, device=labels.device)
-        output = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=full_mask,
-            labels=torch.cat([query_labels, labels], dim=1),
-        )
-        return output.loss
+        labels = torch.cat([query_labels, labels], dim=1)  # (B, Q + T): queries are not learned
+        return self.prompted_lm(soft_prompt, input_ids, mask, labels)
 
     def _encoder_decoder_loss(self, soft_prompt: torch.Tensor, batch: Stage2Batch) -> torch.Tensor:
         encoder_texts, decoder_texts = [], []
@@ -153,13 +173,8 @@ class Stage2Objective(nn.Module):
             decoder_texts.append(suffix)
         encoder_ids, encoder_mask = self._tokens(encoder_texts, soft_prompt.device)
         target_ids, target_mask = self._tokens(decoder_texts, soft_prompt.device)
-        embeds, full_mask = soft_prompt_inputs(self.llm, soft_prompt, encoder_ids, encoder_mask)
-        output = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=full_mask,
-            labels=target_ids.masked_fill(target_mask == 0, -100),
-        )
-        return output.loss
+        labels = target_ids.masked_fill(target_mask == 0, -100)
+        return self.prompted_lm(soft_prompt, encoder_ids, encoder_mask, labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +197,23 @@ def init_bridge(bridge: Stage2Model, path: Path) -> LoadReport:
         report.missing = [key for key in own if key not in weights]
         return report
     return load_external_weights(bridge, Path(path))
+
+
+def _save_llm_memory(
+    config: RunConfig,
+    objective: Stage2Objective,
+    device: torch.device,
+    ranks: Ranks,
+    report: Callable[[str], None],
+) -> None:
+    """Activation checkpointing, then FSDP2 sharding of the frozen LLM, as configured."""
+    llm = objective.prompted_lm.llm
+    checkpointed = checkpoint_activations(llm) if config.train.activation_checkpointing else 0
+    sharded = 0
+    if config.train.fsdp:
+        sharded = shard_frozen_lm(objective, objective.prompted_lm, llm, device)
+    if checkpointed or sharded:
+        report(describe(ranks, sharded, checkpointed))
 
 
 def build_stage2_recipe(
@@ -218,6 +250,8 @@ def build_stage2_recipe(
         max_text_len=config.model.max_text_len,
         generator=generator,
     )
+
+    _save_llm_memory(config, objective, device, ranks, report)
 
     caption_prompt = config.generate.prompt
     vqa_prompt = config.data.vqa_prompt

@@ -72,6 +72,13 @@ SkipBadOption = Annotated[
         "--skip-bad-samples", help="Skip unreadable samples and report them (else: error)."
     ),
 ]
+MaxNonfiniteOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-nonfinite-steps",
+        help="Stop (exit 1) after this many non-finite steps in a row (0: never; default 5).",
+    ),
+]
 ResumeOption = Annotated[
     str | None,
     typer.Option("--resume", help="auto (newest good checkpoint of --out / the latest run) | DIR."),
@@ -160,6 +167,7 @@ def pretrain_stage1(
     batch_size: BatchSizeOption = None,
     precision: PrecisionOption = None,
     seed: SeedOption = None,
+    max_nonfinite_steps: MaxNonfiniteOption = None,
     skip_bad_samples: SkipBadOption = False,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
@@ -175,6 +183,7 @@ def pretrain_stage1(
         "train.batch_size": batch_size,
         "train.precision": precision,
         "train.seed": seed,
+        "train.max_nonfinite_steps": max_nonfinite_steps,
         "data.skip_bad_samples": skip_bad_samples or None,
     }
     _pretrain(
@@ -217,6 +226,7 @@ def pretrain_stage2(
     batch_size: BatchSizeOption = None,
     precision: PrecisionOption = None,
     seed: SeedOption = None,
+    max_nonfinite_steps: MaxNonfiniteOption = None,
     skip_bad_samples: SkipBadOption = False,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
@@ -236,6 +246,7 @@ def pretrain_stage2(
         "train.batch_size": batch_size,
         "train.precision": precision,
         "train.seed": seed,
+        "train.max_nonfinite_steps": max_nonfinite_steps,
         "data.skip_bad_samples": skip_bad_samples or None,
     }
     builder = functools.partial(build_stage2_recipe, init=init)

@@ -75,7 +75,8 @@ def train_stage(
 
         def report(message: str) -> None:
             if is_main:
-                console.print(message, markup=False, highlight=False)
+                # soft_wrap: a path in a message stays on one line, whatever the terminal width
+                console.print(message, markup=False, highlight=False, soft_wrap=True)
 
         out_dir, resume_from = resolve_resume(resume, out, command, report)
         out_dir = make_out_dir(out_dir, command)

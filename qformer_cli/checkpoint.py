@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from qformer_cli import faults
 from qformer_cli.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
@@ -89,6 +90,7 @@ def save_checkpoint(
         extra_files(temp)
     write_manifest(temp)
     _fsync_tree(temp)
+    faults.maybe_fail("before_rename", step)
     if final.exists():
         shutil.rmtree(final)
     os.replace(temp, final)

@@ -88,6 +88,13 @@ CompileOption = Annotated[
         "stage-1 steps, see BENCHMARKS.md).",
     ),
 ]
+MaxNonfiniteOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-nonfinite-steps",
+        help="Stop (exit 1) after this many non-finite steps in a row (0: never; default 5).",
+    ),
+]
 ResumeOption = Annotated[
     str | None,
     typer.Option("--resume", help="auto (newest good checkpoint of --out / the latest run) | DIR."),
@@ -176,6 +183,7 @@ def pretrain_stage1(
     batch_size: BatchSizeOption = None,
     precision: PrecisionOption = None,
     seed: SeedOption = None,
+    max_nonfinite_steps: MaxNonfiniteOption = None,
     skip_bad_samples: SkipBadOption = False,
     features: FeaturesOption = None,
     compile_step: CompileOption = False,
@@ -195,6 +203,7 @@ def pretrain_stage1(
         "train.batch_size": batch_size,
         "train.precision": precision,
         "train.seed": seed,
+        "train.max_nonfinite_steps": max_nonfinite_steps,
         "data.skip_bad_samples": skip_bad_samples or None,
     }
     _pretrain(
@@ -237,6 +246,7 @@ def pretrain_stage2(
     batch_size: BatchSizeOption = None,
     precision: PrecisionOption = None,
     seed: SeedOption = None,
+    max_nonfinite_steps: MaxNonfiniteOption = None,
     skip_bad_samples: SkipBadOption = False,
     compile_step: CompileOption = False,
     fsdp: Annotated[
@@ -268,6 +278,7 @@ def pretrain_stage2(
         "train.batch_size": batch_size,
         "train.precision": precision,
         "train.seed": seed,
+        "train.max_nonfinite_steps": max_nonfinite_steps,
         "data.skip_bad_samples": skip_bad_samples or None,
         "train.compile": compile_step or None,
         "train.fsdp": fsdp or None,

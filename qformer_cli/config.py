@@ -177,6 +177,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 2
+    max_nonfinite_steps: int = 5  # this many non-finite steps in a row stop the run; 0: never
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from qformer_cli.models.convert import (
 )
 from qformer_cli.models.qformer import QFormer
 from tests.conftest import NUM_QUERIES, TINY_OPT, TINY_QFORMER, TINY_VISION, our_config
+from tests.hostile import write_payload
 
 TOLERANCE = 1e-5
 
@@ -298,18 +298,9 @@ def test_lavis_stage2_projection_and_unknown_keys_are_reported(tmp_path: Path):
     assert "qformer.layers.0.query_ffn.fc_in.weight" in report.missing
 
 
-class _Payload:
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_pickle_payload_is_refused_and_never_runs(tmp_path: Path):
     marker = tmp_path / "pwned"
-    payload = _Payload()
-    payload.marker = str(marker)
-    evil = tmp_path / "evil.pth"
-    with evil.open("wb") as handle:
-        pickle.dump({"model": {"query_tokens": payload}}, handle)
+    evil = write_payload(tmp_path / "evil.pth", marker, torch_zip=False)
     with pytest.raises(CheckpointError, match="refused"):
         load_external_weights(Stage2Model(_our_qformer_config(), 40), evil)
     assert not marker.exists()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from qformer_cli.data import (
     BadSampleLog,
@@ -185,3 +186,87 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match="no images found"):
         read_image_folder(tmp_path)
+
+
+# ---- hostile annotation files ----------------------------------------------------------------
+
+
+def test_duplicate_coco_image_id(world: Path) -> None:
+    edit_json(world / "captions_val.json", lambda p: p["images"][2].update(id=200000))
+    with pytest.raises(DataError) as error:
+        read_coco_captions(world / "captions_val.json", world / "images/val")
+    assert one_line(error) == (
+        "data/captions_val.json: image 2 (id 200000): duplicate id 200000 "
+        "(first at image 0 (id 200000))"
+    )
+
+
+@pytest.mark.parametrize("file", ["vqa_val_questions.json", "vqa_val_annotations.json"])
+def test_duplicate_vqa_question_id(world: Path, file: str) -> None:
+    key = "questions" if "questions" in file else "annotations"
+    kind = "question" if key == "questions" else "annotation"
+    edit_json(world / file, lambda p: p[key][5].update(question_id=2000001))
+    with pytest.raises(DataError) as error:
+        read_vqa(
+            world / "vqa_val_questions.json",
+            world / "vqa_val_annotations.json",
+            world / "images/val",
+        )
+    assert one_line(error) == (
+        f"data/{file}: {kind} 5 (question_id 2000001): duplicate question_id 2000001 "
+        f"(first at {kind} 1 (question_id 2000001))"
+    )
+
+
+@pytest.mark.parametrize("caption", ["", "   "])
+def test_empty_captions_are_bad_samples(world: Path, caption: str) -> None:
+    edit_json(world / "karpathy_val.json", lambda p: p[1].update(caption=["a circle", caption]))
+    with pytest.raises(DataError) as error:
+        read_karpathy(world / "karpathy_val.json")
+    assert one_line(error) == "data/karpathy_val.json: entry 1: field 'caption' is empty"
+    edit_json(world / "captions_val.json", lambda p: p["annotations"][3].update(caption=caption))
+    with pytest.raises(DataError) as error:
+        read_coco_captions(world / "captions_val.json", world / "images/val")
+    assert one_line(error) == (
+        "data/captions_val.json: annotation 3 (id 2000003): field 'caption' is empty"
+    )
+    bad = BadSampleLog(skip=True)
+    assert len(read_karpathy(world / "karpathy_val.json", bad=bad)) == 3 and bad.total == 1
+
+
+def test_a_10k_character_caption_loads_whole_and_is_truncated_by_the_tokenizer(world: Path):
+    from qformer_cli.config import load_config
+    from qformer_cli.models.backbones import load_qformer_tokenizer, resolve_model_name
+    from qformer_cli.train.stage1 import tokenize
+
+    long_caption = ("a red circle next to a blue square " * 300)[:10_000]
+    edit_json(world / "karpathy_val.json", lambda p: p[0].update(caption=long_caption))
+    [first, *_] = read_karpathy(world / "karpathy_val.json")
+    assert first.captions == (long_caption,)
+    tokenizer = load_qformer_tokenizer(resolve_model_name(load_config(None, []).model.bert))
+    input_ids, mask = tokenize(tokenizer, [long_caption, "a circle"], 32, torch.device("cpu"))
+    assert input_ids.shape == (2, 32) and mask[0].sum() == 32 and mask[1].sum() < 32
+
+
+def test_non_utf8_bytes_name_the_position(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[\n {"image": "a.png",\n  "caption": "caf\xe9"}\n]')  # Latin-1 "cafe"
+    with pytest.raises(DataError) as error:
+        read_karpathy(path)
+    # '  "caption": "caf' is 17 characters: the stray byte is column 18 of line 3
+    assert one_line(error) == f"{path}: not UTF-8 at line 3 column 18 (byte 0xe9)"
+
+
+def test_a_byte_order_mark_is_accepted(world: Path) -> None:
+    path = world / "karpathy_val.json"
+    expected = read_karpathy(path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_karpathy(path) == expected
+
+
+def test_deeply_nested_json_is_a_data_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError) as error:
+        read_karpathy(path)
+    assert one_line(error).endswith("deep.json: JSON nested too deeply")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from qformer_cli import checkpoint
 from qformer_cli.cli import app
@@ -16,24 +15,8 @@ from qformer_cli.config import QFormerConfig
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.convert import load_external_weights
 from qformer_cli.train.loop import STOP_AFTER_STEP_ENV
-
-runner = CliRunner()
-# A small, fast run: 2 layers, batch 8, no dropout (so that runs are comparable step by step).
-FAST = [
-    "--batch-size", "8",
-    "--set", "model.qformer.num_layers=2",
-    "--set", "model.qformer.hidden_dropout=0.0",
-    "--set", "train.log_every=1",
-    "--set", "train.warmup_steps=2",
-    "--set", "train.lr=1e-3",
-    "--set", "train.deterministic=true",
-]  # fmt: skip
-
-
-def _train(out: Path, *extra: str, env: dict | None = None):
-    return runner.invoke(
-        app, ["pretrain-stage1", "--out", str(out), "--json", *FAST, *extra], env=env
-    )
+from tests.tiny_runs import assert_same_weights, final_weights, metrics_steps, runner
+from tests.tiny_runs import train_stage1 as _train
 
 
 @pytest.mark.slow
@@ -77,16 +60,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path: Path):
     resumed = _train(tmp_path / "resumed", "--max-steps", "5", "--resume", "auto")
     assert resumed.exit_code == 0, resumed.output
 
-    a = load_file(str(Path(json.loads(straight.stdout)["final_checkpoint"]) / "model.safetensors"))
-    b = load_file(str(Path(json.loads(resumed.stdout)["final_checkpoint"]) / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert (a[key] - b[key]).abs().max() <= 1e-6, key
-    steps = [
-        json.loads(x)["step"]
-        for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert steps == [1, 2, 3, 4, 5]
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+    assert metrics_steps(tmp_path / "resumed") == [1, 2, 3, 4, 5]
 
 
 def test_bad_training_data_is_a_one_line_error(tmp_path: Path):

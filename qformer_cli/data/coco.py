@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qformer_cli.data.json_files import entry_label, read_json, require_field, require_list
+from qformer_cli.data.json_files import (
+    check_unique_id,
+    entry_label,
+    read_json,
+    require_field,
+    require_list,
+    require_text,
+)
 from qformer_cli.data.sample import BadSampleLog, Sample, raise_or_skip
 from qformer_cli.errors import DataError
 
@@ -24,10 +31,12 @@ def read_coco_captions(
     images = require_list(payload, path, "images")
     annotations = require_list(payload, path, "annotations")
     files: dict[int | str, tuple[Path, str]] = {}
+    seen: dict[object, str] = {}
     for index, entry in enumerate(images):
         where = entry_label(path, "image", index, entry, "id")
         try:
             image_id = require_field(entry, "id", where, (int, str))
+            check_unique_id(seen, image_id, where, "id")
             file_name = require_field(entry, "file_name", where, str)
         except DataError as error:
             raise_or_skip(bad, error, "missing field")
@@ -53,7 +62,7 @@ def _captions_by_image(
         where = entry_label(path, "annotation", index, entry, "id")
         try:
             image_id = require_field(entry, "image_id", where, (int, str))
-            caption = require_field(entry, "caption", where, str)
+            caption = require_text(entry, "caption", where)
         except DataError as error:
             raise_or_skip(bad, error, "missing field")
             continue

@@ -18,18 +18,29 @@ def shown(path: str | Path) -> str:
 
 
 def read_json(path: str | Path) -> Any:
-    """Parse a JSON file; a missing or malformed file raises :class:`DataError`."""
+    """Parse a UTF-8 JSON file (a byte-order mark is allowed); a missing, undecodable or
+    malformed file raises :class:`DataError` naming the position."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise DataError(f"{shown(path)}: file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{shown(path)}: cannot read file ({error})") from None
+    except OSError as error:
+        raise DataError(f"{shown(path)}: cannot read file ({error.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        where = f"line {line} column {column}"
+        byte = raw[error.start]
+        raise DataError(f"{shown(path)}: not UTF-8 at {where} (byte 0x{byte:02x})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
         where = f"line {error.lineno} column {error.colno}"
         raise DataError(f"{shown(path)}: malformed JSON at {where} ({error.msg})") from None
+    except RecursionError:
+        raise DataError(f"{shown(path)}: JSON nested too deeply") from None
 
 
 def entry_label(path: str | Path, kind: str, index: int, entry: Any, id_field: str) -> str:
@@ -51,6 +62,21 @@ def require_field(entry: Any, name: str, where: str, kinds: type | tuple[type, .
         expected = " or ".join(k.__name__ for k in _as_tuple(kinds))
         raise DataError(f"{where}: field '{name}' should be {expected}, got {type(value).__name__}")
     return value
+
+
+def require_text(entry: Any, name: str, where: str) -> str:
+    """A string field that is not empty or blank (a caption, a question)."""
+    value = require_field(entry, name, where, str)
+    if not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return value
+
+
+def check_unique_id(seen: dict[Any, str], value: Any, where: str, name: str) -> None:
+    """Refuse an id met before in the same list; ``seen`` maps each id to where it was first."""
+    if value in seen:
+        raise DataError(f"{where}: duplicate {name} {value!r} (first at {seen[value]})")
+    seen[value] = where.rpartition(": ")[2]
 
 
 def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:

@@ -38,6 +38,8 @@ def _karpathy_sample(entry: object, where: str, root: Path) -> Sample:
     captions = (caption,) if isinstance(caption, str) else tuple(caption)
     if not all(isinstance(c, str) for c in captions):
         raise DataError(f"{where}: field 'caption' should hold strings")
+    if not captions or not all(c.strip() for c in captions):
+        raise DataError(f"{where}: field 'caption' is empty")
     assert isinstance(entry, dict)  # checked by require_field
     image_id = entry.get("image_id")
     if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):

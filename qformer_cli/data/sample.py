@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qformer_cli.data.json_files import shown
 from qformer_cli.errors import DataError
@@ -16,6 +18,10 @@ from qformer_cli.errors import DataError
 # Where a sample's pixels come from: a file, encoded bytes, or an already decoded image.
 ImageSource = Path | bytes | Image.Image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Decompression-bomb guard: a header promising more pixels than this is refused before decoding
+# (a 10 kB PNG can declare 40000 x 40000). Below PIL's own warning threshold, so ours speaks first.
+MAX_IMAGE_PIXELS = 64_000_000
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ def load_image(sample: Sample) -> Image.Image:
     (a :class:`DataError`) naming the entry and the file."""
     source = sample.image
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return upright_rgb(source)
     if isinstance(source, bytes):
         return _decode(io.BytesIO(source), sample, "image bytes")
     if not source.is_file():
@@ -77,14 +83,40 @@ def load_image(sample: Sample) -> Image.Image:
     return _decode(source, sample, shown(source))
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, turned upright as its EXIF orientation says (phone photos are stored sideways).
+
+    16-bit greyscale is scaled down to 8 bits: ``convert("RGB")`` would clip it at 255, so a
+    mid-grey 16-bit scan would come out white.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        eight_bit = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(eight_bit)
+    return image.convert("RGB")
+
+
 def _decode(source: Path | io.BytesIO, sample: Sample, name: str) -> Image.Image:
     try:
-        with Image.open(source) as image:
-            return image.convert("RGB")  # convert() forces the full decode inside the try
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is below
+            with Image.open(source) as image:  # reads the header only
+                pixels = image.width * image.height
+                if pixels > MAX_IMAGE_PIXELS:
+                    raise _too_large(
+                        sample, name, f"{pixels} pixels; the limit is {MAX_IMAGE_PIXELS}"
+                    )
+                return upright_rgb(image)  # forces the full decode inside the try
+    except Image.DecompressionBombError as error:  # far over: PIL refuses inside open()
+        raise _too_large(sample, name, str(error).splitlines()[0]) from None
+    except (OSError, UnidentifiedImageError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         message = f"{sample.origin}: unreadable image {name} ({reason})"
         raise ImageError(message, "unreadable image") from None
+
+
+def _too_large(sample: Sample, name: str, detail: str) -> ImageError:
+    return ImageError(f"{sample.origin}: image {name} too large ({detail})", "image too large")
 
 
 @dataclass

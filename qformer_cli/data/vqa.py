@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from qformer_cli.data.json_files import (
+    check_unique_id,
     entry_label,
     read_json,
     require_field,
     require_list,
+    require_text,
     shown,
 )
 from qformer_cli.data.sample import (
@@ -52,9 +54,13 @@ def read_vqa(
     answers = _read_answers(annotations_path, bad) if annotations_path is not None else None
     find_image = ImageLocator(Path(image_dir), image_pattern)
     samples = []
+    seen: dict[object, str] = {}
     for index, entry in enumerate(questions):
         where = entry_label(questions_path, "question", index, entry, "question_id")
         try:
+            check_unique_id(
+                seen, require_field(entry, "question_id", where, int), where, "question_id"
+            )
             samples.append(_vqa_sample(entry, where, answers, annotations_path, find_image))
         except DataError as error:
             raise_or_skip(bad, error, _reason(str(error)))
@@ -76,7 +82,7 @@ def _vqa_sample(
 ) -> Sample:
     question_id = require_field(entry, "question_id", where, int)
     image_id = require_field(entry, "image_id", where, (int, str))
-    question = require_field(entry, "question", where, str)
+    question = require_text(entry, "question", where)
     known = answers.get(question_id) if answers is not None else None
     if answers is not None and known is None:
         raise DataError(f"{where}: no annotation in {shown(annotations_path or '')}")
@@ -96,10 +102,12 @@ def _vqa_sample(
 def _read_answers(path: str | Path, bad: BadSampleLog | None) -> dict[int, VqaAnswers]:
     annotations = require_list(read_json(path), path, "annotations")
     by_question: dict[int, VqaAnswers] = {}
+    seen: dict[object, str] = {}
     for index, entry in enumerate(annotations):
         where = entry_label(path, "annotation", index, entry, "question_id")
         try:
             question_id = require_field(entry, "question_id", where, int)
+            check_unique_id(seen, question_id, where, "question_id")
             by_question[question_id] = _parse_answers(entry, where)
         except DataError as error:
             raise_or_skip(bad, error, "missing field")

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qformer_cli import checkpoint
+from qformer_cli import checkpoint, faults
 from qformer_cli.config import TrainConfig
 from qformer_cli.errors import QformerError, UsageError
 from qformer_cli.flops import count_flops
@@ -39,6 +39,10 @@ class Losses(Protocol):
     def total(self) -> torch.Tensor: ...
 
     def as_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+class TrainingDiverged(QformerError):
+    """Too many non-finite steps in a row: the run stops (exit 1) and names where to go back to."""
 
 
 class Preempted(QformerError):
@@ -136,6 +140,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     skipped_nonfinite: int = 0
+    nonfinite_in_a_row: int = 0  # not saved: a resumed run starts with a fresh allowance
 
 
 @dataclass
@@ -240,13 +245,22 @@ class Trainer:
             batch_in_epoch=state["batch_in_epoch"],
             skipped_nonfinite=state["skipped_nonfinite"],
         )
-        self._load_history()
 
     def _load_history(self) -> None:
+        """Keep the metrics rows up to the step we (re)start from, once each.
+
+        A crash can leave a torn last line and rows for steps after the checkpoint; both are
+        dropped, so the resumed run appends to a file that reads as one clean run.
+        """
         path = self.out_dir / "metrics.jsonl"
-        if path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.history = [row for row in rows if row["step"] <= self.state.step]
+        if not path.is_file():
+            return
+        rows_by_step: dict[int, dict[str, Any]] = {}
+        for row in map(_parse_metrics_line, path.read_text().splitlines()):
+            if row is not None and row["step"] <= self.state.step:
+                rows_by_step[row["step"]] = row
+        self.history = [rows_by_step[step] for step in sorted(rows_by_step)]
+        if self.ranks.rank == 0:
             path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
 
     def _barrier(self) -> None:
@@ -294,9 +308,12 @@ class Trainer:
     def _forward_backward(self, batch: Any, scale: float) -> dict[str, float]:
         with autocast(self.device, self.config.precision):
             losses = self.model(self.recipe.prepare(batch))
-        self.scaler.scale(losses.total * scale).backward()
+        total = losses.total
+        if faults.fault_armed("nan_loss", self.state.step + 1):
+            total = total * float("nan")
+        self.scaler.scale(total * scale).backward()
         values = {k: v.detach().float().item() for k, v in losses.as_dict().items()}
-        values["loss"] = losses.total.detach().float().item()
+        values["loss"] = total.detach().float().item()
         return values
 
     def _step(self, micro_batches: list[Any]) -> tuple[dict[str, float], int]:
@@ -310,14 +327,17 @@ class Trainer:
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
         self.scaler.unscale_(self.optimizer)
+        faults.maybe_fail("mid_step", self.state.step + 1)
         grads = [p.grad for p in self.recipe.trainable.parameters() if p.grad is not None]
         finite = math.isfinite(totals["loss"]) and bool(
             torch.stack([torch.isfinite(g).all() for g in grads]).all()
         )
         if finite:
             self.scaler.step(self.optimizer)
+            self.state.nonfinite_in_a_row = 0
         else:
             self.state.skipped_nonfinite += 1
+            self.state.nonfinite_in_a_row += 1
         self.scaler.update()
         totals["lr"] = lr
         return totals, sum(self.recipe.batch_size_of(b) for b in micro_batches)
@@ -335,6 +355,7 @@ class Trainer:
     def run(self, resume_from: Path | None = None) -> dict[str, Any]:
         if resume_from is not None:
             self.resume(resume_from)
+        self._load_history()  # a fresh run in a used --out starts a fresh metrics file
         previous_handlers = self._install_signal_handlers()
         try:
             return self._run()
@@ -367,6 +388,29 @@ class Trainer:
         final = self.save()
         return {"final_checkpoint": str(final), "steps": self.state.step, "history": self.history}
 
+    def _stop_if_diverged(self) -> None:
+        limit = self.config.max_nonfinite_steps
+        if not limit or self.state.nonfinite_in_a_row < limit:
+            return
+        last_good = checkpoint.newest_good_checkpoint(self.out_dir)
+        advice = f"--resume {last_good}" if last_good else "a fresh start"
+        raise TrainingDiverged(
+            f"step {self.state.step}: {self.state.nonfinite_in_a_row} non-finite steps in a row "
+            f"(train.max_nonfinite_steps {limit}); last good checkpoint: {last_good or 'none'}; "
+            f"lower train.lr or use --precision fp32, then {advice}"
+        )
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row) + "\n"
+        with (self.out_dir / "metrics.jsonl").open("a") as handle:
+
+            def write_half() -> None:
+                handle.write(line[: len(line) // 2])
+                handle.flush()
+
+            faults.maybe_fail("torn_metrics", self.state.step, last_words=write_half)
+            handle.write(line)
+
     def _after_step(self, totals: dict[str, float], images: int, elapsed: float | None) -> None:
         self.state.step += 1
         self.state.batch_in_epoch += 1
@@ -382,9 +426,18 @@ class Trainer:
         if log_now or self.state.step == self.total_steps:
             self.history.append(row)
             if self.ranks.rank == 0:
-                with (self.out_dir / "metrics.jsonl").open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                self._append_metrics(row)
         self.progress.update(self.state.step, row)
+        self._stop_if_diverged()  # before a periodic save, so no checkpoint ends a bad streak
         periodic = self.config.save_every and self.state.step % self.config.save_every == 0
         if periodic and self.state.step < self.total_steps:
             self.save()
+
+
+def _parse_metrics_line(line: str) -> dict[str, Any] | None:
+    """A metrics row, or None for a blank or torn line (a crash mid-write)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None

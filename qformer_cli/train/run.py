@@ -16,6 +16,7 @@ from qformer_cli.errors import CheckpointError
 from qformer_cli.losses import Ranks
 from qformer_cli.train.common import make_out_dir, write_resolved_config
 from qformer_cli.train.loop import StageRecipe, Trainer, init_distributed
+from qformer_cli.train.preflight import check_before_loading
 from qformer_cli.train.progress import TrainingProgress, plot_losses, summary_table
 
 RecipeBuilder = Callable[[RunConfig, torch.device, Ranks, Callable[[str], None]], StageRecipe]
@@ -75,10 +76,12 @@ def train_stage(
 
         def report(message: str) -> None:
             if is_main:
-                console.print(message, markup=False, highlight=False)
+                # soft_wrap: a path in a message stays on one line, whatever the terminal width
+                console.print(message, markup=False, highlight=False, soft_wrap=True)
 
         out_dir, resume_from = resolve_resume(resume, out, command, report)
         out_dir = make_out_dir(out_dir, command)
+        check_before_loading(command, config, out_dir, resume_from)
         if is_main:
             write_resolved_config(out_dir, config)
         recipe = build(config, device, ranks, report)

@@ -52,8 +52,6 @@ def shard_frozen_lm(
     """Shard ``prompted_lm`` (a child of ``owner`` that holds ``llm`` and runs its embedding
     lookup) with FSDP2 across all processes: a unit per block of ``llm``, then the rest. DDP on
     ``owner`` then skips those parameters and buffers. Returns the number of sharded blocks."""
-    if not torch.distributed.is_initialized():
-        raise UsageError("--fsdp needs several processes: launch with torchrun")
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     classes = block_classes(llm)
     blocks = [module for module in prompted_lm.modules() if isinstance(module, classes)]

@@ -18,7 +18,6 @@ from torch import nn
 from qformer_cli import checkpoint
 from qformer_cli.config import QFormerConfig, RunConfig
 from qformer_cli.data import BadSampleLog
-from qformer_cli.errors import UsageError
 from qformer_cli.losses import Ranks
 from qformer_cli.models.backbones import (
     LanguageModel,
@@ -224,8 +223,6 @@ def build_stage2_recipe(
     init: Path | None = None,
 ) -> StageRecipe:
     dtype = PRECISION_DTYPES[config.train.precision]
-    if config.data.features:
-        raise UsageError("data.features (--features) is a stage-1 option: stage 2 reads images")
     vision = load_frozen_vision(config, device)
     llm = build_language_model(config.model.llm, dtype=dtype)
     llm.model.to(device)

@@ -1,0 +1,99 @@
+"""Checks that refuse a training run before any backbone loads: exit 2 and one line each.
+
+Loading a ViT-g and an LLM takes minutes; a run that cannot finish (a missing backbone, a
+checkpoint of the other stage or vocabulary, a disk too full for one checkpoint) should say so
+first.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from qformer_cli import checkpoint
+from qformer_cli.config import RunConfig
+from qformer_cli.errors import UsageError
+from qformer_cli.models.backbones import (
+    build_language_model,
+    build_vision_encoder,
+    load_qformer_tokenizer,
+    resolve_model_name,
+)
+from qformer_cli.models.blip2 import Stage1Model, Stage2Model
+
+STAGE_OF_COMMAND = {"pretrain-stage1": 1, "pretrain-stage2": 2}
+# What one checkpoint holds per trainable parameter: fp32 weights + AdamW's two fp32 moments.
+CHECKPOINT_BYTES_PER_TRAINABLE = 12
+
+
+def check_before_loading(
+    command: str, config: RunConfig, out_dir: Path, resume_from: Path | None
+) -> None:
+    stage = STAGE_OF_COMMAND[command]
+    _check_stage_options(stage, config)
+    _check_backbones(stage, config)
+    if resume_from is not None:
+        _check_resume_checkpoint(command, stage, config, resume_from)
+    _check_free_disk(stage, config, out_dir)
+
+
+def _check_stage_options(stage: int, config: RunConfig) -> None:
+    if config.data.features and stage != 1:
+        raise UsageError("data.features (--features) is a stage-1 option: stage 2 reads images")
+    if config.train.fsdp and stage != 2:
+        raise UsageError("train.fsdp (--fsdp) shards stage 2's frozen LLM: a stage-2 option")
+    if config.train.fsdp and not torch.distributed.is_initialized():
+        raise UsageError("--fsdp needs several processes: launch with torchrun")
+
+
+def _check_backbones(stage: int, config: RunConfig) -> None:
+    """Every local backbone path exists (``resolve_model_name`` raises for one that does not)."""
+    for spec in (config.model.vision, config.model.llm) if stage == 2 else (config.model.vision,):
+        resolve_model_name(spec.model)
+    resolve_model_name(config.model.bert)
+
+
+def _check_resume_checkpoint(command: str, stage: int, config: RunConfig, directory: Path) -> None:
+    saved = checkpoint.load_config(directory)
+    if saved.get("stage") != stage:
+        raise UsageError(
+            f"{directory}: a stage-{saved.get('stage')} checkpoint; {command} resumes stage {stage}"
+        )
+    if stage == 1:  # the stage-1 Q-Former embeds the tokenizer's vocabulary
+        vocab = len(load_qformer_tokenizer(resolve_model_name(config.model.bert)))
+        saved_vocab = saved.get("qformer", {}).get("vocab_size")
+        if saved_vocab is not None and vocab != saved_vocab:
+            raise UsageError(
+                f"{directory}: trained with a {saved_vocab}-token vocabulary, but the tokenizer "
+                f"of model.bert ({config.model.bert}) has {vocab} tokens"
+            )
+
+
+def trainable_parameters(stage: int, config: RunConfig) -> int:
+    """The stage's trainable parameter count, from shapes alone (meta device, no weights)."""
+    qformer_config = config.model.qformer_config()
+    qformer_config.encoder_width = build_vision_encoder(config.model.vision, meta=True).hidden_size
+    with torch.device("meta"):
+        if stage == 1:
+            model: torch.nn.Module = Stage1Model(qformer_config)
+        else:
+            llm_width = build_language_model(config.model.llm, meta=True).embedding_dim
+            model = Stage2Model(qformer_config, llm_width)
+    return sum(p.numel() for p in model.parameters())
+
+
+def free_disk_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def _check_free_disk(stage: int, config: RunConfig, out_dir: Path) -> None:
+    needed = trainable_parameters(stage, config) * CHECKPOINT_BYTES_PER_TRAINABLE
+    free = free_disk_bytes(out_dir)
+    if free < needed:
+        raise UsageError(
+            f"{out_dir}: {free / 1e6:.1f} MB free, but one checkpoint needs about "
+            f"{needed / 1e6:.1f} MB (trainable parameters x {CHECKPOINT_BYTES_PER_TRAINABLE} "
+            "bytes: weights + optimizer state)"
+        )

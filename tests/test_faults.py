@@ -1,0 +1,182 @@
+"""Crash consistency and preemption: real processes killed at chosen points, then resumed.
+
+Every crash test runs the same 6-step tiny stage-1 run (checkpoints every 2 steps), kills it
+with ``QFORMER_FAULT`` (``os._exit``: no cleanup, like a node dying), checks what is on disk,
+resumes with ``--resume auto`` and compares the final weights with an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import Result
+
+from qformer_cli import checkpoint, faults
+from qformer_cli.train.loop import STOP_AFTER_STEP_ENV
+from tests.tiny_runs import (
+    assert_same_weights,
+    final_weights,
+    metrics_steps,
+    run_stage1_process,
+    stage1_command,
+    subprocess_env,
+    train_stage1,
+)
+
+pytestmark = pytest.mark.slow
+STEPS = ["--max-steps", "6", "--set", "train.save_every=2", "--set", "train.keep_last=3"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """Final weights of the uninterrupted 6-step run."""
+    result = train_stage1(tmp_path_factory.mktemp("straight") / "run", *STEPS)
+    assert result.exit_code == 0, result.output
+    return final_weights(result)
+
+
+def crash(run: Path, fault: str) -> subprocess.CompletedProcess:
+    died = run_stage1_process(run, *STEPS, **{faults.FAULT_ENV: fault})
+    assert died.returncode == faults.FAULT_EXIT_CODE, died.stderr
+    return died
+
+
+def resume(run: Path) -> Result:
+    result = train_stage1(run, *STEPS, "--resume", "auto")
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def checkpoint_steps(run: Path) -> list[str]:
+    return [path.name for path in checkpoint.list_checkpoints(run)]
+
+
+def test_crash_mid_step_keeps_the_last_checkpoint_and_resumes_exactly(tmp_path: Path, straight):
+    run = tmp_path / "run"
+    crash(run, "mid_step:5")  # after step 5's backward, before its optimizer step
+    assert checkpoint_steps(run) == ["step-00000002", "step-00000004"]
+    checkpoint.verify_checkpoint(run / "checkpoints" / "step-00000004")
+    resumed = resume(run)
+    assert "resuming from" in resumed.stderr and "step-00000004" in resumed.stderr
+    assert_same_weights(final_weights(resumed), straight)
+    assert metrics_steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_crash_before_the_rename_leaves_the_previous_checkpoint(tmp_path: Path, straight):
+    run = tmp_path / "run"
+    crash(run, "before_rename:4")
+    # step 4 is complete in its temporary directory, but was never published
+    temp = run / "checkpoints" / ".step-00000004.tmp"
+    checkpoint.verify_checkpoint(temp)
+    assert checkpoint_steps(run) == ["step-00000002"]
+    checkpoint.verify_checkpoint(run / "checkpoints" / "step-00000002")
+    resumed = resume(run)
+    assert "step-00000002" in resumed.stderr
+    assert_same_weights(final_weights(resumed), straight)
+    assert not temp.exists()  # the redone step-4 save replaced it
+    assert metrics_steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_crash_mid_metrics_line_is_repaired_on_resume(tmp_path: Path, straight):
+    run = tmp_path / "run"
+    crash(run, "torn_metrics:5")
+    text = (run / "metrics.jsonl").read_text()
+    assert not text.endswith("\n")  # half of step 5's row
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text.splitlines()[-1])
+    resumed = resume(run)
+    assert_same_weights(final_weights(resumed), straight)
+    assert metrics_steps(run) == [1, 2, 3, 4, 5, 6]  # torn row dropped, no duplicates
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
+def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path: Path, straight, damage: str):
+    run = tmp_path / "run"
+    stopped = train_stage1(run, *STEPS, env={STOP_AFTER_STEP_ENV: "4"})
+    assert stopped.exit_code == 143, stopped.output
+    weights = run / "checkpoints" / "step-00000004" / checkpoint.WEIGHTS
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    expected = "truncated" if damage == "truncate" else "checksum mismatch"
+    with pytest.raises(checkpoint.CheckpointError, match=expected):
+        checkpoint.verify_checkpoint(weights.parent)
+
+    resumed = resume(run)
+    skipped = [line for line in resumed.stderr.splitlines() if line.startswith("skipping")]
+    assert len(skipped) == 1 and expected in skipped[0] and "step-00000004" in skipped[0]
+    assert "resuming from" in resumed.stderr and "step-00000002" in resumed.stderr
+    assert_same_weights(final_weights(resumed), straight)
+    assert metrics_steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path: Path):
+    run = tmp_path / "run"
+    result = train_stage1(
+        run, *STEPS, "--max-nonfinite-steps", "2", env={faults.FAULT_ENV: "nan_loss:3"}
+    )
+    assert result.exit_code == 1
+    [message] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.output
+    last_good = run / "checkpoints" / "step-00000002"
+    assert message.startswith("error: step 4: 2 non-finite steps in a row")
+    assert f"last good checkpoint: {last_good}" in message
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["skipped_nonfinite"] for row in rows] == [0, 0, 1, 2]
+    assert checkpoint_steps(run) == ["step-00000002"]
+
+
+def test_an_isolated_nonfinite_step_is_skipped_and_counted(tmp_path: Path):
+    # nan from step 6 on, with a budget of 2: step 6 is skipped, the run still finishes
+    result = train_stage1(
+        tmp_path / "run", *STEPS, "--max-nonfinite-steps", "2", env={faults.FAULT_ENV: "nan_loss:6"}
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["last"]["skipped_nonfinite"] == 1
+
+
+def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def test_sigterm_writes_a_checkpoint_exits_143_and_resume_auto_continues(tmp_path: Path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        stage1_command(run, "--max-steps", "200"),
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(run, 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "stopped by SIGTERM at step" in error_lines[0]
+    assert f"--resume auto --out {run}" in error_lines[0]
+    [saved] = checkpoint.list_checkpoints(run)
+    checkpoint.verify_checkpoint(saved)
+    stopped_at = int(saved.name.split("-")[1])
+    assert stopped_at >= 2 and metrics_steps(run) == list(range(1, stopped_at + 1))
+
+    resumed = train_stage1(run, "--max-steps", str(stopped_at + 2), "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["steps"] == stopped_at + 2
+    assert metrics_steps(run) == list(range(1, stopped_at + 3))

@@ -1,0 +1,83 @@
+"""Few-step stage-1 runs on the embedded default, shared by the training and fault tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from click.testing import Result
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from qformer_cli import checkpoint
+from qformer_cli.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+# A small, fast run: 2 layers, batch 8, no dropout (so that runs are comparable step by step).
+FAST = [
+    "--batch-size", "8",
+    "--set", "model.qformer.num_layers=2",
+    "--set", "model.qformer.hidden_dropout=0.0",
+    "--set", "train.log_every=1",
+    "--set", "train.warmup_steps=2",
+    "--set", "train.lr=1e-3",
+    "--set", "train.deterministic=true",
+]  # fmt: skip
+
+
+def train_stage1(out: Path, *extra: str, env: dict | None = None) -> Result:
+    """`qformer pretrain-stage1 --json` in this process."""
+    return runner.invoke(
+        app, ["pretrain-stage1", "--out", str(out), "--json", *FAST, *extra], env=env
+    )
+
+
+def stage1_command(out: Path, *extra: str) -> list[str]:
+    """The same run as a command line for a real process (signals, os._exit)."""
+    return [
+        sys.executable,
+        "-m",
+        "qformer_cli",
+        "pretrain-stage1",
+        "--out",
+        str(out),
+        *FAST,
+        *extra,
+    ]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This checkout's code first on the path, plus ``extra`` variables."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+
+
+def run_stage1_process(out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        stage1_command(out, *extra),
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def final_weights(result: Result) -> dict[str, torch.Tensor]:
+    final = Path(json.loads(result.stdout)["final_checkpoint"])
+    return load_file(str(final / checkpoint.WEIGHTS))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+
+
+def metrics_steps(run: Path) -> list[int]:
+    """The step of every metrics row; each line must parse."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]

@@ -4,6 +4,11 @@ Usage::
 
     python tests/distributed_step.py OUT.safetensors                       # 1 process, batch B
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_step.py OUT.safetensors
+    python tests/distributed_step.py OUT.safetensors --itc-only --micro-batches 2
+
+``--micro-batches J`` splits each rank's share into J micro-batches trained with gradient
+accumulation (``Stage1Objective.accumulate``); ``--itc-only`` backpropagates the ITC loss alone,
+the one loss accumulation keeps equal to the whole batch's (ITM mines within a micro-batch).
 
 Every process builds the same tiny :class:`Stage1Model` and the same global batch of
 ``GLOBAL_BATCH`` samples from fixed seeds; rank ``r`` of ``R`` keeps the contiguous rows
@@ -15,8 +20,8 @@ with ``safetensors``. ``tests/test_distributed.py`` compares the two runs.
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -78,7 +83,39 @@ def local_slice(batch: Stage1Batch, ranks: Ranks) -> Stage1Batch:
     )
 
 
-def run_step(out_path: str) -> None:
+def split(batch: Stage1Batch, count: int) -> list[Stage1Batch]:
+    size = batch.input_ids.shape[0] // count
+    return [
+        Stage1Batch(
+            image_embeds=batch.image_embeds[k * size : (k + 1) * size],
+            input_ids=batch.input_ids[k * size : (k + 1) * size],
+            text_mask=batch.text_mask[k * size : (k + 1) * size],
+            image_ids=batch.image_ids[k * size : (k + 1) * size],
+        )
+        for k in range(count)
+    ]
+
+
+def forward_backward(
+    model: nn.Module, objective: Stage1Objective, batch: Stage1Batch, micro: int, itc_only: bool
+) -> dict[str, torch.Tensor]:
+    """Loss values (averaged over micro-batches) after backward, as the trainer's step does."""
+    batches = split(batch, micro)
+    if micro > 1:
+        batches = objective.accumulate(batches)
+    totals: dict[str, torch.Tensor] = {}
+    for micro_batch in batches:
+        losses = model(micro_batch)
+        # ITC alone, with the other losses at weight 0 so DDP still sees every parameter used
+        loss = losses.itc + 0 * (losses.itm + losses.itg) if itc_only else losses.total
+        (loss / micro).backward()
+        values = {**losses.as_dict(), "total": losses.total}
+        for key, value in values.items():
+            totals[f"loss.{key}"] = totals.get(f"loss.{key}", 0) + value.detach() / micro
+    return totals
+
+
+def run_step(out_path: str, micro: int = 1, itc_only: bool = False) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         dist.init_process_group("gloo")
@@ -96,15 +133,8 @@ def run_step(out_path: str) -> None:
         nn.parallel.DistributedDataParallel(objective) if world_size > 1 else objective
     )
 
-    losses = model(local_slice(global_batch(config.encoder_width), ranks))
-    losses.total.backward()
-
-    values = {
-        "loss.itc": losses.itc.detach(),
-        "loss.itm": losses.itm.detach(),
-        "loss.itg": losses.itg.detach(),
-        "loss.total": losses.total.detach(),
-    }
+    batch = local_slice(global_batch(config.encoder_width), ranks)
+    values = forward_backward(model, objective, batch, micro, itc_only)
     if world_size > 1:
         # Each rank's loss is a mean over its own equal share, so the mean over ranks is the
         # global-batch mean the single process computes.
@@ -124,6 +154,9 @@ def run_step(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(f"usage: {sys.argv[0]} OUT.safetensors")
-    run_step(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--micro-batches", type=int, default=1)
+    parser.add_argument("--itc-only", action="store_true")
+    args = parser.parse_args()
+    run_step(args.out, args.micro_batches, args.itc_only)

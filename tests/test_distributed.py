@@ -63,11 +63,7 @@ def world_size_of(path: Path) -> str:
         return (handle.metadata() or {}).get("world_size", "?")
 
 
-@pytest.mark.slow
-def test_two_ranks_match_one_process(tmp_path: Path) -> None:
-    single_path = tmp_path / "single.safetensors"
-    ddp_path = tmp_path / "ddp.safetensors"
-    run([sys.executable, str(STEP_SCRIPT), str(single_path)])
+def torchrun(script_args: list[str]) -> None:
     run(
         [
             sys.executable,
@@ -80,32 +76,61 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
             "--master_port",
             str(free_port()),
             str(STEP_SCRIPT),
-            str(ddp_path),
+            *script_args,
         ]
     )
-    # Guards against a launcher that silently ran two independent 1-process jobs.
-    assert world_size_of(single_path) == "1"
-    assert world_size_of(ddp_path) == "2"
 
+
+def assert_same_step(single_path: Path, other_path: Path, loss_keys: tuple[str, ...]) -> None:
+    """Same losses and, parameter by parameter, the same gradients (fp32 tolerance)."""
     single = load_file(str(single_path))
-    ddp = load_file(str(ddp_path))
-    assert single.keys() == ddp.keys(), "different parameters received gradients"
+    other = load_file(str(other_path))
+    assert single.keys() == other.keys(), "different parameters received gradients"
 
-    for key in LOSS_KEYS:
-        assert ddp[key].item() == pytest.approx(single[key].item(), rel=1e-5), key
+    for key in loss_keys:
+        assert other[key].item() == pytest.approx(single[key].item(), rel=1e-5), key
 
     grads = sorted(key for key in single if key.startswith("grad."))
     assert len(grads) > 100  # every parameter of the tiny Stage1Model got one (127 today)
     for key in grads:
         assert torch.isfinite(single[key]).all(), key
-        if not key.endswith(ZERO_GRAD_SUFFIX):
-            assert single[key].abs().max() > 1e-6, f"{key}: trivial gradient"
     mismatched = {
-        key: (ddp[key] - single[key]).abs().max().item()
+        key: (other[key] - single[key]).abs().max().item()
         for key in grads
-        if not torch.allclose(ddp[key], single[key], atol=1e-6, rtol=1e-4)
+        if not torch.allclose(other[key], single[key], atol=1e-6, rtol=1e-4)
     }
     assert not mismatched, (
-        f"{len(mismatched)} of {len(grads)} gradients differ between 2 ranks and 1 process "
+        f"{len(mismatched)} of {len(grads)} gradients differ from the 1-process full-batch step "
         f"(max abs difference per parameter): {mismatched}"
     )
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(tmp_path: Path) -> None:
+    single_path = tmp_path / "single.safetensors"
+    ddp_path = tmp_path / "ddp.safetensors"
+    run([sys.executable, str(STEP_SCRIPT), str(single_path)])
+    torchrun([str(ddp_path)])
+    # Guards against a launcher that silently ran two independent 1-process jobs.
+    assert world_size_of(single_path) == "1"
+    assert world_size_of(ddp_path) == "2"
+    single = load_file(str(single_path))
+    for key in (key for key in single if key.startswith("grad.")):
+        if not key.endswith(ZERO_GRAD_SUFFIX):
+            assert single[key].abs().max() > 1e-6, f"{key}: trivial gradient"
+    assert_same_step(single_path, ddp_path, LOSS_KEYS)
+
+
+@pytest.mark.slow
+def test_accumulated_micro_batches_keep_the_whole_batch_itc(tmp_path: Path) -> None:
+    """ITC with its features cached across micro-batches: 2 micro-batches in 1 process, and
+    2 ranks x 2 micro-batches, give the full batch's ITC loss and gradients exactly."""
+    single_path = tmp_path / "single.safetensors"
+    run([sys.executable, str(STEP_SCRIPT), str(single_path), "--itc-only"])
+    accumulated = tmp_path / "accumulated.safetensors"
+    run([sys.executable, str(STEP_SCRIPT), str(accumulated), "--itc-only", "--micro-batches", "2"])
+    assert_same_step(single_path, accumulated, ("loss.itc",))
+    both = tmp_path / "ranks_and_micro_batches.safetensors"
+    torchrun([str(both), "--itc-only", "--micro-batches", "2"])
+    assert world_size_of(both) == "2"
+    assert_same_step(single_path, both, ("loss.itc",))

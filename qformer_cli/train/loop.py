@@ -155,6 +155,9 @@ class StageRecipe:
     checkpoint_config: dict[str, Any]
     save_extra: Callable[[Path], None] | None = None
     batch_size_of: Callable[[Any], int] = len
+    # Gradient accumulation: prepared micro-batches -> the same, carrying what they share
+    # (stage 1: every micro-batch's ITC features); None: micro-batches are independent.
+    accumulate: Callable[[list[Any]], list[Any]] | None = None
     generators: dict[str, torch.Generator] = field(default_factory=dict)
 
 
@@ -305,9 +308,18 @@ class Trainer:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
+    def _prepare(self, micro_batches: list[Any]) -> list[Any]:
+        """The objective's inputs for one step's micro-batches (with what the objective shares
+        across them under gradient accumulation)."""
+        prepared = [self.recipe.prepare(batch) for batch in micro_batches]
+        if len(prepared) > 1 and self.recipe.accumulate is not None:
+            with autocast(self.device, self.config.precision):
+                prepared = self.recipe.accumulate(prepared)
+        return prepared
+
     def _forward_backward(self, batch: Any, scale: float) -> dict[str, float]:
         with autocast(self.device, self.config.precision):
-            losses = self.model(self.recipe.prepare(batch))
+            losses = self.model(batch)
         total = losses.total
         if faults.fault_armed("nan_loss", self.state.step + 1):
             total = total * float("nan")
@@ -322,7 +334,7 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for batch in micro_batches:
+        for batch in self._prepare(micro_batches):
             values = self._forward_backward(batch, 1.0 / len(micro_batches))
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + value / len(micro_batches)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from qformer_cli.config import QFormerConfig, RunConfig
 from qformer_cli.data import BadSampleLog
 from qformer_cli.losses import (
+    ItcOutput,
     NegativeMining,
     Ranks,
     gather_no_grad,
@@ -45,6 +46,17 @@ from qformer_cli.train.features import open_feature_cache
 from qformer_cli.train.loop import StageRecipe
 
 
+@dataclass(frozen=True)
+class ItcAccumulation:
+    """The ITC features of every micro-batch of one optimizer step, computed once without
+    gradients, so that each micro-batch's ITC still contrasts against the whole batch (as
+    open_clip's gradient accumulation does). ``index`` is the micro-batch computed live."""
+
+    image_feats: list[torch.Tensor]  # per micro-batch (b, Q, D), L2-normalized, no grad
+    text_feats: list[torch.Tensor]  # per micro-batch (b, D)
+    index: int
+
+
 @dataclass
 class Stage1Batch:
     image_embeds: torch.Tensor  # (B, N, C) frozen vision features
@@ -53,6 +65,7 @@ class Stage1Batch:
     image_ids: torch.Tensor  # (B,) int64; same id = same image (not a negative)
     # (B,) int64 caption fingerprints (caption_ids); same id = same text (not a negative either)
     text_ids: torch.Tensor | None = None
+    itc_accumulation: ItcAccumulation | None = None  # set for gradient accumulation
 
 
 @dataclass
@@ -93,15 +106,12 @@ class Stage1Objective(nn.Module):
         qformer = self.model.qformer
         image_kv = qformer.encode_image(batch.image_embeds)
         image_pass = qformer(image_kv=image_kv)  # ITC image side; keeps the queries' K/V
-        text_pass = qformer(
-            input_ids=batch.input_ids,
-            text_mask=batch.text_mask,
-            use_queries=False,
-            pattern="unimodal",
-        )
         image_feats = F.normalize(self.model.vision_proj(image_pass.query_output), dim=-1)
-        text_feat = F.normalize(self.model.text_proj(text_pass.text_output[:, 0]), dim=-1)
-        itc = itc_loss(image_feats, text_feat, self.model.temp, ranks)
+        text_feat = self._text_feat(batch)
+        if batch.itc_accumulation is None:
+            itc = itc_loss(image_feats, text_feat, self.model.temp, ranks)
+        else:
+            itc = self._accumulated_itc(image_feats, text_feat, batch.itc_accumulation, ranks)
 
         itm_logits = self._itm_logits(batch, image_kv, itc.sim_i2t, itc.sim_t2i, ranks)
         itg_logits = self._itg_logits(batch, image_pass.query_kv)
@@ -109,6 +119,65 @@ class Stage1Objective(nn.Module):
             itc=itc.loss,
             itm=itm_loss(itm_logits),
             itg=itg_loss(itg_logits, batch.input_ids, batch.text_mask),
+        )
+
+    def _text_feat(self, batch: Stage1Batch) -> torch.Tensor:
+        """(B, D) L2-normalized ITC text embedding: the [CLS] output of a text-only pass."""
+        text_pass = self.model.qformer(
+            input_ids=batch.input_ids,
+            text_mask=batch.text_mask,
+            use_queries=False,
+            pattern="unimodal",
+        )
+        return F.normalize(self.model.text_proj(text_pass.text_output[:, 0]), dim=-1)
+
+    @torch.no_grad()
+    def accumulate(self, batches: list[Stage1Batch]) -> list[Stage1Batch]:
+        """The micro-batches of one step, each carrying every micro-batch's ITC features."""
+        qformer = self.model.qformer
+        image_feats = [
+            F.normalize(self.model.vision_proj(qformer.query_features(b.image_embeds)), dim=-1)
+            for b in batches
+        ]
+        text_feats = [self._text_feat(b) for b in batches]
+        return [
+            replace(b, itc_accumulation=ItcAccumulation(image_feats, text_feats, index))
+            for index, b in enumerate(batches)
+        ]
+
+    def _accumulated_itc(
+        self,
+        image_feats: torch.Tensor,
+        text_feat: torch.Tensor,
+        accumulation: ItcAccumulation,
+        ranks: Ranks,
+    ) -> ItcOutput:
+        """ITC over all J micro-batches, with gradients through this one's features only.
+
+        Summed over the J micro-batches, the gradients equal those of one batch of J times the
+        size: each pass sends this micro-batch's features the full loss's gradient (the trainer
+        divides every micro-batch's loss by J, so it is scaled by J here) and the temperature
+        1/J of its gradient. ITM then mines negatives within this micro-batch only: its rows
+        and, on every rank, its columns of the similarity matrices.
+        """
+        count, index = len(accumulation.image_feats), accumulation.index
+        size = image_feats.shape[0]
+        all_image = torch.cat(
+            [image_feats if k == index else f for k, f in enumerate(accumulation.image_feats)]
+        )  # (J*b, Q, D)
+        all_text = torch.cat(
+            [text_feat if k == index else f for k, f in enumerate(accumulation.text_feats)]
+        )  # (J*b, D)
+        temp = self.model.temp
+        temp = temp.detach() + (temp - temp.detach()) / count  # same value, 1/J of the gradient
+        full = itc_loss(all_image, all_text, temp, ranks)
+        loss = full.loss.detach() + count * (full.loss - full.loss.detach())
+        rows = slice(index * size, (index + 1) * size)
+        per_rank = torch.arange(ranks.world_size, device=image_feats.device)[:, None] * count
+        columns = (per_rank + index) * size + torch.arange(size, device=image_feats.device)
+        columns = columns.flatten()  # (R*b,) this micro-batch's samples on every rank
+        return ItcOutput(
+            loss, full.sim_i2t[rows][:, columns].detach(), full.sim_t2i[rows][:, columns].detach()
         )
 
     def _itm_logits(
@@ -284,5 +353,6 @@ def build_stage1_recipe(
             "run": config.to_dict(),
         },
         save_extra=save_tokenizer,
+        accumulate=objective.accumulate,
         generators={"negatives": generator},
     )

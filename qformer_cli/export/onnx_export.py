@@ -119,6 +119,11 @@ class GraphSpec:
     dynamic_axes: dict[str, dict[int, str]]
     random_inputs: RandomInputs
 
+    def __post_init__(self) -> None:
+        # A wrapper module starts in training mode; the exporter restores the mode it found,
+        # which would otherwise switch the wrapped models to training after the trace.
+        self.module.eval()
+
     @property
     def name(self) -> str:
         return self.file.removesuffix(".onnx")

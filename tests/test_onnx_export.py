@@ -275,6 +275,20 @@ def test_t5_parity_check_covers_the_cross_attention(t5_exported, t5_pipeline) ->
         check_parity(broken, out)
 
 
+def test_t5_with_untied_decoder_embeddings_is_refused(t5_pipeline, tmp_path: Path) -> None:
+    """The runtime embeds decoder tokens with the encoder's table: refuse LLMs where they differ."""
+    other = copy.copy(t5_pipeline)
+    other.llm = copy.copy(t5_pipeline.llm)
+    other.llm.model = copy.deepcopy(t5_pipeline.llm.model)
+    decoder_table = copy.deepcopy(other.llm.model.get_input_embeddings())
+    with torch.no_grad():
+        decoder_table.weight.add_(0.01)
+    other.llm.model.decoder.embed_tokens = decoder_table
+    with pytest.raises(UsageError, match="share the encoder's"):
+        export_onnx(other, tmp_path)
+    assert not list(tmp_path.glob("*.onnx"))
+
+
 def test_t5_onnx_greedy_generation_matches_torch(t5_exported, t5_pipeline) -> None:
     out, _ = t5_exported
     runtime = OnnxPipeline.load(out)

@@ -816,7 +816,12 @@ def _print_vqa(console: Console, accuracy: dict[str, Any]) -> None:
 @app.command("export-onnx")
 @handles_errors
 def export_onnx_command(
-    model: Annotated[Path, typer.Option("--model", help="Stage-2 run or checkpoint directory.")],
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", help="Stage-2 (caption/VQA) or stage-1 (ITC retrieval) run or checkpoint."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Directory for the graphs and manifest.")],
     precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16")] = "fp32",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
@@ -826,16 +831,23 @@ def export_onnx_command(
     as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Export a stage-2 model to ONNX (vision+Q-Former, LLM prefill/decode with KV cache)."""
+    """Export to ONNX. Stage 2: vision+Q-Former and the LLM with KV cache (decoder-only: prefill
+    and decode; encoder-decoder: encoder, first decoder step, decode step), for caption and
+    eval-vqa --backend onnx. Stage 1: ITC image and text embeddings for retrieval. Exits 1 when
+    onnxruntime and PyTorch disagree beyond 1e-4 (fp32) / 1e-2 (fp16)."""
     import torch
 
     from qformer_cli.export.onnx_export import export_onnx
-    from qformer_cli.pretrained import load_stage2
+    from qformer_cli.pretrained import checkpoint_stage, load_stage1_pipeline, load_stage2
     from qformer_cli.train.common import make_out_dir
 
-    pipeline = load_stage2(model, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    if checkpoint_stage(model) == 1:
+        source: Any = load_stage1_pipeline(model, cpu)
+    else:
+        source = load_stage2(model, cpu)
     manifest = export_onnx(
-        pipeline, make_out_dir(out, "export-onnx"), precision=precision, opset=opset, check=check
+        source, make_out_dir(out, "export-onnx"), precision=precision, opset=opset, check=check
     )
     result = {"out": str(out), "graphs": sorted(manifest.get("graphs", {})), **manifest}
     if as_json:
@@ -925,21 +937,18 @@ def eval_retrieval(
     """Image-text retrieval with a stage-1 checkpoint: ITC for all pairs, ITM re-rank of top k."""
     from qformer_cli.data import sample_split_files
     from qformer_cli.eval.retrieval import evaluate_retrieval, load_retrieval_set
-    from qformer_cli.models.backbones import build_vision_encoder, resolve_model_name
-    from qformer_cli.pretrained import load_stage1
+    from qformer_cli.pretrained import load_stage1_pipeline
     from qformer_cli.train.common import make_out_dir
     from qformer_cli.train.loop import init_distributed
 
     _, torch_device = init_distributed(device)
-    loaded = load_stage1(model, torch_device)
-    vision_spec = loaded.run_config.model.vision
-    vision = build_vision_encoder(vision_spec).to(torch_device)
+    loaded = load_stage1_pipeline(model, torch_device)
     annotations = annotations or sample_split_files(split).karpathy
     data = load_retrieval_set(
         annotations,
         images,
-        vision,
-        resolve_model_name(vision_spec.model),
+        loaded.vision,
+        loaded.image_processor_source,
         loaded.tokenizer,
         torch_device,
         batch_size,

@@ -37,6 +37,18 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def generation_stop_ids(llm: LanguageModel, tokenizer) -> list[int]:
+    """The token ids generation stops at: EOS and newline for decoder-only LLMs (BLIP-2's
+    caption ending), the LLM's own ``eos_token_id`` for encoder-decoder ones (T5 never emits a
+    newline token: its tokenizer has none)."""
+    if llm.family == "decoder-only":
+        return stop_token_ids(tokenizer)
+    eos = llm.model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+
+
 @torch.no_grad()
 def generate_text(
     bridge: Stage2Model,
@@ -61,11 +73,10 @@ def generate_text(
         "repetition_penalty": settings.repetition_penalty,
         "do_sample": settings.do_sample,
         "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": generation_stop_ids(llm, tokenizer),
     }
     if settings.do_sample:
         options.update(top_p=settings.top_p, temperature=settings.temperature)
-    if llm.family == "decoder-only":
-        options["eos_token_id"] = stop_token_ids(tokenizer)
     output = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options)
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)
     return [text.strip() for text in texts]

@@ -59,6 +59,42 @@ def load_stage1(path: Path, device: torch.device) -> Stage1Checkpoint:
 
 
 @dataclass
+class Stage1Pipeline:
+    """A stage-1 model with its frozen vision encoder: what ITC image/text embeddings need."""
+
+    model: Stage1Model
+    vision: VisionEncoder
+    tokenizer: PreTrainedTokenizerBase  # the Q-Former's (BERT) tokenizer
+    image_processor_source: str  # where the image transform's settings are read
+    directory: Path
+
+
+def load_stage1_pipeline(path: Path, device: torch.device) -> Stage1Pipeline:
+    """``load_stage1`` plus the frozen vision encoder named in its run config."""
+    loaded = load_stage1(path, device)
+    vision_spec = loaded.run_config.model.vision
+    return Stage1Pipeline(
+        model=loaded.model,
+        vision=build_vision_encoder(vision_spec).to(device),
+        tokenizer=loaded.tokenizer,
+        image_processor_source=resolve_model_name(vision_spec.model),
+        directory=loaded.directory,
+    )
+
+
+def checkpoint_stage(path: Path) -> int:
+    """1 or 2: the stage of a run/checkpoint directory (a transformers BLIP-2 directory is 2)."""
+    path = Path(path)
+    if _is_transformers_blip2(path):
+        return 2
+    directory = checkpoint.resolve_checkpoint(path)
+    stage = checkpoint.load_config(directory).get("stage")
+    if stage not in (1, 2):
+        raise CheckpointError(f"{directory}: unknown stage {stage!r}")
+    return int(stage)
+
+
+@dataclass
 class Stage2Pipeline:
     """Everything needed to caption or answer: frozen vision, bridge, frozen LLM, tokenizer."""
 

@@ -1,4 +1,5 @@
-"""ONNX export of a tiny trained stage-2 model: graphs, manifest, parity, onnxruntime generation."""
+"""ONNX export of tiny trained models: stage 2 with a decoder-only (OPT) or encoder-decoder (T5)
+LLM (graphs, manifest, parity, onnxruntime generation vs torch) and stage 1 (ITC embeddings)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,17 @@ import torch
 from typer.testing import CliRunner
 
 from qformer_cli.cli import app
-from qformer_cli.data import build_transform, load_transform_config, read_coco_captions
+from qformer_cli.data import (
+    build_transform,
+    load_transform_config,
+    read_coco_captions,
+    read_karpathy,
+)
 from qformer_cli.data.sample import load_image
 from qformer_cli.data.sample_data import sample_split_files
 from qformer_cli.errors import QformerError, UsageError
 from qformer_cli.eval.captioning import generate_for_samples
+from qformer_cli.eval.retrieval import itc_scores, itc_similarity, load_retrieval_set
 from qformer_cli.export.onnx_export import check_parity, export_onnx
 from qformer_cli.export.onnx_runtime import (
     OnnxPipeline,
@@ -25,10 +32,12 @@ from qformer_cli.export.onnx_runtime import (
     generate_text_onnx,
 )
 from qformer_cli.generate import GenerationSettings, generate_text, stop_token_ids
-from qformer_cli.pretrained import Stage2Pipeline, load_stage2
+from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline, load_stage1_pipeline, load_stage2
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -155,14 +164,6 @@ def test_parity_check_catches_a_changed_weight(exported, pipeline) -> None:
         check_parity(broken, out)
 
 
-def test_encoder_decoder_llms_are_refused(pipeline, tmp_path: Path) -> None:
-    other = copy.copy(pipeline)
-    other.llm = copy.copy(pipeline.llm)
-    other.llm.family = "encoder-decoder"
-    with pytest.raises(UsageError, match="encoder-decoder"):
-        export_onnx(other, tmp_path)
-
-
 def test_fp16_export_passes_parity_and_generates(pipeline, tmp_path: Path) -> None:
     manifest = export_onnx(pipeline, tmp_path, precision="fp16")
     assert manifest["precision"] == "fp16" and manifest["parity"]["tolerance"] == 1e-2
@@ -200,3 +201,246 @@ def test_sample_generation_matches_the_torch_backend(exported, pipeline) -> None
     )
     assert [text for _, text in got] == [text for _, text in expected]
     assert [s.image_id for s, _ in got] == [s.image_id for s in samples]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder-decoder LLM: the shipped tiny T5
+
+
+@pytest.fixture(scope="module")
+def t5_trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stage2_t5")
+    config = str(REPO / "configs" / "tiny_t5.yaml")
+    args = ["pretrain-stage2", "--config", config, "--max-steps", "3", "--batch-size", "8"]
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def t5_pipeline(t5_trained: Path) -> Stage2Pipeline:
+    pipeline = load_stage2(t5_trained, CPU)
+    assert pipeline.llm.family == "encoder-decoder"
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def t5_exported(t5_trained: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Exported through the CLI (which loads the checkpoint itself)."""
+    out = tmp_path_factory.mktemp("onnx_t5")
+    result = runner.invoke(app, ["export-onnx", "--model", str(t5_trained), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def test_t5_export_writes_encoder_and_cached_decoder_graphs(t5_exported, t5_pipeline) -> None:
+    out, manifest = t5_exported
+    llm = t5_pipeline.llm.model
+    assert manifest["llm_family"] == "encoder-decoder" and manifest["stage"] == 2
+    assert manifest["decoder_start_token_id"] == llm.config.decoder_start_token_id
+    assert manifest["stop_token_ids"] == [llm.config.eos_token_id]
+    assert manifest["num_layers"] == llm.config.num_decoder_layers
+    assert manifest["head_dim"] == llm.config.d_kv
+    graphs = manifest["graphs"]
+    assert set(graphs) == {"vision_qformer", "llm_encoder", "llm_prefill", "llm_decode"}
+    for graph in graphs.values():
+        onnx.checker.check_model(str(out / graph["file"]), full_check=True)
+    layers = manifest["num_layers"]
+    cross = [f"cross.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    prefill_outputs = [o["name"] for o in graphs["llm_prefill"]["outputs"]]
+    assert prefill_outputs[-2 * layers :] == cross
+    decode_inputs = [i["name"] for i in graphs["llm_decode"]["inputs"]]
+    # Cross-attention K/V come in computed; the encoder states are not needed any more.
+    assert decode_inputs[:2] == ["inputs_embeds", "encoder_attention_mask"]
+    assert decode_inputs[-2 * layers :] == cross and "encoder_hidden_states" not in decode_inputs
+    assert graphs["llm_decode"]["inputs"][2]["shape"] == ["batch", 4, "past_sequence", 32]
+
+    parity = manifest["parity"]
+    assert set(parity["max_abs_diff"]) == set(graphs)
+    for per_batch in parity["max_abs_diff"].values():
+        assert set(per_batch) == {"batch_1", "batch_3"}
+        assert all(0 <= d <= 1e-4 for diffs in per_batch.values() for d in diffs.values())
+    assert set(cross) <= set(parity["max_abs_diff"]["llm_prefill"]["batch_3"])
+
+
+def test_t5_parity_check_covers_the_cross_attention(t5_exported, t5_pipeline) -> None:
+    out, _ = t5_exported
+    broken = copy.copy(t5_pipeline)
+    broken.llm = copy.copy(t5_pipeline.llm)
+    broken.llm.model = copy.deepcopy(t5_pipeline.llm.model)
+    attention = broken.llm.model.decoder.block[1].layer[1].EncDecAttention
+    with torch.no_grad():
+        attention.k.weight.mul_(1.5)
+    with pytest.raises(QformerError, match=r"llm_prefill\.onnx:cross\.1\.key"):
+        check_parity(broken, out)
+
+
+def test_t5_with_untied_decoder_embeddings_is_refused(t5_pipeline, tmp_path: Path) -> None:
+    """The runtime embeds decoder tokens with the encoder's table: refuse LLMs where they differ."""
+    other = copy.copy(t5_pipeline)
+    other.llm = copy.copy(t5_pipeline.llm)
+    other.llm.model = copy.deepcopy(t5_pipeline.llm.model)
+    decoder_table = copy.deepcopy(other.llm.model.get_input_embeddings())
+    with torch.no_grad():
+        decoder_table.weight.add_(0.01)
+    other.llm.model.decoder.embed_tokens = decoder_table
+    with pytest.raises(UsageError, match="share the encoder's"):
+        export_onnx(other, tmp_path)
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_t5_onnx_greedy_generation_matches_torch(t5_exported, t5_pipeline) -> None:
+    out, _ = t5_exported
+    runtime = OnnxPipeline.load(out)
+    files = sample_split_files("val")
+    samples = read_coco_captions(files.coco_captions, files.image_dir)[:3]
+    transform = build_transform(load_transform_config(runtime.image_processor_source), train=False)
+    pixels = torch.stack([transform(load_image(s)) for s in samples])
+    prompts = ["a photo of", "", "Question: what is on the left? Answer:"]
+    with torch.no_grad():
+        features = t5_pipeline.vision(pixels)
+    for settings in (
+        GenerationSettings(num_beams=1, max_new_tokens=12, min_new_tokens=0),
+        GenerationSettings(num_beams=1, max_new_tokens=6, min_new_tokens=4),
+    ):
+        expected = generate_text(
+            t5_pipeline.bridge, t5_pipeline.llm, t5_pipeline.tokenizer, features, prompts, settings
+        )
+        assert any(expected)  # the comparison below is not between empty strings
+        assert generate_text_onnx(runtime, pixels.numpy(), prompts, settings) == expected
+
+
+def _vqa_subset(tmp_path: Path, count: int) -> tuple[Path, Path]:
+    """The first ``count`` sample val questions and their annotations, in VQAv2 files."""
+    files = sample_split_files("val")
+    questions = json.loads(files.vqa_questions.read_text())
+    annotations = json.loads(files.vqa_annotations.read_text())
+    questions["questions"] = questions["questions"][:count]
+    kept = {q["question_id"] for q in questions["questions"]}
+    annotations["annotations"] = [a for a in annotations["annotations"] if a["question_id"] in kept]
+    paths = tmp_path / "questions.json", tmp_path / "annotations.json"
+    for path, content in zip(paths, (questions, annotations), strict=True):
+        path.write_text(json.dumps(content))
+    return paths
+
+
+def test_t5_vqa_answers_onnx_equal_torch(t5_exported, t5_trained, tmp_path: Path) -> None:
+    out, _ = t5_exported
+    questions, annotations = _vqa_subset(tmp_path, 12)
+    files = sample_split_files("val")
+    answers = {}
+    for backend, model in (("torch", t5_trained), ("onnx", out)):
+        result = runner.invoke(
+            app,
+            [
+                "eval-vqa", "--model", str(model), "--backend", backend, "--num-beams", "1",
+                "--questions", str(questions), "--annotations", str(annotations),
+                "--images", str(files.image_dir), "--batch-size", "5",
+                "--out", str(tmp_path / backend), "--json",
+            ],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        answers[backend] = json.loads((tmp_path / backend / "vqa_results.json").read_text())
+    assert len(answers["torch"]) == 12 and any(a["answer"] for a in answers["torch"])
+    assert answers["onnx"] == answers["torch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: ITC image and text embeddings
+
+
+@pytest.fixture(scope="module")
+def stage1_trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stage1")
+    args = ["pretrain-stage1", "--max-steps", "3", "--batch-size", "8", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage1_pipeline(stage1_trained: Path) -> Stage1Pipeline:
+    return load_stage1_pipeline(stage1_trained, CPU)
+
+
+@pytest.fixture(scope="module")
+def stage1_exported(stage1_trained: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("onnx_stage1")
+    args = ["export-onnx", "--model", str(stage1_trained), "--out", str(out), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)["graphs"]) == {"text_itc", "vision_itc"}
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def test_stage1_export_manifest_and_parity(stage1_exported, stage1_pipeline) -> None:
+    out, manifest = stage1_exported
+    config = stage1_pipeline.model.config
+    assert manifest["stage"] == 1 and manifest["precision"] == "fp32"
+    vision = manifest["graphs"]["vision_itc"]
+    assert vision["inputs"][0]["shape"] == ["batch", *manifest["image_size"]]
+    assert vision["outputs"][0] == {
+        "name": "image_embeds",
+        "shape": ["batch", config.num_query_tokens, config.embed_dim],
+        "dtype": "float32",
+    }
+    text = manifest["graphs"]["text_itc"]
+    assert [i["name"] for i in text["inputs"]] == ["input_ids", "attention_mask"]
+    assert text["outputs"][0]["shape"] == ["batch", config.embed_dim]
+    assert (out / "tokenizer" / "tokenizer_config.json").is_file()
+    # The Q-Former's text mask once used torch.full(bool), which only the dynamo exporter took.
+    assert text["exporter"] == vision["exporter"] == "torchscript"
+    for per_batch in manifest["parity"]["max_abs_diff"].values():
+        assert set(per_batch) == {"batch_1", "batch_3"}
+        assert all(0 <= d <= 1e-4 for diffs in per_batch.values() for d in diffs.values())
+
+
+def test_stage1_onnx_itc_similarity_matches_torch_retrieval(
+    stage1_exported, stage1_pipeline
+) -> None:
+    """The graphs' embeddings give eval-retrieval's ITC similarity on the sample val set."""
+    from transformers import AutoTokenizer
+
+    from qformer_cli.export.onnx_runtime import create_session
+
+    out, manifest = stage1_exported
+    files = sample_split_files("val")
+    data = load_retrieval_set(
+        files.karpathy,
+        None,
+        stage1_pipeline.vision,
+        stage1_pipeline.image_processor_source,
+        stage1_pipeline.tokenizer,
+        CPU,
+        batch_size=16,
+    )
+    expected = itc_similarity(stage1_pipeline.model, data, batch_size=16)  # (N_img, N_txt)
+
+    # The deployed path: images through the exported image settings, text through the exported
+    # tokenizer, both embedded by onnxruntime.
+    samples = [s for s in read_karpathy(files.karpathy, None) if s.captions]
+    transform = build_transform(load_transform_config(str(out)), train=False)
+    pixels = np.stack([transform(load_image(s)).numpy() for s in samples])
+    tokenizer = AutoTokenizer.from_pretrained(out / manifest["tokenizer"])
+    captions = [caption for s in samples for caption in s.captions]
+    encoded = tokenizer(
+        captions, padding="longest", truncation=True, max_length=manifest["max_text_len"],
+        return_tensors="np",
+    )  # fmt: skip
+    vision = create_session(out / "vision_itc.onnx")
+    text = create_session(out / "text_itc.onnx")
+    image_embeds = vision.run(None, {"pixel_values": pixels})[0]
+    feed = {name: encoded[name] for name in ("input_ids", "attention_mask")}
+    text_embeds = text.run(None, feed)[0]
+    got = itc_scores(torch.from_numpy(image_embeds), torch.from_numpy(text_embeds))
+    assert got.shape == expected.shape and expected.shape[0] >= 8
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
+    assert np.allclose(np.linalg.norm(text_embeds, axis=-1), 1.0, atol=1e-5)
+
+
+def test_stage1_export_is_refused_by_the_caption_backend(stage1_exported) -> None:
+    out, _ = stage1_exported
+    result = runner.invoke(app, ["caption", "--model", str(out), "--backend", "onnx"])
+    assert result.exit_code == 2
+    assert "stage-1" in result.stderr and "Traceback" not in result.output

@@ -1,18 +1,47 @@
-"""Export a stage-2 model as ONNX graphs that onnxruntime can run end to end, with a parity check.
+"""Export a trained model as ONNX graphs that onnxruntime runs end to end, with a parity check.
 
-Graphs (all with dynamic batch / sequence axes):
+Stage 2 (caption / VQA); all graphs have dynamic batch and sequence axes:
 
 - ``vision_qformer.onnx``: pixel_values (B, 3, H, W) -> soft_prompt (B, Q, D), i.e. the frozen
   vision encoder, the Q-Former and the projection into the LLM's embedding space;
-- ``llm_prefill.onnx`` (decoder-only LLMs): inputs_embeds (B, S, D) + attention_mask (B, S) ->
-  logits (B, S, V) and one present key/value pair per layer, (B, heads, S, head_dim) each;
-- ``llm_decode.onnx``: inputs_embeds (B, 1, D) + attention_mask (B, P + 1) + the past pairs
-  (B, heads, P, head_dim) -> logits (B, 1, V) and the presents (B, heads, P + 1, head_dim);
-- ``embed_tokens.npy``: the LLM's input embedding matrix (V, D), so the runtime can embed the
-  prompt tokens without a graph of its own.
+- decoder-only LLMs (OPT, ...):
+
+  - ``llm_prefill.onnx``: inputs_embeds (B, S, D) + attention_mask (B, S) -> logits (B, S, V)
+    and ``present.N.key`` / ``present.N.value`` per layer, (B, heads, S, head_dim) each;
+  - ``llm_decode.onnx``: inputs_embeds (B, 1, D) + attention_mask (B, P + 1) + ``past.N.key`` /
+    ``past.N.value`` (B, heads, P, head_dim) -> logits (B, 1, V) and the presents
+    (B, heads, P + 1, head_dim);
+
+- encoder-decoder LLMs (T5 / FlanT5):
+
+  - ``llm_encoder.onnx``: inputs_embeds (B, S, D) + attention_mask (B, S) ->
+    encoder_hidden_states (B, S, D);
+  - ``llm_prefill.onnx`` (the first decoder step): inputs_embeds (B, T, D) of the decoder tokens
+    (the start token) + encoder_hidden_states (B, S, D) + encoder_attention_mask (B, S) ->
+    logits (B, T, V), the self-attention presents (B, heads, T, head_dim) and the cross-attention
+    ``cross.N.key`` / ``cross.N.value`` (B, heads, S, head_dim) per layer;
+  - ``llm_decode.onnx``: inputs_embeds (B, 1, D) + encoder_attention_mask (B, S) + the self
+    pasts (B, heads, P, head_dim) + the cross pairs -> logits (B, 1, V) and the self presents
+    (B, heads, P + 1, head_dim).
+
+  The cross-attention K/V depend on the encoder states only, so the prefill graph computes them
+  once and every decode step takes them as inputs unchanged (they are not recomputed, and the
+  decode graph has no encoder_hidden_states input);
+
+- ``embed_tokens.npy``: the LLM's input embedding matrix (V, D), so the runtime embeds prompt
+  tokens (and an encoder-decoder LLM's decoder tokens: T5 shares one table) without a graph.
+
+Stage 1 (retrieval):
+
+- ``vision_itc.onnx``: pixel_values (B, 3, H, W) -> image_embeds (B, Q, E): frozen vision
+  encoder, Q-Former, vision_proj, L2-normalized (``eval.retrieval.itc_image_features``);
+- ``text_itc.onnx``: input_ids + attention_mask (B, T) -> text_embeds (B, E), the normalized
+  [CLS] projection (``eval.retrieval.itc_text_features``). An image-text similarity is the max
+  over the Q queries of the dot products.
 
 ``manifest.json`` describes all of them. After writing, every graph is run with onnxruntime on
-fresh random inputs at two batch sizes and compared with the PyTorch modules it came from.
+fresh random inputs at two batch sizes (and sequence lengths other than the traced ones) and
+compared with the PyTorch modules it came from.
 """
 
 from __future__ import annotations
@@ -22,24 +51,34 @@ import inspect
 import json
 import shutil
 import warnings
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from qformer_cli.errors import QformerError, UsageError
-from qformer_cli.generate import GenerationSettings, stop_token_ids
-from qformer_cli.pretrained import Stage2Pipeline
+from qformer_cli.eval.retrieval import (
+    RETRIEVAL_MAX_TEXT_LEN,
+    itc_image_features,
+    itc_text_features,
+)
+from qformer_cli.generate import GenerationSettings, generation_stop_ids
+from qformer_cli.models.backbones import VisionEncoder
+from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline
 
 Precision = Literal["fp32", "fp16"]
 
 MANIFEST = "manifest.json"
 VISION_GRAPH = "vision_qformer.onnx"
+ENCODER_GRAPH = "llm_encoder.onnx"
 PREFILL_GRAPH = "llm_prefill.onnx"
 DECODE_GRAPH = "llm_decode.onnx"
+VISION_ITC_GRAPH = "vision_itc.onnx"
+TEXT_ITC_GRAPH = "text_itc.onnx"
 EMBEDDINGS = "embed_tokens.npy"
 TOKENIZER_DIR = "tokenizer"
 IMAGE_PROCESSOR = "preprocessor_config.json"
@@ -47,6 +86,53 @@ IMAGE_PROCESSOR = "preprocessor_config.json"
 TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 1e-2}
 PARITY_BATCH_SIZES = (1, 3)
 _DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Sequence lengths of random graph inputs."""
+
+    sequence: int  # prompt / encoder input / text tokens
+    past: int  # decode: tokens already in the self-attention cache
+    decoder: int  # encoder-decoder prefill: decoder tokens
+
+
+# Graphs are traced at one batch size and set of lengths and checked at others (including the
+# lengths the runtime uses: one decoder start token), so that any size baked into a graph shows
+# up as a parity failure.
+TRACE_BATCH = 2
+TRACE_SIZES = Sizes(sequence=5, past=4, decoder=2)
+PARITY_SIZES = Sizes(sequence=7, past=6, decoder=1)
+
+RandomInputs = Callable[[int, Sizes, torch.Generator], tuple[torch.Tensor, ...]]
+
+
+@dataclass
+class GraphSpec:
+    """One graph to write: the module traced, its input/output names and dynamic axes, and how
+    to make random inputs for it (float tensors fp32, masks and ids int64)."""
+
+    file: str
+    module: nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    random_inputs: RandomInputs
+
+    def __post_init__(self) -> None:
+        # A wrapper module starts in training mode; the exporter restores the mode it found,
+        # which would otherwise switch the wrapped models to training after the trace.
+        self.module.eval()
+
+    @property
+    def name(self) -> str:
+        return self.file.removesuffix(".onnx")
+
+
+class KvShape(NamedTuple):
+    layers: int
+    heads: int
+    head_dim: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,10 +155,44 @@ class VisionQFormer(nn.Module):
         return self.bridge.soft_prompt(features)
 
 
+class VisionITC(nn.Module):
+    """Pixels (B, 3, H, W) -> normalized ITC image embeddings (B, Q, E), as retrieval does."""
+
+    def __init__(self, pipeline: Stage1Pipeline) -> None:
+        super().__init__()
+        self.vision = pipeline.vision
+        self.model = pipeline.model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # load_retrieval_set keeps the frozen features in fp32.
+        return itc_image_features(self.model, self.vision(pixel_values).float())
+
+
+class TextITC(nn.Module):
+    """Token ids and mask (B, T) -> normalized ITC text embedding (B, E)."""
+
+    def __init__(self, pipeline: Stage1Pipeline) -> None:
+        super().__init__()
+        self.model = pipeline.model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return itc_text_features(self.model, input_ids, attention_mask)
+
+
 def _cache_argument(model: nn.Module) -> str:
     # transformers 5.x renamed ``past_key_values`` to ``cache`` in the model forwards.
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _pairs(flat: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``key_0, value_0, key_1, ...`` -> ``[(key_0, value_0), ...]``."""
+    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
+
+
+def _flat(cache: Any) -> list[torch.Tensor]:
+    """A transformers ``DynamicCache`` -> ``[key_0, value_0, key_1, ...]``."""
+    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
 
 
 class DecoderStep(nn.Module):
@@ -83,10 +203,11 @@ class DecoderStep(nn.Module):
     returns ``(logits (B, S, V), key_0, value_0, ...)``, the presents (B, heads, P + S, head_dim).
     """
 
-    def __init__(self, model: nn.Module, num_layers: int) -> None:
+    pairs_per_layer = 1  # prefill outputs: one self-attention pair per layer
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.num_layers = num_layers
         self.cache_argument = _cache_argument(model)
 
     def forward(
@@ -94,8 +215,7 @@ class DecoderStep(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        cache = DynamicCache(ddp_cache_data=pairs or None, config=self.model.config)
+        cache = DynamicCache(ddp_cache_data=_pairs(past) or None, config=self.model.config)
         # Positions as transformers' generate makes them from a left-padded mask: count only the
         # real tokens, pads get 0; keep the last S (the new tokens). Passing them explicitly keeps
         # LLMs whose own default is arange(P, P + S) in step with generate.
@@ -109,36 +229,79 @@ class DecoderStep(nn.Module):
             use_cache=True,
             **{self.cache_argument: cache},
         )
-        presents: list[torch.Tensor] = []
-        for layer in cache.layers:
-            presents.extend((layer.keys, layer.values))
-        return (output.logits, *presents)
+        return (output.logits, *_flat(cache))
+
+
+class LlmEncoder(nn.Module):
+    """An encoder-decoder LLM's encoder: inputs_embeds (B, S, D) + mask (B, S) -> (B, S, D)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.encoder = model.get_encoder()
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask)[0]
+
+
+class EncoderDecoderStep(nn.Module):
+    """An encoder-decoder LLM's decoder with its caches as flat tensors, for tracing.
+
+    First step (``first=True``): ``forward(inputs_embeds (B, T, D), encoder_hidden_states
+    (B, S, D), encoder_attention_mask (B, S))`` -> ``(logits (B, T, V), *self presents, *cross)``
+    with the self presents (B, heads, T, head_dim) and the cross-attention K/V (B, heads, S,
+    head_dim) as ``key_0, value_0, ...``.
+
+    Later steps: ``forward(inputs_embeds (B, 1, D), encoder_attention_mask (B, S), *self past
+    (B, heads, P, head_dim), *cross)`` -> ``(logits (B, 1, V), *self presents (P + 1))``.
+    """
+
+    pairs_per_layer = 2  # first-step outputs: a self-attention and a cross-attention pair
+
+    def __init__(self, model: nn.Module, *, first: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.first = first
+        self.cache_argument = _cache_argument(model)
+
+    def forward(self, inputs_embeds: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor]:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        config = self.model.config
+        if self.first:
+            encoder_states, encoder_mask = tensors
+            self_cache, cross_cache = DynamicCache(config=config), DynamicCache(config=config)
+        else:
+            encoder_mask, *past = tensors
+            half = len(past) // 2
+            self_cache = DynamicCache(ddp_cache_data=_pairs(tuple(past[:half])), config=config)
+            cross_cache = DynamicCache(ddp_cache_data=_pairs(tuple(past[half:])), config=config)
+            # The decoder runs cross-attention only when given encoder states; with the cross
+            # K/V cached it reads nothing from them but their shape (B, S, D).
+            batch, _, dim = inputs_embeds.shape
+            encoder_states = inputs_embeds.new_zeros(batch, past[half].shape[2], dim)
+        # A non-empty cross cache marks its layers as computed: they are reused, not recomputed.
+        cache = EncoderDecoderCache(self_cache, cross_cache)
+        output = self.model(
+            encoder_outputs=(encoder_states,),
+            attention_mask=encoder_mask,
+            decoder_inputs_embeds=inputs_embeds,
+            use_cache=True,
+            **{self.cache_argument: cache},
+        )
+        cross = _flat(cache.cross_attention_cache) if self.first else []
+        return (output.logits, *_flat(cache.self_attention_cache), *cross)
 
 
 # ---------------------------------------------------------------------------------------------
-# Example / random inputs
+# Graph specs: modules, names, axes and random inputs
 # ---------------------------------------------------------------------------------------------
 
 
-def _image_shape(pipeline: Stage2Pipeline) -> tuple[int, int, int]:
-    config = pipeline.vision.model.config
+def _image_shape(vision: VisionEncoder) -> tuple[int, int, int]:
+    config = vision.model.config
     config = getattr(config, "vision_config", None) or config
     size = int(config.image_size)
     return int(getattr(config, "num_channels", 3)), size, size
-
-
-def _kv_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a decoder-only LLM, read from a one-token forward."""
-    dim = model.get_input_embeddings().embedding_dim
-    probe = DecoderStep(model, 0)
-    param = next(model.parameters())
-    with torch.no_grad():
-        outputs = probe(
-            torch.zeros(1, 1, dim, dtype=param.dtype, device=param.device),
-            torch.ones(1, 1, dtype=torch.long, device=param.device),
-        )
-    key = outputs[1]  # (1, heads, 1, head_dim)
-    return (len(outputs) - 1) // 2, int(key.shape[1]), int(key.shape[3])
 
 
 def _left_padded_mask(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -151,26 +314,214 @@ def _left_padded_mask(batch: int, length: int, generator: torch.Generator) -> to
     return mask
 
 
-def _llm_inputs(
-    kv: tuple[int, int, int],
-    dim: int,
-    batch: int,
-    new: int,
-    past: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, ...]:
-    """Random (inputs_embeds (B, new, D), mask (B, past + new), past pairs (B, h, past, hd)...)."""
-    layers, heads, head_dim = kv
-    embeds = torch.randn(batch, new, dim, generator=generator) * 0.5
-    mask = _left_padded_mask(batch, past + new, generator)
-    pasts = [
-        torch.randn(batch, heads, past, head_dim, generator=generator)
-        for _ in range(2 * layers if past else 0)
-    ]
-    tensors = [embeds.to(dtype), mask, *(p.to(dtype) for p in pasts)]
-    return tuple(t.to(device) for t in tensors)
+def _embeds(batch: int, length: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(batch, length, dim, generator=generator) * 0.5  # (B, length, D)
+
+
+def _random_pairs(
+    kv: KvShape, batch: int, length: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """``2 * layers`` tensors (B, heads, length, head_dim): key_0, value_0, key_1, ..."""
+    shape = (batch, kv.heads, length, kv.head_dim)
+    return [torch.randn(*shape, generator=generator) for _ in range(2 * kv.layers)]
+
+
+def _kv_shape(step: nn.Module, probe: tuple[torch.Tensor, ...]) -> KvShape:
+    """(layers, kv heads, head dim) of an LLM, read from its first-step outputs on ``probe``."""
+    with torch.no_grad():
+        outputs = step(*probe)
+    key = outputs[1]  # (B, heads, S, head_dim)
+    layers = (len(outputs) - 1) // (2 * step.pairs_per_layer)
+    return KvShape(layers, int(key.shape[1]), int(key.shape[3]))
+
+
+def _kv_names(prefix: str, layers: int) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def _vision_spec(
+    file: str, module: nn.Module, output: str, image_shape: tuple[int, int, int]
+) -> GraphSpec:
+    def random_inputs(batch: int, sizes: Sizes, generator: torch.Generator) -> tuple[torch.Tensor]:
+        return (torch.randn(batch, *image_shape, generator=generator),)
+
+    axes = {"pixel_values": {0: "batch"}, output: {0: "batch"}}
+    return GraphSpec(file, module, ["pixel_values"], [output], axes, random_inputs)
+
+
+def _decoder_only_specs(llm: nn.Module, dim: int) -> tuple[list[GraphSpec], KvShape]:
+    step = DecoderStep(llm)
+    kv = _kv_shape(step, (torch.zeros(1, 1, dim), torch.ones(1, 1, dtype=torch.long)))
+    presents, pasts = _kv_names("present", kv.layers), _kv_names("past", kv.layers)
+
+    def prefill_inputs(batch: int, sizes: Sizes, generator: torch.Generator):
+        embeds = _embeds(batch, sizes.sequence, dim, generator)
+        return embeds, _left_padded_mask(batch, sizes.sequence, generator)
+
+    def decode_inputs(batch: int, sizes: Sizes, generator: torch.Generator):
+        embeds = _embeds(batch, 1, dim, generator)
+        mask = _left_padded_mask(batch, sizes.past + 1, generator)
+        return embeds, mask, *_random_pairs(kv, batch, sizes.past, generator)
+
+    prefill = GraphSpec(
+        PREFILL_GRAPH,
+        step,
+        ["inputs_embeds", "attention_mask"],
+        ["logits", *presents],
+        {
+            "inputs_embeds": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch", 1: "sequence"},
+            **{name: {0: "batch", 2: "sequence"} for name in presents},
+        },
+        prefill_inputs,
+    )
+    decode = GraphSpec(
+        DECODE_GRAPH,
+        step,
+        ["inputs_embeds", "attention_mask", *pasts],
+        ["logits", *presents],
+        {
+            "inputs_embeds": {0: "batch"},
+            "attention_mask": {0: "batch", 1: "total_sequence"},
+            "logits": {0: "batch"},
+            **{name: {0: "batch", 2: "past_sequence"} for name in pasts},
+            **{name: {0: "batch", 2: "total_sequence"} for name in presents},
+        },
+        decode_inputs,
+    )
+    return [prefill, decode], kv
+
+
+def _check_shared_embeddings(llm: nn.Module) -> None:
+    """The runtime embeds decoder tokens with the encoder's table (embed_tokens.npy)."""
+    encoder_table = llm.get_input_embeddings()
+    decoder_table = llm.get_decoder().get_input_embeddings()
+    if type(decoder_table) is not nn.Embedding or not torch.equal(
+        decoder_table.weight, encoder_table.weight
+    ):
+        raise UsageError(
+            "ONNX export of an encoder-decoder LLM needs its decoder to share the encoder's plain "
+            "token embedding table (T5 / FlanT5 do)"
+        )
+
+
+def _encoder_decoder_specs(llm: nn.Module, dim: int) -> tuple[list[GraphSpec], KvShape]:
+    _check_shared_embeddings(llm)
+    first, later = EncoderDecoderStep(llm, first=True), EncoderDecoderStep(llm, first=False)
+    probe = (torch.zeros(1, 1, dim), torch.zeros(1, 1, dim), torch.ones(1, 1, dtype=torch.long))
+    kv = _kv_shape(first, probe)
+    presents, pasts = _kv_names("present", kv.layers), _kv_names("past", kv.layers)
+    cross = _kv_names("cross", kv.layers)
+    batch_encoder = {0: "batch", 1: "encoder_sequence"}
+
+    def encoder_inputs(batch: int, sizes: Sizes, generator: torch.Generator):
+        embeds = _embeds(batch, sizes.sequence, dim, generator)
+        return embeds, _left_padded_mask(batch, sizes.sequence, generator)
+
+    def prefill_inputs(batch: int, sizes: Sizes, generator: torch.Generator):
+        embeds = _embeds(batch, sizes.decoder, dim, generator)
+        states = torch.randn(batch, sizes.sequence, dim, generator=generator)
+        return embeds, states, _left_padded_mask(batch, sizes.sequence, generator)
+
+    def decode_inputs(batch: int, sizes: Sizes, generator: torch.Generator):
+        embeds = _embeds(batch, 1, dim, generator)
+        mask = _left_padded_mask(batch, sizes.sequence, generator)
+        past = _random_pairs(kv, batch, sizes.past, generator)
+        return embeds, mask, *past, *_random_pairs(kv, batch, sizes.sequence, generator)
+
+    encoder = GraphSpec(
+        ENCODER_GRAPH,
+        LlmEncoder(llm),
+        ["inputs_embeds", "attention_mask"],
+        ["encoder_hidden_states"],
+        {
+            "inputs_embeds": batch_encoder,
+            "attention_mask": batch_encoder,
+            "encoder_hidden_states": batch_encoder,
+        },
+        encoder_inputs,
+    )
+    prefill = GraphSpec(
+        PREFILL_GRAPH,
+        first,
+        ["inputs_embeds", "encoder_hidden_states", "encoder_attention_mask"],
+        ["logits", *presents, *cross],
+        {
+            "inputs_embeds": {0: "batch", 1: "sequence"},
+            "encoder_hidden_states": batch_encoder,
+            "encoder_attention_mask": batch_encoder,
+            "logits": {0: "batch", 1: "sequence"},
+            **{name: {0: "batch", 2: "sequence"} for name in presents},
+            **{name: {0: "batch", 2: "encoder_sequence"} for name in cross},
+        },
+        prefill_inputs,
+    )
+    decode = GraphSpec(
+        DECODE_GRAPH,
+        later,
+        ["inputs_embeds", "encoder_attention_mask", *pasts, *cross],
+        ["logits", *presents],
+        {
+            "inputs_embeds": {0: "batch"},
+            "encoder_attention_mask": batch_encoder,
+            "logits": {0: "batch"},
+            **{name: {0: "batch", 2: "past_sequence"} for name in pasts},
+            **{name: {0: "batch", 2: "encoder_sequence"} for name in cross},
+            **{name: {0: "batch", 2: "total_sequence"} for name in presents},
+        },
+        decode_inputs,
+    )
+    return [encoder, prefill, decode], kv
+
+
+def stage2_graph_specs(pipeline: Stage2Pipeline) -> tuple[list[GraphSpec], KvShape]:
+    """The graphs of a stage-2 pipeline (traced from fp32 CPU copies) and its LLM's KV shape."""
+    vision_qformer = copy.deepcopy(VisionQFormer(pipeline)).to("cpu", torch.float32).eval()
+    llm = copy.deepcopy(pipeline.llm.model).to("cpu", torch.float32).eval()
+    vision = _vision_spec(
+        VISION_GRAPH, vision_qformer, "soft_prompt", _image_shape(pipeline.vision)
+    )
+    dim = pipeline.llm.embedding_dim
+    if pipeline.llm.family == "decoder-only":
+        llm_specs, kv = _decoder_only_specs(llm, dim)
+    else:
+        llm_specs, kv = _encoder_decoder_specs(llm, dim)
+    return [vision, *llm_specs], kv
+
+
+def stage1_graph_specs(pipeline: Stage1Pipeline) -> list[GraphSpec]:
+    """The ITC image and text graphs of a stage-1 pipeline, traced from fp32 CPU copies."""
+    copied = copy.deepcopy(pipeline)
+    copied.model = copied.model.to("cpu", torch.float32).eval()
+    copied.vision = copied.vision.to("cpu", torch.float32).eval()
+    vocab_size = copied.model.config.vocab_size
+
+    def text_inputs(batch: int, sizes: Sizes, generator: torch.Generator):
+        ids = torch.randint(0, vocab_size, (batch, sizes.sequence), generator=generator)
+        mask = _left_padded_mask(batch, sizes.sequence, generator).flip(-1)  # BERT pads right
+        return ids, mask
+
+    text = GraphSpec(
+        TEXT_ITC_GRAPH,
+        TextITC(copied),
+        ["input_ids", "attention_mask"],
+        ["text_embeds"],
+        {
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "sequence"},
+            "text_embeds": {0: "batch"},
+        },
+        text_inputs,
+    )
+    image_shape = _image_shape(copied.vision)
+    return [_vision_spec(VISION_ITC_GRAPH, VisionITC(copied), "image_embeds", image_shape), text]
+
+
+def graph_specs(source: Stage1Pipeline | Stage2Pipeline) -> list[GraphSpec]:
+    if isinstance(source, Stage1Pipeline):
+        return stage1_graph_specs(source)
+    return stage2_graph_specs(source)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,143 +625,152 @@ def graph_signature(path: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _kv_names(prefix: str, layers: int) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+def _write_graphs(
+    specs: list[GraphSpec], out_dir: Path, precision: Precision, opset: int
+) -> dict[str, Any]:
+    """Trace, (for fp16) convert and check every graph; their manifest entries by name."""
+    import onnx
+
+    generator = torch.Generator().manual_seed(0)
+    graphs = {}
+    for spec in specs:
+        path = out_dir / spec.file
+        args = spec.random_inputs(TRACE_BATCH, TRACE_SIZES, generator)
+        exporter = _export_graph(
+            spec.module, args, path, spec.input_names, spec.output_names, spec.dynamic_axes, opset
+        )
+        if precision == "fp16":
+            _convert_to_fp16(path)
+        onnx.checker.check_model(str(path), full_check=True)
+        graphs[spec.name] = {"file": spec.file, "exporter": exporter, **graph_signature(path)}
+    return graphs
+
+
+def _write_preprocessing(tokenizer: Any, image_processor_source: str, out_dir: Path) -> str | None:
+    """Copy the tokenizer and (when there is one) the image processor settings; the latter's
+    file name, or None."""
+    tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
+    processor_file = Path(image_processor_source) / IMAGE_PROCESSOR
+    if not processor_file.is_file():
+        return None
+    shutil.copyfile(processor_file, out_dir / IMAGE_PROCESSOR)
+    return IMAGE_PROCESSOR
+
+
+def _check_options(precision: str, opset: int) -> None:
+    if precision not in _DTYPES:
+        raise UsageError(f"precision must be fp32 or fp16, not {precision!r}")
+    if opset < 17:
+        raise UsageError(f"opset must be at least 17 (got {opset})")
 
 
 def export_onnx(
-    pipeline: Stage2Pipeline,
+    source: Stage2Pipeline | Stage1Pipeline,
     out_dir: Path,
     *,
     precision: Precision = "fp32",
     opset: int = 17,
     check: bool = True,
 ) -> dict[str, Any]:
-    """Write the ONNX graphs, embeddings, tokenizer and manifest of ``pipeline`` to ``out_dir``.
+    """Write the ONNX graphs, tokenizer, image settings and manifest of a stage-2 pipeline
+    (caption / VQA) or a stage-1 one (ITC retrieval embeddings) to ``out_dir``.
 
     Returns the manifest (a dict), with ``parity`` filled in unless ``check=False``. Raises
     ``QformerError`` when a graph disagrees with PyTorch beyond the precision's tolerance, and
-    ``UsageError`` for what cannot be exported yet (encoder-decoder LLMs).
+    ``UsageError`` for bad options or an LLM that cannot be exported.
     """
-    import onnx
-
-    if precision not in _DTYPES:
-        raise UsageError(f"precision must be fp32 or fp16, not {precision!r}")
-    if opset < 17:
-        raise UsageError(f"opset must be at least 17 (got {opset})")
-    if pipeline.llm.family != "decoder-only":
-        raise UsageError("ONNX export of encoder-decoder LLMs is not supported yet")
+    _check_options(precision, opset)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Trace fp32 CPU copies, leaving the caller's pipeline untouched; fp16 graphs are converted
-    # from the fp32 ones afterwards (tracing a half model on CPU gives mixed-type LayerNorms).
-    dtype = torch.float32
-    vision_qformer = copy.deepcopy(VisionQFormer(pipeline)).to("cpu", dtype).eval()
-    llm = copy.deepcopy(pipeline.llm.model).to("cpu", dtype).eval()
-    generator = torch.Generator().manual_seed(0)
-    exporters: dict[str, str] = {}
+    # Graphs are traced from fp32 CPU copies, leaving the caller's models untouched; fp16 graphs
+    # are converted from the fp32 ones (tracing a half model on CPU gives mixed-type LayerNorms).
+    if isinstance(source, Stage1Pipeline):
+        manifest = _export_stage1(source, out_dir, precision, opset)
+    else:
+        manifest = _export_stage2(source, out_dir, precision, opset)
+    if check:
+        manifest["parity"] = check_parity(source, out_dir, precision=precision)
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
-    channels, height, width = _image_shape(pipeline)
-    pixels = torch.randn(2, channels, height, width, generator=generator).to(dtype)
-    exporters[VISION_GRAPH] = _export_graph(
-        vision_qformer,
-        (pixels,),
-        out_dir / VISION_GRAPH,
-        ["pixel_values"],
-        ["soft_prompt"],
-        {"pixel_values": {0: "batch"}, "soft_prompt": {0: "batch"}},
-        opset,
-    )
 
-    kv = _kv_shape(llm)
-    layers = kv[0]
-    dim = pipeline.llm.embedding_dim
-    step = DecoderStep(llm, layers)
-    presents = _kv_names("present", layers)
-    # Traced with batch 2, a left-padded row, and sizes the parity check does not reuse, so that
-    # any size baked into the graph shows up as a parity failure.
-    prefill_args = _llm_inputs(kv, dim, 2, 5, 0, dtype, torch.device("cpu"), generator)
-    exporters[PREFILL_GRAPH] = _export_graph(
-        step,
-        prefill_args,
-        out_dir / PREFILL_GRAPH,
-        ["inputs_embeds", "attention_mask"],
-        ["logits", *presents],
-        {
-            "inputs_embeds": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "sequence"},
-            "logits": {0: "batch", 1: "sequence"},
-            **{name: {0: "batch", 2: "sequence"} for name in presents},
-        },
-        opset,
-    )
-    pasts = _kv_names("past", layers)
-    decode_args = _llm_inputs(kv, dim, 2, 1, 4, dtype, torch.device("cpu"), generator)
-    exporters[DECODE_GRAPH] = _export_graph(
-        step,
-        decode_args,
-        out_dir / DECODE_GRAPH,
-        ["inputs_embeds", "attention_mask", *pasts],
-        ["logits", *presents],
-        {
-            "inputs_embeds": {0: "batch"},
-            "attention_mask": {0: "batch", 1: "total_sequence"},
-            "logits": {0: "batch"},
-            **{name: {0: "batch", 2: "past_sequence"} for name in pasts},
-            **{name: {0: "batch", 2: "total_sequence"} for name in presents},
-        },
-        opset,
-    )
+def _manifest_head(stage: int, precision: Precision, opset: int) -> dict[str, Any]:
+    return {
+        "format": "qformer-onnx",
+        "version": 1,
+        "stage": stage,
+        "opset": opset,
+        "precision": precision,
+    }
 
-    graphs = {}
-    for name in (VISION_GRAPH, PREFILL_GRAPH, DECODE_GRAPH):
-        if precision == "fp16":
-            _convert_to_fp16(out_dir / name)
-        onnx.checker.check_model(str(out_dir / name), full_check=True)
-        graphs[name.removesuffix(".onnx")] = {
-            "file": name,
-            "exporter": exporters[name],
-            **graph_signature(out_dir / name),
-        }
 
+def _export_stage2(
+    pipeline: Stage2Pipeline, out_dir: Path, precision: Precision, opset: int
+) -> dict[str, Any]:
+    specs, kv = stage2_graph_specs(pipeline)
+    graphs = _write_graphs(specs, out_dir, precision, opset)
+    llm = pipeline.llm.model
     # The prompt-token embedding table (V, D), in the graphs' precision.
     weights = llm.get_input_embeddings().weight.detach().cpu().to(_DTYPES[precision])
     np.save(out_dir / EMBEDDINGS, weights.numpy())
-
-    pipeline.tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
-    processor_file = Path(pipeline.image_processor_source) / IMAGE_PROCESSOR
-    image_processor = None
-    if processor_file.is_file():
-        shutil.copyfile(processor_file, out_dir / IMAGE_PROCESSOR)
-        image_processor = IMAGE_PROCESSOR
-
-    manifest: dict[str, Any] = {
-        "format": "qformer-onnx",
-        "version": 1,
-        "opset": opset,
-        "precision": precision,
+    encoder_decoder = pipeline.llm.family == "encoder-decoder"
+    return {
+        **_manifest_head(2, precision, opset),
         "llm_family": pipeline.llm.family,
         "num_query_tokens": int(pipeline.bridge.config.num_query_tokens),
-        "embedding_dim": int(dim),
+        "embedding_dim": int(pipeline.llm.embedding_dim),
         "vocab_size": int(weights.shape[0]),
-        "num_layers": layers,
-        "num_kv_heads": kv[1],
-        "head_dim": kv[2],
-        "image_size": [channels, height, width],
+        "num_layers": kv.layers,
+        "num_kv_heads": kv.heads,
+        "head_dim": kv.head_dim,
+        "image_size": list(_image_shape(pipeline.vision)),
         "graphs": graphs,
+        # encoder-decoder: llm_prefill outputs the cross-attention K/V (cross.N.key/value) once;
+        # every llm_decode call takes them back unchanged.
+        "cross_attention": "computed once by llm_prefill" if encoder_decoder else None,
+        "decoder_start_token_id": _decoder_start_token_id(llm) if encoder_decoder else None,
         "embeddings": {"file": EMBEDDINGS, "shape": list(weights.shape), "dtype": precision},
         "tokenizer": TOKENIZER_DIR,
-        "image_processor": image_processor,
-        "stop_token_ids": stop_token_ids(pipeline.tokenizer),
+        "image_processor": _write_preprocessing(
+            pipeline.tokenizer, pipeline.image_processor_source, out_dir
+        ),
+        "stop_token_ids": generation_stop_ids(pipeline.llm, pipeline.tokenizer),
         "pad_token_id": pipeline.tokenizer.pad_token_id,
         "prompt": pipeline.prompt,
         "generation": asdict(GenerationSettings()),
         "source": str(pipeline.directory),
     }
-    if check:
-        manifest["parity"] = check_parity(pipeline, out_dir, precision=precision)
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+
+
+def _decoder_start_token_id(llm: nn.Module) -> int:
+    """The token an encoder-decoder LLM's generate starts decoding from (T5: the pad token)."""
+    start = llm.generation_config.decoder_start_token_id
+    if start is None:
+        start = llm.config.decoder_start_token_id
+    if start is None:
+        raise UsageError("the encoder-decoder LLM's config has no decoder_start_token_id")
+    return int(start)
+
+
+def _export_stage1(
+    pipeline: Stage1Pipeline, out_dir: Path, precision: Precision, opset: int
+) -> dict[str, Any]:
+    config = pipeline.model.config
+    return {
+        **_manifest_head(1, precision, opset),
+        "num_query_tokens": int(config.num_query_tokens),
+        "embed_dim": int(config.embed_dim),
+        "max_text_len": RETRIEVAL_MAX_TEXT_LEN,
+        # image-text similarity: max over the queries of image_embeds (Q, E) . text_embeds (E)
+        "similarity": "max_over_queries_dot",
+        "image_size": list(_image_shape(pipeline.vision)),
+        "graphs": _write_graphs(stage1_graph_specs(pipeline), out_dir, precision, opset),
+        "tokenizer": TOKENIZER_DIR,
+        "image_processor": _write_preprocessing(
+            pipeline.tokenizer, pipeline.image_processor_source, out_dir
+        ),
+        "source": str(pipeline.directory),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +791,7 @@ def _max_diffs(
 
 
 def check_parity(
-    pipeline: Stage2Pipeline,
+    source: Stage2Pipeline | Stage1Pipeline,
     out_dir: Path,
     *,
     precision: Precision = "fp32",
@@ -439,7 +799,7 @@ def check_parity(
     seed: int = 1,
 ) -> dict[str, Any]:
     """Run each exported graph with onnxruntime on fresh random inputs at each batch size and
-    compare it with ``pipeline``'s PyTorch modules (cast to ``precision``, on CPU).
+    compare it with the PyTorch module it was traced from (an fp32 CPU copy of ``source``'s).
 
     The PyTorch side runs in fp32 on the same inputs (rounded to fp16 first for fp16 graphs),
     so for fp16 the reported difference is the whole error of the deployed graph.
@@ -452,47 +812,33 @@ def check_parity(
     out_dir = Path(out_dir)
     dtype = _DTYPES[precision]
     tolerance = TOLERANCE[precision]
-    vision_qformer = copy.deepcopy(VisionQFormer(pipeline)).to("cpu", torch.float32).eval()
-    llm = copy.deepcopy(pipeline.llm.model).to("cpu", torch.float32).eval()
-    kv = _kv_shape(llm)
-    step = DecoderStep(llm, kv[0])
-    dim = pipeline.llm.embedding_dim
     generator = torch.Generator().manual_seed(seed)
-    channels, height, width = _image_shape(pipeline)
-    cpu = torch.device("cpu")
-
-    def inputs_for(graph: str, batch: int) -> tuple[torch.Tensor, ...]:
-        if graph == VISION_GRAPH:
-            return (torch.randn(batch, channels, height, width, generator=generator).to(dtype),)
-        if graph == PREFILL_GRAPH:
-            return _llm_inputs(kv, dim, batch, 7, 0, dtype, cpu, generator)
-        return _llm_inputs(kv, dim, batch, 1, 6, dtype, cpu, generator)
-
-    modules = {VISION_GRAPH: vision_qformer, PREFILL_GRAPH: step, DECODE_GRAPH: step}
     report: dict[str, Any] = {"tolerance": tolerance, "max_abs_diff": {}}
     failures = []
-    for graph, module in modules.items():
-        session = create_session(out_dir / graph)
+    for spec in graph_specs(source):
+        session = create_session(out_dir / spec.file)
         report["provider"] = session.get_providers()[0]
         input_names = [i.name for i in session.get_inputs()]
         output_names = [o.name for o in session.get_outputs()]
         per_batch = {}
         for batch in batch_sizes:
-            args = inputs_for(graph, batch)  # float inputs in the graph's dtype
+            args = [
+                a.to(dtype) if a.is_floating_point() else a
+                for a in spec.random_inputs(batch, PARITY_SIZES, generator)
+            ]  # float inputs in the graph's dtype
             with torch.no_grad():
-                expected = module(*(a.float() if a.is_floating_point() else a for a in args))
+                expected = spec.module(*(a.float() if a.is_floating_point() else a for a in args))
             if isinstance(expected, torch.Tensor):
                 expected = (expected,)
             feed = {name: t.numpy() for name, t in zip(input_names, args, strict=True)}
-            actual = session.run(output_names, feed)
-            diffs = _max_diffs(output_names, expected, actual)
+            diffs = _max_diffs(output_names, expected, session.run(output_names, feed))
             per_batch[f"batch_{batch}"] = diffs
             failures.extend(
-                f"{graph}:{name} (batch {batch}) {diff:.3g}"
+                f"{spec.file}:{name} (batch {batch}) {diff:.3g}"
                 for name, diff in diffs.items()
                 if not diff <= tolerance  # NaN fails too
             )
-        report["max_abs_diff"][graph.removesuffix(".onnx")] = per_batch
+        report["max_abs_diff"][spec.name] = per_batch
     if failures:
         raise QformerError(
             f"ONNX parity check failed (max abs diff above {tolerance:g}): " + ", ".join(failures)

@@ -1,9 +1,12 @@
-"""Run an ``export_onnx`` directory with onnxruntime and numpy: soft prompt, prefill, decode.
+"""Run a stage-2 ``export_onnx`` directory with onnxruntime and numpy: soft prompt, LLM steps.
 
 Greedy decoding here follows ``qformer_cli.generate.generate_text`` with ``num_beams=1``: the
-soft prompt goes before the left-padded prompt tokens, generation stops per sequence at a stop
-token (EOS or newline) and finished sequences are padded until all are done or
-``max_new_tokens`` is reached.
+soft prompt goes before the left-padded prompt tokens; a decoder-only LLM continues that
+sequence (prefill, then one decode step per token), an encoder-decoder LLM encodes it and
+decodes from ``decoder_start_token_id`` (the first decoder step also returns the cross-attention
+K/V, which every later step takes back unchanged). Generation stops per sequence at a stop
+token (EOS, and newline for decoder-only LLMs) and finished sequences are padded until all are
+done or ``max_new_tokens`` is reached.
 """
 
 from __future__ import annotations
@@ -57,11 +60,12 @@ def create_session(path: Path, providers: list[Provider] | None = None) -> Any:
 
 @dataclass
 class OnnxPipeline:
-    """The loaded graphs, embedding table, tokenizer and manifest of an export directory."""
+    """The loaded graphs, embedding table, tokenizer and manifest of a stage-2 export."""
 
     directory: Path
     manifest: dict[str, Any]
     vision_qformer: Any  # onnxruntime.InferenceSession
+    encoder: Any | None  # encoder-decoder LLMs only
     prefill: Any
     decode: Any
     embed_tokens: np.ndarray  # (V, D)
@@ -94,18 +98,27 @@ class OnnxPipeline:
         if not manifest_file.is_file():
             raise CheckpointError(f"{directory}: no manifest.json (not an export-onnx directory)")
         manifest = json.loads(manifest_file.read_text())
-        if manifest.get("llm_family") != "decoder-only":
-            raise UsageError("the ONNX backend supports decoder-only LLMs only")
+        if manifest.get("stage", 2) != 2:
+            raise UsageError(
+                f"{manifest_file}: a stage-{manifest.get('stage')} (ITC retrieval) export; "
+                "captioning and VQA need a stage-2 export"
+            )
+        family = manifest.get("llm_family")
+        if family not in ("decoder-only", "encoder-decoder"):
+            raise CheckpointError(f"{manifest_file}: unknown llm_family {family!r}")
         graphs = manifest["graphs"]
         providers = providers or choose_providers()
 
         def session(name: str) -> Any:
+            if name not in graphs:
+                raise CheckpointError(f"{manifest_file}: no graphs.{name} entry")
             return create_session(directory / graphs[name]["file"], providers)
 
         return cls(
             directory=directory,
             manifest=manifest,
             vision_qformer=session("vision_qformer"),
+            encoder=session("llm_encoder") if family == "encoder-decoder" else None,
             prefill=session("llm_prefill"),
             decode=session("llm_decode"),
             embed_tokens=np.load(directory / manifest["embeddings"]["file"]),
@@ -117,11 +130,96 @@ class OnnxPipeline:
         pixels = np.ascontiguousarray(pixel_values, dtype=self.float_dtype)
         return self.vision_qformer.run(["soft_prompt"], {"pixel_values": pixels})[0]
 
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """Token ids (B, T) -> embeddings (B, T, D) in the graphs' dtype."""
+        return self.embed_tokens[token_ids].astype(self.float_dtype)
 
-def _run_llm(session: Any, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(logits (B, S, V), presents [key_0, value_0, ...]) of a prefill or decode step."""
-    outputs = session.run(None, feed)
-    return outputs[0], outputs[1:]
+
+def _run(session: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A graph's outputs by name."""
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed), strict=True))
+
+
+@dataclass
+class DecoderState:
+    """What the next decode step needs besides its token, every array batch-first (so a beam
+    search can reorder rows): the self-attention cache as ``past.N.key/value`` inputs, the fixed
+    inputs (encoder mask and cross K/V of an encoder-decoder LLM) and, for a decoder-only LLM,
+    the attention mask (B, P) that grows by one column per step."""
+
+    past: dict[str, np.ndarray]  # past.N.key / past.N.value (B, heads, P, head_dim)
+    fixed: dict[str, np.ndarray]
+    mask: np.ndarray | None
+
+    def select(self, rows: np.ndarray) -> DecoderState:
+        """The state of the sequences ``rows`` (B',) in that order."""
+        return DecoderState(
+            past={name: value[rows] for name, value in self.past.items()},
+            fixed={name: value[rows] for name, value in self.fixed.items()},
+            mask=None if self.mask is None else self.mask[rows],
+        )
+
+
+def _take_step(outputs: dict[str, np.ndarray], state: DecoderState) -> np.ndarray:
+    """Store a step's presents as the next step's pasts; its last-position logits (B, V)."""
+    state.past = {
+        name.replace("present.", "past.", 1): value
+        for name, value in outputs.items()
+        if name.startswith("present.")
+    }
+    return outputs["logits"][:, -1, :].astype(np.float32)
+
+
+def start_decoding(
+    pipeline: OnnxPipeline, embeds: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, DecoderState]:
+    """Run the LLM on the input sequence ``embeds`` (B, S, D) / ``mask`` (B, S): the logits
+    (B, V) of the first new token and the state for the next steps."""
+    if pipeline.encoder is None:
+        outputs = _run(pipeline.prefill, {"inputs_embeds": embeds, "attention_mask": mask})
+        state = DecoderState(past={}, fixed={}, mask=mask)
+        return _take_step(outputs, state), state
+    encoder_states = _run(pipeline.encoder, {"inputs_embeds": embeds, "attention_mask": mask})
+    start = np.full((embeds.shape[0], 1), pipeline.manifest["decoder_start_token_id"])
+    outputs = _run(
+        pipeline.prefill,
+        {
+            "inputs_embeds": pipeline.embed(start),  # (B, 1, D)
+            "encoder_hidden_states": encoder_states["encoder_hidden_states"],
+            "encoder_attention_mask": mask,
+        },
+    )
+    cross = {name: value for name, value in outputs.items() if name.startswith("cross.")}
+    state = DecoderState(past={}, fixed={"encoder_attention_mask": mask, **cross}, mask=None)
+    return _take_step(outputs, state), state
+
+
+def decode_step(pipeline: OnnxPipeline, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
+    """Feed the tokens (B,) chosen last; the logits (B, V) of the next ones. Updates ``state``."""
+    feed = {"inputs_embeds": pipeline.embed(tokens[:, None]), **state.fixed, **state.past}
+    if state.mask is not None:
+        ones = np.ones((state.mask.shape[0], 1), dtype=np.int64)
+        state.mask = np.concatenate([state.mask, ones], axis=1)  # (B, P + 1)
+        feed["attention_mask"] = state.mask
+    return _take_step(_run(pipeline.decode, feed), state)
+
+
+def prompt_inputs(
+    pipeline: OnnxPipeline, pixel_values: np.ndarray, prompts: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``[soft prompt; left-padded prompt tokens]`` (B, Q + T, D) and its mask (B, Q + T), as
+    ``models.blip2.soft_prompt_inputs`` builds them."""
+    soft_prompt = pipeline.soft_prompt(pixel_values).astype(pipeline.float_dtype)  # (B, Q, D)
+    batch, queries = soft_prompt.shape[:2]
+    if len(prompts) != batch:
+        raise UsageError(f"{len(prompts)} prompts for {batch} images")
+    pipeline.tokenizer.padding_side = "left"
+    encoded = pipeline.tokenizer(prompts, padding="longest", return_tensors="np")
+    embeds = np.concatenate([soft_prompt, pipeline.embed(encoded["input_ids"])], axis=1)
+    query_mask = np.ones((batch, queries), dtype=np.int64)
+    mask = np.concatenate([query_mask, encoded["attention_mask"].astype(np.int64)], axis=1)
+    return embeds, mask
 
 
 def generate_text_onnx(
@@ -135,32 +233,16 @@ def generate_text_onnx(
         raise UsageError("the ONNX backend decodes greedily: use num_beams=1 without sampling")
     if settings.repetition_penalty != 1.0:
         raise UsageError("the ONNX backend does not apply a repetition penalty")
-    tokenizer = pipeline.tokenizer
-    dtype = pipeline.float_dtype
-    soft_prompt = pipeline.soft_prompt(pixel_values).astype(dtype)  # (B, Q, D)
-    batch, queries = soft_prompt.shape[:2]
-    if len(prompts) != batch:
-        raise UsageError(f"{len(prompts)} prompts for {batch} images")
-
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts, padding="longest", return_tensors="np")
-    token_embeds = pipeline.embed_tokens[encoded["input_ids"]].astype(dtype)  # (B, T, D)
-    embeds = np.concatenate([soft_prompt, token_embeds], axis=1)  # (B, Q + T, D)
-    mask = np.concatenate(
-        [np.ones((batch, queries), dtype=np.int64), encoded["attention_mask"].astype(np.int64)],
-        axis=1,
-    )  # (B, Q + T)
-
+    embeds, mask = prompt_inputs(pipeline, pixel_values, prompts)
     stop_ids = np.asarray(pipeline.manifest["stop_token_ids"], dtype=np.int64)
     pad_id = pipeline.manifest.get("pad_token_id")
     pad_id = int(pad_id if pad_id is not None else stop_ids[0])
-    past_names = [i.name for i in pipeline.decode.get_inputs()][2:]
 
-    logits, presents = _run_llm(pipeline.prefill, {"inputs_embeds": embeds, "attention_mask": mask})
+    scores, state = start_decoding(pipeline, embeds, mask)  # (B, V)
+    batch = embeds.shape[0]
     generated = np.zeros((batch, 0), dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
     for step in range(settings.max_new_tokens):
-        scores = logits[:, -1, :].astype(np.float32)  # (B, V)
         if step < settings.min_new_tokens and stop_ids.size:
             scores[:, stop_ids] = -np.inf
         tokens = scores.argmax(axis=-1)
@@ -170,14 +252,8 @@ def generate_text_onnx(
         finished |= np.isin(tokens, stop_ids)
         if finished.all() or step + 1 == settings.max_new_tokens:
             break
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)  # (B, P + 1)
-        feed = {
-            "inputs_embeds": pipeline.embed_tokens[tokens][:, None, :].astype(dtype),  # (B, 1, D)
-            "attention_mask": mask,
-            **dict(zip(past_names, presents, strict=True)),
-        }
-        logits, presents = _run_llm(pipeline.decode, feed)
-    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        scores = decode_step(pipeline, state, tokens)
+    texts = pipeline.tokenizer.batch_decode(generated, skip_special_tokens=True)
     return [text.strip() for text in texts]
 
 

@@ -111,9 +111,9 @@ def self_attention_mask(
     if pattern == "causal":
         causal = torch.ones(text_len, text_len, dtype=torch.bool, device=device).tril()
         text_sees_text = text_sees_text & causal
-    text_sees_queries = torch.full(
-        (batch, text_len, all_queries), pattern != "unimodal", dtype=torch.bool, device=device
-    )
+    # ones / zeros rather than torch.full(..., bool): the ONNX tracer cannot export a bool fill.
+    fill = torch.zeros if pattern == "unimodal" else torch.ones
+    text_sees_queries = fill(batch, text_len, all_queries, dtype=torch.bool, device=device)
     text_rows = torch.cat([text_sees_queries, text_sees_text], dim=2)
     return torch.cat([query_rows, text_rows], dim=1)[:, None]
 

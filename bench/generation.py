@@ -31,10 +31,17 @@ from transformers import (
 )
 
 from bench.common import (
+    BenchOptions,
+    Column,
+    Machine,
+    Table,
+    Target,
     add_common_args,
     measure_machine,
     options_from_args,
     print_header,
+    print_table,
+    progress,
     timeit_interleaved,
 )
 from qformer_cli.data import sample_backbone_dir, sample_split_files
@@ -42,12 +49,27 @@ from qformer_cli.generate import GenerationSettings, generate_text, stop_token_i
 from qformer_cli.pretrained import load_stage2
 
 NUM_QUERIES = 32
+GENERATION_BATCH = 32  # issue #8: batch 32, beam 5
 
 
-def build_tiny_blip2(directory: Path) -> None:
+TINY_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                   num_attention_heads=4, image_size=64, patch_size=8)  # fmt: skip
+TINY_QFORMER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    intermediate_size=512)  # fmt: skip
+
+
+def build_tiny_blip2(
+    directory: Path, vision: dict | None = None, qformer: dict | None = None
+) -> None:
+    """A random-weight BLIP-2 saved as a transformers directory: tiny vision encoder and
+    Q-Former unless ``vision`` / ``qformer`` (Blip2VisionConfig / Blip2QFormerConfig fields)
+    say otherwise; always the tiny OPT with the shipped sample tokenizer."""
+    vision = vision or TINY_VISION
+    qformer = {**(qformer or TINY_QFORMER), "encoder_hidden_size": vision["hidden_size"]}
     tokenizer = AutoTokenizer.from_pretrained(sample_backbone_dir("opt"))
+    side = vision["image_size"]
     processor = Blip2Processor(
-        BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer, NUM_QUERIES
+        BlipImageProcessor(size={"height": side, "width": side}), tokenizer, NUM_QUERIES
     )
     text = OPTConfig(
         vocab_size=len(processor.tokenizer), hidden_size=128, num_hidden_layers=3,
@@ -55,10 +77,8 @@ def build_tiny_blip2(directory: Path) -> None:
         bos_token_id=0, eos_token_id=2, pad_token_id=1,
     )  # fmt: skip
     config = Blip2Config(
-        vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                           num_attention_heads=4, image_size=64, patch_size=8),
-        qformer_config=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                            intermediate_size=512, encoder_hidden_size=128),
+        vision_config=vision,
+        qformer_config=qformer,
         text_config=text.to_dict(),
         num_query_tokens=NUM_QUERIES,
         image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
@@ -75,22 +95,20 @@ def inputs(batch_size: int) -> tuple[list[Image.Image], list[str]]:
     return images[:batch_size], [q["question"] for q in questions[:batch_size]]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
-    options = options_from_args(args)
-    machine = measure_machine(options.device, quick=options.quick)
-    title = f"Generation: captions and VQA answers, batch {args.batch_size}, beam 5"
-    print_header(machine, title)
+def run(machine: Machine, options: BenchOptions, batch_size: int = 8) -> list[Table]:
+    """The issue's setting: batch 32 whatever ``batch_size`` the other benchmarks use."""
+    del machine, batch_size
+    return [generation_table(options, GENERATION_BATCH)]
+
+
+def generation_table(options: BenchOptions, batch_size: int) -> Table:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         build_tiny_blip2(directory)
         theirs = Blip2ForConditionalGeneration.from_pretrained(directory).to(options.device).eval()
         processor = Blip2Processor.from_pretrained(directory)
         ours = load_stage2(directory, options.device)
-        images, questions = inputs(args.batch_size)
+        images, questions = inputs(batch_size)
         tasks = {
             "caption": (["a photo of"] * len(images), GenerationSettings(5, 30, 8)),
             "vqa": (
@@ -100,18 +118,48 @@ def main() -> None:
         }
         rows = []
         for task, (prompts, settings) in tasks.items():
+            progress(f"generation: {task}")
             fns, same = _variants(
                 theirs, processor, ours, images, prompts, settings, options.device
             )
             timings = timeit_interleaved(fns, options)
             reference = timings["transformers"].median
             for name, timing in timings.items():
-                rows.append((task, name, timing.median, len(images) / timing.median,
-                             reference / timing.median, same))  # fmt: skip
-    print("| task | implementation | s/batch | items/s | × transformers | same outputs |")
-    print("|---|---|---:|---:|---:|---|")
-    for task, name, seconds, rate, ratio, same in rows:
-        print(f"| {task} | {name} | {seconds:.3f} | {rate:.1f} | {ratio:.2f}× | {same} |")
+                rows.append({
+                    "name": f"{task}, {name}", "seconds": timing.median,
+                    "items_per_s": len(images) / timing.median,
+                    "ratio": reference / timing.median, "same": same,
+                })  # fmt: skip
+    columns = [
+        Column("s / batch", "seconds", "{:.3f}"),
+        Column("items/s", "items_per_s", "{:.1f}"),
+        Column("× transformers", "ratio", "{:.2f}×"),
+        Column("same outputs", "same", "{}"),
+    ]
+    notes = [
+        *(
+            Target(f"{row['name']} / transformers, items/s", row["ratio"], 1.0).line()
+            for row in rows
+            if row["name"].endswith("qformer")
+        ),
+        "tiny BLIP-2 (Blip2VisionModel 4x128, Q-Former 4x128, OPT 3x128), same weights on both "
+        "sides; beam 5; captions 30 new tokens, VQA 10 with length penalty -1; "
+        f"median of {options.repeats} interleaved runs after {options.warmup} warm-up",
+    ]
+    title = f"Generation vs transformers Blip2ForConditionalGeneration.generate, batch {batch_size}"
+    return Table(title, columns, rows, notes=notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--batch-size", type=int, default=GENERATION_BATCH)
+    args = parser.parse_args(argv)
+    options = options_from_args(args)
+    machine = measure_machine(options.device, quick=options.quick)
+    print_header(machine, "Generation vs transformers")
+    print_table(generation_table(options, args.batch_size), options.table_format)
+    return 0
 
 
 def _variants(theirs, processor, ours, images, prompts, settings, device):
@@ -144,4 +192,4 @@ def _variants(theirs, processor, ours, images, prompts, settings, device):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

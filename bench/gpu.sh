@@ -56,7 +56,8 @@ if missing:
 EOF
 
 status=0
-timeout 180 "$PY" -m bench.run_all --device cuda --warmup 3 --repeats 20 --format markdown \
+timeout 180 "$PY" -m bench.run_all --device cuda --only qformer_forward,stage1_step,generation \
+    --warmup 3 --repeats 20 --format markdown \
     || status=$?
 timeout 90 "$PY" -m bench.stage1_step --device cuda --batch-size 64 --warmup 3 --repeats 10 \
     --format markdown || status=$?

@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/run_all.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import qformer_forward, stage1_step
+from bench import frozen_backbones, generation, onnx_backend, qformer_forward, stage1_step
 from bench.common import (
     PRECISION_DTYPES,
     BenchOptions,
@@ -37,6 +37,9 @@ Benchmark = Callable[[Machine, BenchOptions, int], list[Table]]
 BENCHMARKS: dict[str, Benchmark] = {
     "qformer_forward": qformer_forward.run,
     "stage1_step": stage1_step.run,
+    "frozen_backbones": frozen_backbones.run,
+    "generation": generation.run,
+    "onnx_backend": onnx_backend.run,
 }
 
 

@@ -1,0 +1,191 @@
+"""The ONNX backend against PyTorch eager, same weights, same machine, timed side by side.
+
+1. ``vision_qformer.onnx`` (frozen vision encoder -> Q-Former -> projection) on onnxruntime's CPU
+   provider vs the same modules in PyTorch eager (fp32, ``no_grad``), at batch 1 and 8: a BLIP-2-
+   sized Q-Former (BERT-base, 32 queries, cross-attention every 2nd layer) over a ViT-B/16-shaped
+   random encoder (224 px, 197 tokens of width 768; a ViT-g would make one CPU run take minutes).
+2. End-to-end greedy captioning of the tiny model (batch 32, prompt "a photo of", up to 30 new
+   tokens): ``qformer caption --backend onnx``'s generation loop vs ``--backend torch``'s.
+
+    python -m bench.onnx_backend [--quick] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+from transformers import Blip2Processor
+
+from bench.common import (
+    FLOP_NOTE,
+    BenchOptions,
+    Column,
+    Machine,
+    Table,
+    Target,
+    add_common_args,
+    count_flops,
+    measure_machine,
+    options_from_args,
+    print_header,
+    print_table,
+    progress,
+    timeit_interleaved,
+)
+from bench.generation import build_tiny_blip2, inputs
+from qformer_cli.export.onnx_export import VisionQFormer, export_onnx
+from qformer_cli.export.onnx_runtime import OnnxPipeline, generate_text_onnx
+from qformer_cli.generate import GenerationSettings, generate_text
+from qformer_cli.pretrained import Stage2Pipeline, load_stage2
+
+VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, image_size=224, patch_size=16)  # fmt: skip
+BLIP2_QFORMER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                     intermediate_size=3072, cross_attention_frequency=2)  # fmt: skip
+VISION_BATCHES = (1, 8)
+CAPTION_BATCH = 32
+TORCH, ONNX = "PyTorch eager", "onnxruntime (CPU)"
+
+
+def export(
+    directory: Path, vision: dict | None, qformer: dict | None
+) -> tuple[Stage2Pipeline, OnnxPipeline]:
+    """Build, save and load a BLIP-2 both ways; the export runs its own parity check."""
+    build_tiny_blip2(directory / "blip2", vision, qformer)
+    torch_pipeline = load_stage2(directory / "blip2", torch.device("cpu"))
+    export_onnx(torch_pipeline, directory / "onnx")
+    return torch_pipeline, OnnxPipeline.load(directory / "onnx", ["CPUExecutionProvider"])
+
+
+def vision_table(machine: Machine, options: BenchOptions) -> Table:
+    with tempfile.TemporaryDirectory() as tmp:
+        progress("onnx: building and exporting a BLIP-2 Q-Former over a ViT-B/16-shaped encoder")
+        torch_pipeline, onnx_pipeline = export(Path(tmp), VIT_B16, BLIP2_QFORMER)
+        module = VisionQFormer(torch_pipeline).eval()
+        rows = []
+        for batch in VISION_BATCHES:
+            pixels = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+            fns = _vision_fns(module, onnx_pipeline, pixels)
+            gap = np.abs(fns[TORCH]() - fns[ONNX]()).max()
+            flops = count_flops(lambda: fns[TORCH]())  # noqa: B023
+            progress(f"onnx: vision_qformer at batch {batch}")
+            timings = timeit_interleaved(fns, options)
+            for name, timing in timings.items():
+                rows.append({
+                    "name": f"{name}, B={batch}", "ms": timing.median * 1e3,
+                    "spread": timing.spread * 100, "images_per_s": batch / timing.median,
+                    "gflop_per_image": flops / batch / 1e9, "max_diff": float(gap),
+                    "ratio": timings[TORCH].median / timing.median,
+                })  # fmt: skip
+    goals = [
+        Target(f"onnxruntime / eager at B={b}", row["ratio"], 1.0)
+        for b, row in zip(
+            VISION_BATCHES, [r for r in rows if r["name"].startswith(ONNX)], strict=True
+        )
+    ]
+    notes = [
+        *(goal.line() for goal in goals),
+        "both sides fp32, 2 intra-op threads (torch default here; onnxruntime default: cores); "
+        f"median of {options.repeats} interleaved runs after {options.warmup} warm-up",
+        f"machine: {machine.describe()}",
+        FLOP_NOTE,
+    ]
+    columns = [
+        Column("ms / batch", "ms", "{:,.1f}"),
+        Column("spread %", "spread", "{:.0f}"),
+        Column("images/s", "images_per_s", "{:.2f}"),
+        Column("GFLOP/image", "gflop_per_image", "{:.1f}"),
+        Column("max |onnx - torch|", "max_diff", "{:.1e}"),
+        Column("× eager", "ratio", "{:.2f}×"),
+    ]
+    title = "vision_qformer.onnx vs PyTorch eager: ViT-B/16-shaped encoder + BLIP-2 Q-Former (cpu)"
+    return Table(title, columns, rows, notes=notes)
+
+
+def _vision_fns(
+    module: VisionQFormer, onnx_pipeline: OnnxPipeline, pixels: torch.Tensor
+) -> dict[str, Callable[[], np.ndarray]]:
+    array = pixels.numpy()
+
+    @torch.no_grad()
+    def eager() -> np.ndarray:
+        return module(pixels).numpy()
+
+    return {TORCH: eager, ONNX: lambda: onnx_pipeline.soft_prompt(array)}
+
+
+def caption_table(options: BenchOptions) -> Table:
+    settings = GenerationSettings(num_beams=1, max_new_tokens=30, min_new_tokens=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        progress("onnx: exporting the tiny BLIP-2 for end-to-end captioning")
+        torch_pipeline, onnx_pipeline = export(Path(tmp), None, None)
+        processor = Blip2Processor.from_pretrained(Path(tmp) / "blip2")
+        images, _ = inputs(CAPTION_BATCH)
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        prompts = ["a photo of"] * len(images)
+
+        @torch.no_grad()
+        def run_torch() -> list[str]:
+            features = torch_pipeline.vision(pixels)
+            return generate_text(
+                torch_pipeline.bridge, torch_pipeline.llm, torch_pipeline.tokenizer,
+                features, prompts, settings,
+            )  # fmt: skip
+
+        def run_onnx() -> list[str]:
+            return generate_text_onnx(onnx_pipeline, pixels.numpy(), prompts, settings)
+
+        same = "yes" if run_torch() == run_onnx() else "no"
+        timings = timeit_interleaved({TORCH: run_torch, ONNX: run_onnx}, options)
+    rows = [
+        {
+            "name": name, "seconds": timing.median, "items_per_s": len(images) / timing.median,
+            "ratio": timings[TORCH].median / timing.median, "same": same,
+        }
+        for name, timing in timings.items()
+    ]  # fmt: skip
+    ratio = rows[1]["ratio"]
+    columns = [
+        Column("s / batch", "seconds", "{:.3f}"),
+        Column("captions/s", "items_per_s", "{:.1f}"),
+        Column("× torch backend", "ratio", "{:.2f}×"),
+        Column("same captions", "same", "{}"),
+    ]
+    notes = [
+        Target("onnx backend / torch backend, captions/s", ratio, 1.0).line(),
+        "greedy (the onnx backend's only mode), KV cache on both sides",
+    ]
+    title = f"End-to-end greedy captioning, tiny BLIP-2, batch {CAPTION_BATCH} (cpu)"
+    return Table(title, columns, rows, notes=notes)
+
+
+def run(machine: Machine, options: BenchOptions, batch_size: int = 8) -> list[Table]:
+    del batch_size  # this benchmark fixes its batch sizes (1 and 8; 32 for captions)
+    if options.device.type != "cpu":
+        progress("onnx: skipped (it measures onnxruntime's CPU provider; run it with --device cpu)")
+        return []
+    return [vision_table(machine, options), caption_table(options)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    options = options_from_args(parser.parse_args(argv))
+    machine = measure_machine(options.device, options.quick)
+    print_header(machine, "ONNX backend vs PyTorch eager")
+    for table in run(machine, options):
+        print_table(table, options.table_format)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

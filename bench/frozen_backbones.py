@@ -32,6 +32,7 @@ import transformers
 from bench.common import (
     FLOP_NOTE,
     BenchOptions,
+    Column,
     Machine,
     Table,
     add_common_args,
@@ -51,6 +52,7 @@ from qformer_cli.config import TrainConfig, qformer_preset
 from qformer_cli.models.backbones import LanguageModel, VisionEncoder
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
 from qformer_cli.train.loop import autocast, build_optimizer
+from qformer_cli.train.sharding import checkpoint_activations
 from qformer_cli.train.stage1 import Stage1Batch, Stage1Objective
 from qformer_cli.train.stage2 import Stage2Batch, Stage2Objective
 
@@ -204,7 +206,26 @@ def encoder_table(
 # Table 2: stage 2 through a frozen LLM
 
 
+def saved_activation_mib(forward: Callable[[], torch.Tensor], model: torch.nn.Module) -> float:
+    """MiB of tensors autograd keeps from ``forward()`` for backward (each storage once, the
+    model's own weights excluded): the activation memory checkpointing trades for recompute."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(seen.values()) / 2**20
+
+
 def stage2_table(machine: Machine, options: BenchOptions, batch_size: int, llm_name: str) -> Table:
+    """The step as is, then with the LLM's block activations checkpointed (timed one after the
+    other: checkpointing rewraps the LLM in place)."""
     device = options.device
     progress(f"stage 2: building a random {llm_name} (bf16) and the blip2 bridge on {device}")
     llm = build_llm(llm_name, device)
@@ -216,33 +237,42 @@ def stage2_table(machine: Machine, options: BenchOptions, batch_size: int, llm_n
     image_embeds = torch.randn(batch_size, 257, 1408, device=device)  # cached ViT-g features
     batch = Stage2Batch.captions(image_embeds, captions(batch_size), "a photo of")
 
-    def forward_backward() -> None:
+    def loss() -> torch.Tensor:
         with autocast(device, "bf16"):
-            loss = objective(batch).total
-        loss.backward()
+            return objective(batch).total
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        forward_backward()
+        loss().backward()
         optimizer.step()
 
-    flops = count_flops(forward_backward)
-    memory = peak_memory_gib(step, device)
-    timings, during = timeit_with_rates({"stage-2 step": step}, options, machine)
-    row = measured_row(
-        "stage-2 step", "bf16", timings["stage-2 step"], flops, batch_size, during, memory
-    )
+    rows = []
+    for name in ("stage-2 step", "stage-2 step, activation checkpointing"):
+        if name.endswith("checkpointing"):
+            checkpoint_activations(llm.model)
+        flops = count_flops(lambda: loss().backward())
+        saved = saved_activation_mib(loss, objective)
+        memory = peak_memory_gib(step, device)
+        timings, during = timeit_with_rates({name: step}, options, machine)
+        row = measured_row(name, "bf16", timings[name], flops, batch_size, during, memory)
+        rows.append({**row, "saved_mib": saved})
     text_tokens = len(tokenizer(batch.prompts[0] + " " + batch.targets[0]).input_ids)
+    plain, checkpointed = rows
     notes = [
+        f"activation checkpointing keeps {checkpointed['saved_mib']:,.0f} MiB of activations for "
+        f"backward instead of {plain['saved_mib']:,.0f} MiB, for "
+        f"{checkpointed['ms'] / plain['ms']:.2f}x the step time (it reruns the LLM's forward)",
         f"{llm_name}: {LLMS[llm_name]}, vocabulary 50272, bf16 weights, frozen (eval, no grads "
         f"for its weights; gradients flow through it to the soft prompt)",
         f"trainable: Q-Former (blip2, no text parts) + Linear(768 -> {llm.embedding_dim}), fp32 "
         f"master weights, bf16 autocast; 32 query tokens + ~{text_tokens} text tokens per sample",
+        "saved MiB: tensors autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks)",
         rates_note(machine, during),
         FLOP_NOTE,
     ]
     title = f"Stage-2 step, frozen {llm_name}-shaped LLM, B={batch_size} ({device.type})"
-    return Table(title, result_columns(device, "ms / step"), [row], None, None, notes)
+    columns = [*result_columns(device, "ms / step"), Column("saved MiB", "saved_mib", "{:,.0f}")]
+    return Table(title, columns, rows, "stage-2 step", "images_per_s", notes)
 
 
 def run(
@@ -251,15 +281,19 @@ def run(
     batch_size: int = 8,
     encoder_name: str = "",
     llm_name: str = "",
+    tables: tuple[str, ...] = ("encoder", "stage2"),
 ) -> list[Table]:
     on_gpu = options.device.type == "cuda"
     encoder_name = encoder_name or ("vit-g" if on_gpu else "vit-l")
     llm_name = llm_name or ("opt-2.7b" if on_gpu else "opt-125m")
-    tables = [encoder_table(machine, options, batch_size, encoder_name)]
+    results = []
+    if "encoder" in tables:
+        results.append(encoder_table(machine, options, batch_size, encoder_name))
     if on_gpu:
         torch.cuda.empty_cache()
-    tables.append(stage2_table(machine, options, batch_size, llm_name))
-    return tables
+    if "stage2" in tables:
+        results.append(stage2_table(machine, options, batch_size, llm_name))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,11 +304,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: vit-g on CUDA, vit-l on CPU")  # fmt: skip
     parser.add_argument("--llm", choices=sorted(LLMS), default="",
                         help="default: opt-2.7b on CUDA, opt-125m on CPU")  # fmt: skip
+    parser.add_argument("--tables", default="encoder,stage2", help="encoder, stage2 or both")
     args = parser.parse_args(argv)
     options = options_from_args(args)
     machine = measure_machine(options.device, options.quick)
     print_header(machine, "Frozen-backbone training steps")
-    for table in run(machine, options, args.batch_size, args.encoder, args.llm):
+    tables = tuple(args.tables.split(","))
+    for table in run(machine, options, args.batch_size, args.encoder, args.llm, tables):
         print_table(table, options.table_format)
     return 0
 

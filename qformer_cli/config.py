@@ -353,6 +353,12 @@ def load_yaml(path: Path) -> dict[str, Any]:
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The one way to build a :class:`RunConfig`: defaults <- YAML file <- ``--set`` overrides."""
     data = load_yaml(path) if path else {}
+    if isinstance(data, dict) and "stage" in data and "run" in data:
+        # A checkpoint's config.json (stage, sizes, and the run config it was trained with).
+        raise UsageError(
+            f"{path}: the config of a stage-{data['stage']} checkpoint, not a run config "
+            "(continue that run with --resume DIR, or start from it with pretrain-stage2 --init)"
+        )
     data = apply_overrides(data, overrides or [])
     config = from_dict(RunConfig, data)
     config.model.qformer_config()  # validate the Q-Former overrides now, not mid-run

@@ -61,6 +61,14 @@ def _check_resume_checkpoint(command: str, stage: int, config: RunConfig, direct
         raise UsageError(
             f"{directory}: a stage-{saved.get('stage')} checkpoint; {command} resumes stage {stage}"
         )
+    if stage == 2:  # the bridge's projection is as wide as the LLM's token embeddings
+        width = build_language_model(config.model.llm, meta=True).embedding_dim
+        saved_width = saved.get("llm_embedding_dim")
+        if saved_width is not None and width != saved_width:
+            raise UsageError(
+                f"{directory}: trained for an LLM with {saved_width}-wide token embeddings, but "
+                f"model.llm ({config.model.llm.model}) has {width}"
+            )
     if stage == 1:  # the stage-1 Q-Former embeds the tokenizer's vocabulary
         vocab = len(load_qformer_tokenizer(resolve_model_name(config.model.bert)))
         saved_vocab = saved.get("qformer", {}).get("vocab_size")

@@ -27,6 +27,7 @@ from qformer_cli.data import (
 )
 from qformer_cli.data.features import FeatureDataset, FeatureIndex
 from qformer_cli.data.json_files import read_json
+from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.errors import UsageError
 from qformer_cli.losses import Ranks
 from qformer_cli.models.backbones import VisionEncoder, build_vision_encoder, resolve_model_name
@@ -90,6 +91,12 @@ def read_vqa_training_samples(data: DataConfig, bad: BadSampleLog) -> list[Sampl
     return [sample for sample in samples if sample.answer]
 
 
+def train_transform_config(config: RunConfig) -> ImageTransformConfig:
+    """Image size and normalization of the configured vision encoder (its processor config)."""
+    vision_name = resolve_model_name(config.model.vision.model)
+    return load_transform_config(vision_name, config.data.image_size or None)
+
+
 def build_train_loader(
     config: RunConfig,
     samples: list[Sample],
@@ -101,10 +108,8 @@ def build_train_loader(
     if features is not None:
         dataset: SampleDataset | FeatureDataset = FeatureDataset(samples, features, bad)
     else:
-        vision_name = resolve_model_name(config.model.vision.model)
-        transform_config = load_transform_config(vision_name, config.data.image_size or None)
         transform = build_transform(
-            transform_config, train=config.data.augment, hflip=config.data.hflip
+            train_transform_config(config), train=config.data.augment, hflip=config.data.hflip
         )
         dataset = SampleDataset(samples, transform, bad_samples=bad)
     global_batch = config.train.batch_size

@@ -27,16 +27,14 @@ from qformer_cli.data.features import (
     read_index,
     unique_images,
 )
-from qformer_cli.data.transforms import ImageTransformConfig, load_transform_config
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import backbone_config, resolve_model_name
-from qformer_cli.train.common import image_features, load_frozen_vision, read_caption_samples
-
-
-def train_transform_config(config: RunConfig) -> ImageTransformConfig:
-    """Image size and normalization of the configured vision encoder (its processor config)."""
-    vision_name = resolve_model_name(config.model.vision.model)
-    return load_transform_config(vision_name, config.data.image_size or None)
+from qformer_cli.train.common import (
+    image_features,
+    load_frozen_vision,
+    read_caption_samples,
+    train_transform_config,
+)
 
 
 def expected_fingerprint(config: RunConfig) -> dict[str, str]:

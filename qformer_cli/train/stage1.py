@@ -106,7 +106,7 @@ class Stage1Objective(nn.Module):
         qformer = self.model.qformer
         image_kv = qformer.encode_image(batch.image_embeds)
         image_pass = qformer(image_kv=image_kv)  # ITC image side; keeps the queries' K/V
-        image_feats = F.normalize(self.model.vision_proj(image_pass.query_output), dim=-1)
+        image_feats = self._image_feats(image_pass.query_output)
         text_feat = self._text_feat(batch)
         if batch.itc_accumulation is None:
             itc = itc_loss(image_feats, text_feat, self.model.temp, ranks)
@@ -121,6 +121,10 @@ class Stage1Objective(nn.Module):
             itg=itg_loss(itg_logits, batch.input_ids, batch.text_mask),
         )
 
+    def _image_feats(self, query_output: torch.Tensor) -> torch.Tensor:
+        """(B, Q, H) query outputs -> (B, Q, D) L2-normalized ITC image embeddings."""
+        return F.normalize(self.model.vision_proj(query_output), dim=-1)
+
     def _text_feat(self, batch: Stage1Batch) -> torch.Tensor:
         """(B, D) L2-normalized ITC text embedding: the [CLS] output of a text-only pass."""
         text_pass = self.model.qformer(
@@ -134,11 +138,8 @@ class Stage1Objective(nn.Module):
     @torch.no_grad()
     def accumulate(self, batches: list[Stage1Batch]) -> list[Stage1Batch]:
         """The micro-batches of one step, each carrying every micro-batch's ITC features."""
-        qformer = self.model.qformer
-        image_feats = [
-            F.normalize(self.model.vision_proj(qformer.query_features(b.image_embeds)), dim=-1)
-            for b in batches
-        ]
+        query_features = self.model.qformer.query_features
+        image_feats = [self._image_feats(query_features(b.image_embeds)) for b in batches]
         text_feats = [self._text_feat(b) for b in batches]
         return [
             replace(b, itc_accumulation=ItcAccumulation(image_feats, text_feats, index))

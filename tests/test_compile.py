@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch._dynamo
 from typer.testing import CliRunner
 
 from qformer_cli.cli import app
+from tests.tiny_runs import metrics_rows
 
 runner = CliRunner()
 FAST = [
@@ -23,7 +23,7 @@ FAST = [
 
 
 def _losses(out: Path) -> list[dict[str, float]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     return [{key: row[key] for key in ("itc", "itm", "itg")} for row in rows]
 
 

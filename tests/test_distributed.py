@@ -47,7 +47,8 @@ def step_env() -> dict[str, str]:
     return env
 
 
-def run(command: list[str]) -> None:
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    """``command`` in the repository with the test environment; fails the test unless it exits 0."""
     result = subprocess.run(
         command, cwd=REPO_ROOT, env=step_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
@@ -56,6 +57,7 @@ def run(command: list[str]) -> None:
             f"{' '.join(command)} exited {result.returncode}\n"
             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
         )
+    return result
 
 
 def world_size_of(path: Path) -> str:
@@ -63,8 +65,10 @@ def world_size_of(path: Path) -> str:
         return (handle.metadata() or {}).get("world_size", "?")
 
 
-def torchrun(script_args: list[str]) -> None:
-    run(
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun`` with 2 local CPU processes on a free port: ``args`` are a script or
+    ``-m module`` and its arguments."""
+    return run(
         [
             sys.executable,
             "-m",
@@ -75,8 +79,7 @@ def torchrun(script_args: list[str]) -> None:
             "127.0.0.1",
             "--master_port",
             str(free_port()),
-            str(STEP_SCRIPT),
-            *script_args,
+            *args,
         ]
     )
 
@@ -110,7 +113,7 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     single_path = tmp_path / "single.safetensors"
     ddp_path = tmp_path / "ddp.safetensors"
     run([sys.executable, str(STEP_SCRIPT), str(single_path)])
-    torchrun([str(ddp_path)])
+    torchrun(str(STEP_SCRIPT), str(ddp_path))
     # Guards against a launcher that silently ran two independent 1-process jobs.
     assert world_size_of(single_path) == "1"
     assert world_size_of(ddp_path) == "2"
@@ -131,6 +134,6 @@ def test_accumulated_micro_batches_keep_the_whole_batch_itc(tmp_path: Path) -> N
     run([sys.executable, str(STEP_SCRIPT), str(accumulated), "--itc-only", "--micro-batches", "2"])
     assert_same_step(single_path, accumulated, ("loss.itc",))
     both = tmp_path / "ranks_and_micro_batches.safetensors"
-    torchrun([str(both), "--itc-only", "--micro-batches", "2"])
+    torchrun(str(STEP_SCRIPT), str(both), "--itc-only", "--micro-batches", "2")
     assert world_size_of(both) == "2"
     assert_same_step(single_path, both, ("loss.itc",))

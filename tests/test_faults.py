@@ -22,6 +22,7 @@ from qformer_cli.train.loop import STOP_AFTER_STEP_ENV
 from tests.tiny_runs import (
     assert_same_weights,
     final_weights,
+    metrics_rows,
     metrics_steps,
     run_stage1_process,
     stage1_command,
@@ -130,7 +131,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path: Path):
     last_good = run / "checkpoints" / "step-00000002"
     assert message.startswith("error: step 4: 2 non-finite steps in a row")
     assert f"last good checkpoint: {last_good}" in message
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     assert [row["skipped_nonfinite"] for row in rows] == [0, 0, 1, 2]
     assert checkpoint_steps(run) == ["step-00000002"]
 

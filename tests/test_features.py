@@ -19,6 +19,7 @@ from qformer_cli.data.features import (
 )
 from qformer_cli.data.sample import BadSampleLog, Sample
 from qformer_cli.errors import DataError, UsageError
+from tests.tiny_runs import metrics_rows
 
 runner = CliRunner()
 IMAGES = 24  # training images in the small data file (5 captions each)
@@ -58,7 +59,7 @@ def _train(out: Path, data: Path, *extra: str):
 
 
 def _losses(run: Path) -> list[dict[str, float]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     return [{key: row[key] for key in ("itc", "itm", "itg")} for row in rows]
 
 

@@ -8,9 +8,6 @@ weights, in one process.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from qformer_cli.cli import app
-from tests.test_distributed import REPO_ROOT, TIMEOUT_S, free_port, step_env
+from tests.test_distributed import torchrun
+from tests.tiny_runs import metrics_rows
 
 runner = CliRunner()
 FAST = [
@@ -32,7 +30,7 @@ FAST = [
 
 
 def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["lm"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["lm"] for row in metrics_rows(run)]
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -41,17 +39,9 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _torchrun_stage2(out: Path, *extra: str) -> str:
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "qformer_cli", "pretrain-stage2", "--out", str(out), *FAST, *extra,
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, cwd=REPO_ROOT, env=step_env(), capture_output=True, text=True, timeout=TIMEOUT_S
-    )
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} exited {result.returncode}\n{result.stderr[-4000:]}")
-    return result.stderr
+    """`pretrain-stage2` under torchrun with 2 CPU processes; returns what it logged."""
+    args = ["-m", "qformer_cli", "pretrain-stage2", "--out", str(out), *FAST, *extra]
+    return torchrun(*args).stderr
 
 
 def _assert_same_training(run: Path, reference: Path) -> None:

@@ -15,7 +15,7 @@ from qformer_cli.config import QFormerConfig
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.convert import load_external_weights
 from qformer_cli.train.loop import STOP_AFTER_STEP_ENV
-from tests.tiny_runs import assert_same_weights, final_weights, metrics_steps, runner
+from tests.tiny_runs import assert_same_weights, final_weights, metrics_rows, metrics_steps, runner
 from tests.tiny_runs import train_stage1 as _train
 
 
@@ -28,7 +28,7 @@ def test_training_writes_checkpoint_metrics_and_plot(tmp_path: Path):
     assert summary["steps"] == 4
     assert (run / "loss.png").stat().st_size > 0
     assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 8
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert {"itc", "itm", "itg", "loss", "lr"} <= set(rows[-1])
     final = Path(summary["final_checkpoint"])
@@ -112,10 +112,7 @@ def test_gradient_accumulation_contrasts_against_the_whole_batch(tmp_path: Path)
         tmp_path / "accumulated", *no_dropout, "--batch-size", "4", "--set", "train.grad_accum=2"
     )
     assert accumulated.exit_code == 0, accumulated.output
-    rows = [
-        json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])
-        for run in ("whole", "accumulated")
-    ]
+    rows = [metrics_rows(tmp_path / run)[0] for run in ("whole", "accumulated")]
     assert rows[1]["itc"] == pytest.approx(rows[0]["itc"], rel=1e-5)
     # ITM mines its negatives within each micro-batch of 4, so it may differ; ITG barely does.
     assert rows[1]["itg"] == pytest.approx(rows[0]["itg"], rel=0.05)

@@ -77,7 +77,11 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert (a[key] - b[key]).abs().max() <= 1e-6, key
 
 
+def metrics_rows(run: Path) -> list[dict]:
+    """Every row of a run's ``metrics.jsonl``; each line must parse."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics_steps(run: Path) -> list[int]:
-    """The step of every metrics row; each line must parse."""
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines]
+    """The step of every metrics row."""
+    return [row["step"] for row in metrics_rows(run)]

@@ -448,13 +448,34 @@ def context_question(objects: list[world.SceneObject], rng: random.Random) -> tu
     """A (question, answer) about the scene: yes/no, number or "other" (colour, shape, size,
     by name or by place), a third each, drawn with the dataset's own question templates."""
     kind = rng.randrange(3)
+    if kind == 2:
+        return lookup_question(objects, rng)
     if kind == 0:
         spec = world.yes_no_question(objects, rng.random() < 0.5, rng)
-    elif kind == 1:
-        spec = world.number_question(objects, rng)
     else:
-        spec = rng.choice(world.other_question_candidates(objects, rng))
+        spec = world.number_question(objects, rng)
     return spec.question, spec.answer
+
+
+def lookup_question(objects: list[world.SceneObject], rng: random.Random) -> tuple[str, str]:
+    """A (question, answer) that names or places one object and asks for another of its
+    attributes (the dataset's "other" templates: colour, shape, size)."""
+    spec = rng.choice(world.other_question_candidates(objects, rng))
+    return spec.question, spec.answer
+
+
+QuestionMaker = Callable[[list[world.SceneObject], random.Random], tuple[str, str]]
+
+
+def described_scene_example(rng: random.Random, ask: QuestionMaker) -> LMExample:
+    """A described-scene example (description, "Question: q Answer:", a) about a fresh random
+    scene of the world; ``ask`` picks the question."""
+    objects = world.sample_objects(rng)
+    noise_kind = rng.choice(world.NOISE_KINDS)
+    question, answer = ask(objects, rng)
+    # Half the contexts end with OPT's BOS, as in BLIP-2: [soft prompt] </s> Question: ...
+    end = f".{BOS_MARK}" if rng.random() < 0.5 else "."
+    return f"{context_forms(objects, noise_kind, rng)}{end}", qa_prompt(question), answer
 
 
 def lm_pairs(text: WorldText, rng: random.Random) -> Iterator[LMExample]:
@@ -471,12 +492,7 @@ def lm_pairs(text: WorldText, rng: random.Random) -> Iterator[LMExample]:
     while True:
         roll = rng.random()
         if roll < LM_CONTEXT_SHARE:
-            objects = world.sample_objects(rng)
-            noise_kind = rng.choice(world.NOISE_KINDS)
-            question, answer = context_question(objects, rng)
-            # Half the contexts end with OPT's BOS, as in BLIP-2: [soft prompt] </s> Question: ...
-            end = f".{BOS_MARK}" if rng.random() < 0.5 else "."
-            yield f"{context_forms(objects, noise_kind, rng)}{end}", qa_prompt(question), answer
+            yield described_scene_example(rng, context_question)
             continue
         image_id = rng.choice(image_ids)
         if roll < LM_CONTEXT_SHARE + LM_BLIND_QA_SHARE:
@@ -489,18 +505,9 @@ def lm_pairs(text: WorldText, rng: random.Random) -> Iterator[LMExample]:
 
 
 def lookup_pairs(rng: random.Random) -> Iterator[LMExample]:
-    """Endless "description. Question: q Answer: a" examples whose question names or places one
-    object and asks for another of its attributes (the dataset's "other" templates)."""
+    """Endless described-scene examples whose question is a lookup (``lookup_question``)."""
     while True:
-        objects = world.sample_objects(rng)
-        noise_kind = rng.choice(world.NOISE_KINDS)
-        spec = rng.choice(world.other_question_candidates(objects, rng))
-        end = f".{BOS_MARK}" if rng.random() < 0.5 else "."
-        yield (
-            f"{context_forms(objects, noise_kind, rng)}{end}",
-            qa_prompt(spec.question),
-            spec.answer,
-        )
+        yield described_scene_example(rng, lookup_question)
 
 
 def join_example(*parts: str) -> str:

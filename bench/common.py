@@ -427,6 +427,23 @@ def measured_row(
     }
 
 
+def throughput_rows(
+    timings: dict[str, Timing], reference: str, items: int, same: str, prefix: str = ""
+) -> list[dict[str, Any]]:
+    """Rows of end-to-end variants timed side by side: seconds and items/s per call, speed as a
+    ratio to the ``reference`` variant, and whether the variants' outputs were the same."""
+    return [
+        {
+            "name": f"{prefix}{name}",
+            "seconds": timing.median,
+            "items_per_s": items / timing.median,
+            "ratio": timings[reference].median / timing.median,
+            "same": same,
+        }
+        for name, timing in timings.items()
+    ]
+
+
 def result_columns(device: torch.device, time_header: str) -> list[Column]:
     """The columns every timed table shows (peak memory only where it can be measured: CUDA)."""
     columns = [

@@ -42,6 +42,7 @@ from bench.common import (
     print_header,
     print_table,
     progress,
+    throughput_rows,
     timeit_interleaved,
 )
 from qformer_cli.data import sample_backbone_dir, sample_split_files
@@ -123,13 +124,7 @@ def generation_table(options: BenchOptions, batch_size: int) -> Table:
                 theirs, processor, ours, images, prompts, settings, options.device
             )
             timings = timeit_interleaved(fns, options)
-            reference = timings["transformers"].median
-            for name, timing in timings.items():
-                rows.append({
-                    "name": f"{task}, {name}", "seconds": timing.median,
-                    "items_per_s": len(images) / timing.median,
-                    "ratio": reference / timing.median, "same": same,
-                })  # fmt: skip
+            rows += throughput_rows(timings, "transformers", len(images), same, f"{task}, ")
     columns = [
         Column("s / batch", "seconds", "{:.3f}"),
         Column("items/s", "items_per_s", "{:.1f}"),

@@ -39,6 +39,7 @@ from bench.common import (
     print_header,
     print_table,
     progress,
+    throughput_rows,
     timeit_interleaved,
 )
 from bench.generation import build_tiny_blip2, inputs
@@ -146,13 +147,7 @@ def caption_table(options: BenchOptions) -> Table:
 
         same = "yes" if run_torch() == run_onnx() else "no"
         timings = timeit_interleaved({TORCH: run_torch, ONNX: run_onnx}, options)
-    rows = [
-        {
-            "name": name, "seconds": timing.median, "items_per_s": len(images) / timing.median,
-            "ratio": timings[TORCH].median / timing.median, "same": same,
-        }
-        for name, timing in timings.items()
-    ]  # fmt: skip
+    rows = throughput_rows(timings, TORCH, len(images), same)
     ratio = rows[1]["ratio"]
     columns = [
         Column("s / batch", "seconds", "{:.3f}"),

@@ -34,9 +34,11 @@ def check_before_loading(
     stage = STAGE_OF_COMMAND[command]
     _check_stage_options(stage, config)
     _check_backbones(stage, config)
+    # built once on the meta device, read by both the resume and the free-disk checks
+    llm_width = llm_embedding_width(config) if stage == 2 else None
     if resume_from is not None:
-        _check_resume_checkpoint(command, stage, config, resume_from)
-    _check_free_disk(stage, config, out_dir)
+        _check_resume_checkpoint(command, stage, config, resume_from, llm_width)
+    _check_free_disk(stage, config, out_dir, llm_width)
 
 
 def _check_stage_options(stage: int, config: RunConfig) -> None:
@@ -55,19 +57,25 @@ def _check_backbones(stage: int, config: RunConfig) -> None:
     resolve_model_name(config.model.bert)
 
 
-def _check_resume_checkpoint(command: str, stage: int, config: RunConfig, directory: Path) -> None:
+def llm_embedding_width(config: RunConfig) -> int:
+    """Width of the configured LLM's token embeddings (the stage-2 projection's output)."""
+    return build_language_model(config.model.llm, meta=True).embedding_dim
+
+
+def _check_resume_checkpoint(
+    command: str, stage: int, config: RunConfig, directory: Path, llm_width: int | None
+) -> None:
     saved = checkpoint.load_config(directory)
     if saved.get("stage") != stage:
         raise UsageError(
             f"{directory}: a stage-{saved.get('stage')} checkpoint; {command} resumes stage {stage}"
         )
     if stage == 2:  # the bridge's projection is as wide as the LLM's token embeddings
-        width = build_language_model(config.model.llm, meta=True).embedding_dim
         saved_width = saved.get("llm_embedding_dim")
-        if saved_width is not None and width != saved_width:
+        if saved_width is not None and llm_width != saved_width:
             raise UsageError(
                 f"{directory}: trained for an LLM with {saved_width}-wide token embeddings, but "
-                f"model.llm ({config.model.llm.model}) has {width}"
+                f"model.llm ({config.model.llm.model}) has {llm_width}"
             )
     if stage == 1:  # the stage-1 Q-Former embeds the tokenizer's vocabulary
         vocab = len(load_qformer_tokenizer(resolve_model_name(config.model.bert)))
@@ -79,16 +87,17 @@ def _check_resume_checkpoint(command: str, stage: int, config: RunConfig, direct
             )
 
 
-def trainable_parameters(stage: int, config: RunConfig) -> int:
-    """The stage's trainable parameter count, from shapes alone (meta device, no weights)."""
+def trainable_parameters(stage: int, config: RunConfig, llm_width: int | None = None) -> int:
+    """The stage's trainable parameter count, from shapes alone (meta device, no weights);
+    stage 2 builds the LLM for its embedding width unless ``llm_width`` is given."""
     qformer_config = config.model.qformer_config()
     qformer_config.encoder_width = build_vision_encoder(config.model.vision, meta=True).hidden_size
     with torch.device("meta"):
         if stage == 1:
             model: torch.nn.Module = Stage1Model(qformer_config)
         else:
-            llm_width = build_language_model(config.model.llm, meta=True).embedding_dim
-            model = Stage2Model(qformer_config, llm_width)
+            width = llm_width if llm_width is not None else llm_embedding_width(config)
+            model = Stage2Model(qformer_config, width)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -96,8 +105,8 @@ def free_disk_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
-def _check_free_disk(stage: int, config: RunConfig, out_dir: Path) -> None:
-    needed = trainable_parameters(stage, config) * CHECKPOINT_BYTES_PER_TRAINABLE
+def _check_free_disk(stage: int, config: RunConfig, out_dir: Path, llm_width: int | None) -> None:
+    needed = trainable_parameters(stage, config, llm_width) * CHECKPOINT_BYTES_PER_TRAINABLE
     free = free_disk_bytes(out_dir)
     if free < needed:
         raise UsageError(

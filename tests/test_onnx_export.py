@@ -44,9 +44,8 @@ runner = CliRunner()
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A stage-2 run directory: the shipped tiny CLIP + OPT, a few training steps."""
     out = tmp_path_factory.mktemp("stage2")
-    result = CliRunner().invoke(
-        app, ["pretrain-stage2", "--max-steps", "3", "--batch-size", "8", "--out", str(out)]
-    )
+    args = ["pretrain-stage2", "--max-steps", "3", "--batch-size", "8", "--out", str(out)]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return out
 

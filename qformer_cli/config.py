@@ -383,9 +383,7 @@ def resolve_config_path(config: str | Path) -> Path:
     )
 
 
-def load_config(
-    config: str | Path | None = None, overrides: list[str] | None = None
-) -> RunConfig:
+def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The one way to build a :class:`RunConfig`: defaults <- YAML file (``configs/tiny.yaml``
     when ``config`` is None) <- ``--set`` overrides."""
     path = resolve_config_path(DEFAULT_CONFIG if config is None else config)

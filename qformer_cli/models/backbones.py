@@ -8,6 +8,7 @@ download when the config is given inline or found locally), for ``qformer info``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -39,7 +40,7 @@ def resolve_model_name(name: str) -> str:
     if path.exists():
         return str(path)
     if path.is_absolute() or name.startswith((".", "~", SAMPLE_DATA)):
-        looked = f" (looked in {path})" if str(path) != name else ""
+        looked = f" (looked in {path})" if path != Path(name).expanduser() else ""
         raise UsageError(f"{name}: backbone directory not found{looked}")
     return name
 

@@ -34,7 +34,12 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", help="YAML config file (see configs/).")
+    str | None,
+    typer.Option(
+        "--config",
+        help="YAML config file, or a shipped config's name (tiny, blip2_vitg_opt2.7b, ...; "
+        "see configs/). Default: tiny, the embedded default.",
+    ),
 ]
 SetOption = Annotated[
     list[str] | None,
@@ -291,7 +296,7 @@ def pretrain_stage2(
 def _pretrain(
     command: str,
     builder: Callable[..., Any],
-    config: Path | None,
+    config: str | None,
     overrides: list[str] | None,
     flags: dict[str, Any],
     out: Path | None,
@@ -394,7 +399,7 @@ SplitOption = Annotated[
 
 
 def _generation_settings(
-    config: Path | None,
+    config: str | None,
     overrides: list[str] | None,
     flags: dict[str, Any],
 ):

@@ -3,6 +3,12 @@
 A configuration is built in one direction: preset sizes -> YAML file -> ``--set key=value``
 overrides -> validated dataclasses. Unknown keys and wrong types raise :class:`UsageError`
 (exit code 2) naming the offending key, before anything expensive happens.
+
+The YAML file is ``--config`` (a path, or a shipped config's name: ``tiny``,
+``blip2_vitg_opt2.7b``), and ``configs/tiny.yaml`` without one: that file *is* the embedded
+default. Every file is laid over the dataclass defaults below, which equal ``configs/tiny.yaml``
+except for the stage-2 VQA mix (``data.vqa_questions`` / ``data.vqa_annotations``), which a
+config of one's own must ask for (tests/test_config.py holds the two to that).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from qformer_cli.embedded import configs_dir, resolve_embedded_path
 from qformer_cli.errors import UsageError
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -136,7 +143,9 @@ class DataConfig:
     image_root: str = ""  # where the JSON's image paths resolve (default: beside the JSON)
     image_size: int = 0  # 0 = the vision encoder's own image processor size
     # Stage 2 may also learn VQA answers: VQAv2 questions + annotations of the training images.
-    # (configs/tiny.yaml does: its tiny LM cannot answer zero-shot from captions alone)
+    # Off here, so that a config of one's own never mixes in the synthetic world's questions;
+    # configs/tiny.yaml (used when there is no --config) turns it on: its tiny LM cannot answer
+    # zero-shot from captions alone.
     vqa_questions: str = ""
     vqa_annotations: str = ""
     vqa_images: str = ""  # default: images/train beside the questions file
@@ -350,9 +359,35 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """The one way to build a :class:`RunConfig`: defaults <- YAML file <- ``--set`` overrides."""
-    data = load_yaml(path) if path else {}
+DEFAULT_CONFIG = "tiny"  # with no --config: configs/tiny.yaml, the embedded default's recipe
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(path.stem for path in configs_dir().glob("*.yaml"))
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """``--config``: a YAML file (a path as given; ``configs/...`` also finds the shipped copy
+    from any directory) or a shipped config's name (``tiny``, ``blip2_vitg_opt2.7b.yaml``)."""
+    path = resolve_embedded_path(str(config))
+    if path.is_file():
+        return path
+    name = Path(config).name.removesuffix(".yaml")
+    shipped = configs_dir() / f"{name}.yaml"
+    if str(config) in (name, f"{name}.yaml") and shipped.is_file():
+        return shipped
+    problem = "is a directory" if path.is_dir() else "no such config file"
+    raise UsageError(
+        f"{config}: {problem} (or give a shipped config by name: "
+        f"{', '.join(shipped_config_names())})"
+    )
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The one way to build a :class:`RunConfig`: defaults <- YAML file (``configs/tiny.yaml``
+    when ``config`` is None) <- ``--set`` overrides."""
+    path = resolve_config_path(DEFAULT_CONFIG if config is None else config)
+    data = load_yaml(path)
     if isinstance(data, dict) and "stage" in data and "run" in data:
         # A checkpoint's config.json (stage, sizes, and the run config it was trained with).
         raise UsageError(
@@ -360,6 +395,6 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
             "(continue that run with --resume DIR, or start from it with pretrain-stage2 --init)"
         )
     data = apply_overrides(data, overrides or [])
-    config = from_dict(RunConfig, data)
-    config.model.qformer_config()  # validate the Q-Former overrides now, not mid-run
-    return config
+    run_config = from_dict(RunConfig, data)
+    run_config.model.qformer_config()  # validate the Q-Former overrides now, not mid-run
+    return run_config

@@ -1,15 +1,23 @@
-"""Configs: every shipped file loads; unknown keys and wrong types are one-line usage errors."""
+"""Configs: every shipped file loads; unknown keys and wrong types are one-line usage errors;
+no --config is configs/tiny.yaml; shipped configs and the embedded default are found by name
+from any directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from qformer_cli.cli import app
 from qformer_cli.config import QFormerConfig, RunConfig, load_config, qformer_preset
 from qformer_cli.errors import UsageError
+from qformer_cli.models.backbones import resolve_model_name
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+runner = CliRunner()
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
@@ -58,7 +66,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("model.preset=huge", "unknown Q-Former preset 'huge'"),
         ("model.qformer.num_heads=5", "not a multiple of num_heads 5"),
         ("train.lr", "expected key=value"),
-        ("train.lr.x=1", "config key 'train.lr': expected float"),
+        ("train.lr.x=1", "'lr' is not a section"),
     ],
 )
 def test_bad_overrides_are_usage_errors(override: str, message: str):
@@ -119,3 +127,89 @@ def test_a_partial_backbone_section_keeps_the_other_defaults(tmp_path: Path):
     from_file = load_config(path)
     assert from_file.model.llm.model == "sample_data/backbones/opt"
     assert from_file.model.llm.architecture == "OPTForCausalLM"
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded default: one recipe, with or without --config, from any directory.
+
+# What configs/tiny.yaml sets that the built-in defaults (under every other config) do not: the
+# stage-2 VQA mix, which a config of one's own must not inherit (README: "Configuration").
+TINY_ONLY = {"data.vqa_questions", "data.vqa_annotations"}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def test_no_config_is_configs_tiny_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)  # not the source tree: the shipped file is found all the same
+    default = load_config().to_dict()
+    assert default["data"]["vqa_questions"] == "sample_data/vqa_train_questions.json"
+    for same in ("tiny", "tiny.yaml", "configs/tiny.yaml", CONFIG_DIR / "tiny.yaml"):
+        assert load_config(same).to_dict() == default, same
+
+
+def test_the_builtin_defaults_are_tiny_yaml_except_the_vqa_mix():
+    builtin = _flat(RunConfig().to_dict())
+    tiny = _flat(load_config("tiny").to_dict())
+    assert builtin.keys() == tiny.keys()
+    assert {key for key in builtin if builtin[key] != tiny[key]} == TINY_ONLY
+
+
+def test_stage2_without_config_reads_the_vqa_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from qformer_cli.data import BadSampleLog
+    from qformer_cli.train.common import read_vqa_training_samples
+
+    monkeypatch.chdir(tmp_path)
+    samples = read_vqa_training_samples(load_config().data, BadSampleLog(skip=False))
+    assert len(samples) > 1000 and all(sample.answer and sample.question for sample in samples)
+
+
+@pytest.mark.parametrize("name", ["blip2_vitg_opt2.7b", "blip2_stage1_vitg.yaml", "tiny_t5"])
+def test_a_shipped_config_by_name_from_any_directory(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    by_path = load_config(CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml")
+    assert load_config(name).to_dict() == by_path.to_dict()
+
+
+def test_a_file_here_wins_over_a_shipped_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text("train:\n  lr: 0.5\n")
+    assert load_config("tiny.yaml").train.lr == 0.5  # the user's file
+    assert load_config("tiny").train.lr == 1e-3  # no file named `tiny` here: the shipped one
+
+
+def test_an_unknown_config_name_is_one_line_listing_the_shipped_names():
+    result = runner.invoke(app, ["info", "--config", "blip3"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: blip3: no such config file")
+    for name in ("tiny", "tiny_t5", "blip2_vitg_opt2.7b", "blip2_stage1_vitg"):
+        assert name in lines[0]
+
+
+def test_the_backbone_lookup_follows_qformer_sample_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)  # no sample_data/ here
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "backbones").mkdir(parents=True)
+    (elsewhere / "backbones" / "vision").symlink_to(ROOT / "sample_data" / "backbones" / "vision")
+    monkeypatch.setenv("QFORMER_SAMPLE_DATA", str(elsewhere))
+    vision = resolve_model_name("sample_data/backbones/vision")
+    assert vision == str(elsewhere / "backbones" / "vision")
+    # The command: the LLM is not in $QFORMER_SAMPLE_DATA, and the error says where it looked.
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "error: sample_data/backbones/opt: backbone directory not found "
+        f"(looked in {elsewhere / 'backbones' / 'opt'})"
+    )

@@ -1,25 +1,19 @@
-"""Where the shipped synthetic world lives, so commands can default to it.
+"""The shipped synthetic world's files by split and backbone, so commands can default to it.
 
-The folder is ``sample_data/`` at the repository root, or ``$QFORMER_SAMPLE_DATA`` when set.
+Its folder is :func:`qformer_cli.embedded.sample_data_dir`: ``$QFORMER_SAMPLE_DATA`` when set,
+else the copy installed with the package, else the source tree's ``sample_data/``.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from qformer_cli.embedded import sample_data_dir
 from qformer_cli.errors import UsageError
 
 SPLITS = ("train", "val", "test")
 BACKBONES = ("vision", "opt", "t5", "bert")
-
-
-def sample_data_dir() -> Path:
-    override = os.environ.get("QFORMER_SAMPLE_DATA")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "sample_data"
 
 
 @dataclass(frozen=True)

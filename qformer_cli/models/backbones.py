@@ -16,11 +16,10 @@ import transformers
 from torch import nn
 
 from qformer_cli.config import BackboneConfig
+from qformer_cli.embedded import SAMPLE_DATA, resolve_embedded_path
 from qformer_cli.errors import CheckpointError, UsageError
 
 LLMFamily = Literal["decoder-only", "encoder-decoder"]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Vision checkpoints whose full model holds a text tower too: load only the vision side.
 _VISION_CLASSES = {
@@ -33,18 +32,16 @@ _VISION_CLASSES = {
 
 
 def resolve_model_name(name: str) -> str:
-    """A local path if it exists (relative paths under ``sample_data/`` also resolve against the
-    repository, so the embedded default works from any directory); otherwise the hub id as is."""
+    """A local directory if it exists (``sample_data/backbones/...`` not found here is the
+    embedded default's: :func:`resolve_embedded_path`); otherwise the hub id as is."""
     if not name:
         raise UsageError("no backbone model given (set model.vision.model / model.llm.model)")
-    path = Path(name).expanduser()
+    path = resolve_embedded_path(name)
     if path.exists():
         return str(path)
-    in_repo = REPO_ROOT / name
-    if not path.is_absolute() and in_repo.exists():
-        return str(in_repo)
-    if path.is_absolute() or name.startswith((".", "sample_data")):
-        raise UsageError(f"{name}: backbone directory not found")
+    if path.is_absolute() or name.startswith((".", "~", SAMPLE_DATA)):
+        looked = f" (looked in {path})" if path != Path(name).expanduser() else ""
+        raise UsageError(f"{name}: backbone directory not found{looked}")
     return name
 
 

@@ -28,6 +28,7 @@ from qformer_cli.data import (
 from qformer_cli.data.features import FeatureDataset, FeatureIndex
 from qformer_cli.data.json_files import read_json
 from qformer_cli.data.transforms import ImageTransformConfig
+from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
 from qformer_cli.losses import Ranks
 from qformer_cli.models.backbones import VisionEncoder, build_vision_encoder, resolve_model_name
@@ -54,13 +55,16 @@ def write_resolved_config(out_dir: Path, config: RunConfig) -> None:
 
 
 def data_root(data: DataConfig) -> Path:
-    return Path(data.root) if data.root else sample_data_dir()
+    return resolve_embedded_path(data.root) if data.root else sample_data_dir()
 
 
 def read_caption_samples(data: DataConfig, bad: BadSampleLog) -> list[Sample]:
     """Training captions, one sample per caption: Karpathy train JSON (a list) or COCO JSON."""
-    path = Path(data.train) if data.train else sample_split_files("train", data_root(data)).karpathy
-    image_root = Path(data.image_root) if data.image_root else None
+    if data.train:
+        path = resolve_embedded_path(data.train)
+    else:
+        path = sample_split_files("train", data_root(data)).karpathy
+    image_root = resolve_embedded_path(data.image_root) if data.image_root else None
     if isinstance(read_json(path), dict):
         samples = read_coco_captions(path, image_root, bad=bad)
     else:
@@ -71,23 +75,18 @@ def read_caption_samples(data: DataConfig, bad: BadSampleLog) -> list[Sample]:
     return samples
 
 
-def resolve_data_path(path: str) -> Path:
-    """A path as given, or, for ``sample_data/...`` not found here, inside the embedded default."""
-    candidate = Path(path)
-    if not candidate.exists() and path.startswith("sample_data/"):
-        return sample_data_dir() / path[len("sample_data/") :]
-    return candidate
-
-
 def read_vqa_training_samples(data: DataConfig, bad: BadSampleLog) -> list[Sample]:
     """VQAv2 question-answer pairs mixed into stage-2 training (none unless configured)."""
     if not data.vqa_questions:
         return []
     if not data.vqa_annotations:
         raise UsageError("data.vqa_questions needs data.vqa_annotations (the answers)")
-    questions = resolve_data_path(data.vqa_questions)
-    image_dir = Path(data.vqa_images) if data.vqa_images else questions.parent / "images" / "train"
-    samples = read_vqa(questions, resolve_data_path(data.vqa_annotations), image_dir, bad=bad)
+    questions = resolve_embedded_path(data.vqa_questions)
+    if data.vqa_images:
+        image_dir = resolve_embedded_path(data.vqa_images)
+    else:
+        image_dir = questions.parent / "images" / "train"
+    samples = read_vqa(questions, resolve_embedded_path(data.vqa_annotations), image_dir, bad=bad)
     return [sample for sample in samples if sample.answer]
 
 

@@ -29,7 +29,7 @@ from qformer_cli.config import DataConfig, TrainConfig
 from qformer_cli.data import BadSampleLog, RankSampler, sample_backbone_dir
 from qformer_cli.models.backbones import load_qformer_tokenizer
 from qformer_cli.train.common import read_caption_samples
-from tests.tiny_runs import FAST, metrics_rows
+from tests.tiny_runs import FAST, metrics_rows, train_stage1
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STEP_SCRIPT = REPO_ROOT / "tests" / "distributed_step.py"
@@ -163,7 +163,7 @@ EQUIVALENCE_STEPS = 8
 # the default) with attention dropout off as well: dropout masks come from each process's own
 # random stream, which no world size can reproduce. Everything else is the default, the `sample`
 # negatives included.
-EQUIVALENT = [*FAST, "--set", "model.qformer.attention_dropout=0.0"]
+NO_ATTENTION_DROPOUT = ("--set", "model.qformer.attention_dropout=0.0")
 LOGGED_LOSSES = ("itc", "itm", "itg", "loss")
 
 
@@ -173,6 +173,15 @@ def stage1_module_args(out: Path, *extra: str) -> list[str]:
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(checkpoint.list_checkpoints(run_dir)[-1] / checkpoint.WEIGHTS))
+
+
+def train_both(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
+    """The FAST run plus ``extra`` in this process and under torchrun with 2 processes."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    result = train_stage1(single, *NO_ATTENTION_DROPOUT, *extra)
+    assert result.exit_code == 0, result.output
+    torchrun(*stage1_module_args(ddp, *FAST, *NO_ATTENTION_DROPOUT, *extra))
+    return single, ddp
 
 
 def assert_same_run(single: Path, ddp: Path, steps: int) -> None:
@@ -226,16 +235,14 @@ def rank_caption_stats(steps: int, global_batch: int) -> list[tuple[tuple[int, .
 def test_torchrun_stage1_matches_one_process_on_sample_data(tmp_path: Path) -> None:
     """`pretrain-stage1` on 2 processes x 4 vs 1 process x 8: natural caption lengths, default
     `sample` negatives, fixed seed, fp32, deterministic kernels, Q-Former dropout off (see
-    EQUIVALENT): the same metrics rows and final weights."""
+    NO_ATTENTION_DROPOUT): the same metrics rows and final weights."""
     stats = rank_caption_stats(EQUIVALENCE_STEPS, global_batch=8)
     # The ranks' captions really differ: unequal widths (gathered at a common one) and token
     # counts (where a per-rank token mean would weigh tokens unequally) in most steps.
     assert sum(a[0] != b[0] for a, b in stats) >= 6, stats
     assert sum(a[1] != b[1] for a, b in stats) >= 6, stats
-    args = [*EQUIVALENT, "--max-steps", str(EQUIVALENCE_STEPS)]
-    run([sys.executable, *stage1_module_args(tmp_path / "single", *args)])
-    torchrun(*stage1_module_args(tmp_path / "ddp", *args))
-    assert_same_run(tmp_path / "single", tmp_path / "ddp", EQUIVALENCE_STEPS)
+    single, ddp = train_both(tmp_path, "--max-steps", str(EQUIVALENCE_STEPS))
+    assert_same_run(single, ddp, EQUIVALENCE_STEPS)
 
 
 @pytest.mark.slow
@@ -243,10 +250,8 @@ def test_torchrun_stage1_with_grad_accumulation_matches_one_process(tmp_path: Pa
     """The same with 2 micro-batches per step (train.grad_accum=2): ITG normalized by the
     target tokens of the whole step, negatives drawn within each global micro-batch."""
     steps = 4
-    args = [*EQUIVALENT, "--set", "train.grad_accum=2", "--max-steps", str(steps)]
-    run([sys.executable, *stage1_module_args(tmp_path / "single", *args)])
-    torchrun(*stage1_module_args(tmp_path / "ddp", *args))
-    assert_same_run(tmp_path / "single", tmp_path / "ddp", steps)
+    single, ddp = train_both(tmp_path, "--set", "train.grad_accum=2", "--max-steps", str(steps))
+    assert_same_run(single, ddp, steps)
 
 
 @pytest.mark.slow

@@ -2,8 +2,12 @@
 
 With one process nothing is gathered. With several, features are all-gathered through the
 autograd-aware collective, so each rank's loss sends gradients back to the ranks that produced
-the features: one step on R ranks x B/R samples then equals one step on B samples in one process
-(DDP averages the per-rank gradients, each rank's loss is a mean over its own rows).
+the features: one step on R ranks x B/R samples then equals one step on B samples in one process.
+DDP averages the per-rank gradients, so each rank's loss is its share of the global loss times R:
+ITC and ITM are means over a rank's own (equally many) rows; ITG, a mean over caption tokens
+that ranks hold unequally many of, divides its token sum by the global token count over R
+(:func:`itg_loss`'s ``tokens_per_loss``). Token ids and masks of different widths are gathered
+at the global longest width (:func:`gather_padded`).
 """
 
 from __future__ import annotations
@@ -75,6 +79,31 @@ def gather_no_grad(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+@torch.no_grad()
+def global_sum(value: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """``value`` summed over all ranks (a copy; the value itself with one process)."""
+    if ranks.world_size == 1:
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total
+
+
+@torch.no_grad()
+def common_width(width: int, ranks: Ranks, device: torch.device) -> int:
+    """The largest ``width`` of any rank (each rank pads its captions to its own longest)."""
+    if ranks.world_size == 1:
+        return width
+    widest = torch.tensor([width], device=device)
+    dist.all_reduce(widest, op=dist.ReduceOp.MAX)
+    return int(widest.item())
+
+
+def pad_width(tensor: torch.Tensor, width: int, value: int = 0) -> torch.Tensor:
+    """(B, T) -> (B, width), ``value`` appended on the right (padding: masked, never read)."""
+    return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
 @dataclass
 class ItcOutput:
     loss: torch.Tensor
@@ -116,7 +145,7 @@ def mine_hard_negatives(
     all_image_ids: torch.Tensor,
     positive_index: torch.Tensor,
     mining: NegativeMining,
-    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
     text_ids: torch.Tensor | None = None,
     all_text_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -127,7 +156,8 @@ def mine_hard_negatives(
     (``image_ids`` (B,) vs ``all_image_ids`` (G,)), the positive included, and, when
     ``text_ids`` (B,) / ``all_text_ids`` (G,) are given, every sample whose caption is the same
     text: an image captioned word for word like the positive is no negative. ``sample`` draws with
-    probability softmax(similarity) (BLIP-2); ``hardest`` takes the most similar candidate
+    probability softmax(similarity) (BLIP-2), one of ``uniforms`` (B,) per row
+    (:func:`draw_by_inverse_cdf`); ``hardest`` takes the most similar candidate
     (deterministic, for tests). A row with no candidate (the batch shows one image only) falls
     back to any other sample.
     """
@@ -143,7 +173,29 @@ def mine_hard_negatives(
     weights = torch.where((weights.sum(dim=1) > 0)[:, None], weights, fallback)
     if mining == "hardest":
         return weights.argmax(dim=1)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    if uniforms is None:
+        uniforms = torch.rand(weights.shape[0], dtype=torch.float64, device=weights.device)
+    return draw_by_inverse_cdf(weights, uniforms)
+
+
+@torch.no_grad()
+def draw_by_inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """For each row of ``weights`` (B, G) (non-negative, each row some positive), the column
+    whose cumulative weight interval holds ``uniforms`` (B,) in [0, 1) times the row's total.
+
+    Unlike ``torch.multinomial``, the pick is a plain function of the weights and the uniform:
+    when the caller draws the uniforms for the global batch from one seeded stream, every world
+    size picks the same negatives, and weights that differ by float rounding (1e-7) change a
+    pick only when a uniform falls within that distance of a boundary.
+    """
+    cumulative = weights.double().cumsum(dim=1)  # (B, G)
+    targets = uniforms.double() * cumulative[:, -1]  # (B,) strictly inside the row's total
+    picked = torch.searchsorted(cumulative, targets[:, None], right=True).squeeze(1)
+    # right=True skips zero-weight columns (flat CDF); rounding at the very top can run past the
+    # end, where the last column of positive weight is the right pick.
+    columns = torch.arange(weights.shape[1], device=weights.device)
+    last_positive = torch.where(weights > 0, columns, -1).amax(dim=1)
+    return torch.minimum(picked, last_positive)
 
 
 def itm_loss(itm_logits: torch.Tensor) -> torch.Tensor:
@@ -158,18 +210,35 @@ def itm_loss(itm_logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(itm_logits, labels)
 
 
+def itg_targets(text_mask: torch.Tensor) -> torch.Tensor:
+    """The number of ITG target tokens in a batch: every real token after the first (0-dim)."""
+    return (text_mask[:, 1:] != 0).sum()
+
+
 def itg_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    tokens_per_loss: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy with label smoothing 0.1 over the real (non-padding) tokens.
 
     ``logits`` (B, T, V) are predictions at every text position; position t predicts token t+1.
+    The sum of the token losses is divided by ``tokens_per_loss``; by default this batch's
+    target count (the token mean). When this loss is one of K losses that are averaged (DDP's
+    gradient averaging over R ranks, the trainer's mean over J micro-batches: K = R * J), pass
+    the target count of all K batches over K: the average of the K losses is then the token mean
+    of the whole step, whichever batch holds how many tokens.
     """
     labels = input_ids.masked_fill(text_mask == 0, -100)[:, 1:]  # (B, T-1)
     shifted = logits[:, :-1].float()
-    return F.cross_entropy(
+    token_sum = F.cross_entropy(
         shifted.reshape(-1, shifted.shape[-1]),
         labels.reshape(-1),
         ignore_index=-100,
         label_smoothing=LABEL_SMOOTHING,
+        reduction="sum",
     )
+    if tokens_per_loss is None:
+        tokens_per_loss = itg_targets(text_mask)
+    return token_sum / tokens_per_loss

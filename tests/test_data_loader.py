@@ -54,6 +54,26 @@ def test_rank_sampler_shuffles_per_epoch_consistently_across_ranks() -> None:
     assert list(again) == epoch0[0]
 
 
+def test_training_ranks_get_their_part_of_each_global_batch(val_questions: list) -> None:
+    """Training loaders (shuffled, drop_last) on 2 ranks x 3 deal one process's batches of 6,
+    in order, rank r the r-th part (the order the losses gather them in); the incomplete last
+    global batch (2 of 14 samples) is dropped, as one process drops it."""
+    dataset = eval_dataset(val_questions[:14])
+
+    def batches(rank: int, world_size: int) -> list[list]:
+        loader = make_dataloader(
+            dataset, batch_size=6 // world_size, shuffle=True, seed=3, drop_last=True,
+            rank=rank, world_size=world_size,
+        )  # fmt: skip
+        loader.set_epoch(1)
+        return [batch.question_ids for batch in loader]
+
+    one_process = batches(0, 1)
+    rank0, rank1 = batches(0, 2), batches(1, 2)
+    assert len(one_process) == len(rank0) == len(rank1) == 2
+    assert [a + b for a, b in zip(rank0, rank1, strict=True)] == one_process
+
+
 def test_rank_sampler_rejects_a_rank_outside_the_world() -> None:
     with pytest.raises(ValueError, match="rank 2 outside world size 2"):
         RankSampler(4, rank=2, world_size=2)

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from qformer_cli.config import qformer_preset
-from qformer_cli.losses import Ranks, itc_loss, itg_loss, itm_loss, mine_hard_negatives
+from qformer_cli.losses import (
+    Ranks,
+    draw_by_inverse_cdf,
+    itc_loss,
+    itg_loss,
+    itg_targets,
+    itm_loss,
+    mine_hard_negatives,
+)
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.train.stage1 import Stage1Batch, Stage1Objective
 
@@ -64,8 +72,29 @@ def test_sampled_negatives_never_pick_the_same_image():
     similarity = torch.randn(4, 4) * 5
     ids = torch.tensor([1, 1, 2, 3])
     for _ in range(50):
-        picked = mine_hard_negatives(similarity, ids, ids, torch.arange(4), "sample", generator)
+        uniforms = torch.rand(4, generator=generator, dtype=torch.float64)
+        picked = mine_hard_negatives(similarity, ids, ids, torch.arange(4), "sample", uniforms)
         assert all(ids[p] != ids[i] for i, p in enumerate(picked.tolist()))
+
+
+def test_inverse_cdf_draw_picks_the_interval_holding_the_uniform():
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0], [2.0, 0.0, 2.0, 0.0]])
+    # Row 0: CDF 0, 1, 1, 4 (x total 4: intervals [0, .25) -> 1, [.25, 1) -> 3).
+    # Row 1: intervals [0, .5) -> 0, [.5, 1) -> 2; zero-weight columns are never picked.
+    cases = {(0.0, 0.0): [1, 0], (0.2499, 0.4999): [1, 0], (0.25, 0.5): [3, 2]}
+    for (u0, u1), expected in cases.items():
+        uniforms = torch.tensor([u0, u1], dtype=torch.float64)
+        assert draw_by_inverse_cdf(weights, uniforms).tolist() == expected
+    top = torch.tensor([1 - 2**-53, 1 - 2**-53], dtype=torch.float64)
+    assert draw_by_inverse_cdf(weights, top).tolist() == [3, 2]
+
+
+def test_inverse_cdf_draw_follows_the_weights():
+    """Against torch.multinomial's distribution: frequencies of 20000 draws within 0.01."""
+    weights = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(20000, 4)
+    uniforms = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    counts = torch.bincount(draw_by_inverse_cdf(weights, uniforms), minlength=4) / 20000
+    assert torch.allclose(counts, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.01)
 
 
 def test_a_batch_of_one_image_falls_back_to_other_samples():
@@ -93,6 +122,26 @@ def test_itg_predicts_the_next_real_token():
     pairs = [(0, 0, 5), (0, 1, 6), (1, 0, 7), (1, 1, 8), (1, 2, 9)]  # (row, position, next token)
     expected = sum(_smoothed_ce(logits[b, t].tolist(), y) for b, t, y in pairs) / len(pairs)
     assert itg_loss(logits, ids, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_itg_shares_of_unequal_batches_average_to_the_whole_token_mean():
+    """Batches of 7 and 2 target tokens: with tokens_per_loss = 9 / 2 the mean of their two
+    losses (what DDP's averaging over 2 ranks sees) is the token mean of all 9 tokens, where
+    the mean of the two per-batch token means is not."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=generator, requires_grad=True)
+    ids = torch.randint(1, 11, (3, 5), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    whole = itg_loss(logits, ids, mask)
+    (whole_grad,) = torch.autograd.grad(whole, logits)
+    parts = [slice(0, 2), slice(2, 3)]  # 4 + 3 = 7 targets, then 2
+    tokens_per_loss = itg_targets(mask) / 2
+    shares = [itg_loss(logits[p], ids[p], mask[p], tokens_per_loss) for p in parts]
+    (shares_grad,) = torch.autograd.grad(sum(shares) / 2, logits)
+    assert (sum(shares) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
+    assert torch.allclose(shares_grad, whole_grad, atol=1e-7)
+    per_batch_means = sum(itg_loss(logits[p], ids[p], mask[p]) for p in parts) / 2
+    assert per_batch_means.item() != pytest.approx(whole.item(), rel=1e-3)
 
 
 def _objective(reuse: bool) -> Stage1Objective:

@@ -145,9 +145,15 @@ def collate_samples(items: list[LoadedSample | BadSample]) -> Batch:
 class RankSampler(Sampler[int]):
     """Indices of one rank's shard, like ``DistributedSampler``, for any world size (1 too).
 
-    Shuffled from ``seed + epoch`` when ``shuffle``; with ``equal_shards`` (training) indices
-    are repeated so every rank gets the same count, as DDP needs; without it (evaluation) each
-    sample appears exactly once across ranks.
+    Shuffled from ``seed + epoch`` when ``shuffle``. Per index, rank r takes every R-th index:
+    with ``equal_shards`` indices are repeated so every rank gets the same count, as DDP needs;
+    without it (evaluation) each sample appears exactly once across ranks.
+
+    With ``batch_size`` (a rank's batch; training) the order is dealt in whole global batches
+    of ``batch_size * world_size``: rank r takes the r-th contiguous part of each, the order in
+    which the losses gather the global batch, so R ranks train on exactly the global batches of
+    one process, sample for sample; an incomplete last global batch is dropped, as one process
+    drops its last incomplete batch. Every rank gets the same count.
     """
 
     def __init__(
@@ -159,6 +165,7 @@ class RankSampler(Sampler[int]):
         shuffle: bool = False,
         seed: int = 0,
         equal_shards: bool = True,
+        batch_size: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -168,6 +175,7 @@ class RankSampler(Sampler[int]):
         self.shuffle = shuffle
         self.seed = seed
         self.equal_shards = equal_shards
+        self.batch_size = batch_size
         self.epoch = 0
         self.skip = 0  # indices of this epoch to leave out from the start (mid-epoch resume)
 
@@ -182,12 +190,27 @@ class RankSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = self._order()
+        if self.batch_size is not None:
+            return iter(self._whole_batches(order)[self.skip :])
         if self.equal_shards and order:
             padded = math.ceil(len(order) / self.world_size) * self.world_size
             order = (order * math.ceil(padded / len(order)))[:padded]
         return iter(order[self.rank :: self.world_size][self.skip :])
 
+    def _whole_batches(self, order: list[int]) -> list[int]:
+        """This rank's part of every complete global batch of ``order``, in order."""
+        size = self.batch_size or 1
+        global_batch = size * self.world_size
+        start = self.rank * size
+        return [
+            index
+            for offset in range(0, len(order) - global_batch + 1, global_batch)
+            for index in order[offset + start : offset + start + size]
+        ]
+
     def __len__(self) -> int:
+        if self.batch_size is not None:
+            return self.length // (self.batch_size * self.world_size) * self.batch_size
         if self.equal_shards:
             return math.ceil(self.length / self.world_size)
         return len(range(self.rank, self.length, self.world_size))
@@ -246,8 +269,10 @@ def make_dataloader(
     """Batches of ``dataset`` for this rank, loaded by ``num_workers`` worker processes.
 
     Map-style datasets are sharded here (``equal_shards`` defaults to ``shuffle``: training
-    pads shards to equal length, evaluation sees every sample once). Streaming datasets are
-    sharded by their source (see :func:`read_hf_dataset`'s ``rank``/``world_size``).
+    pads shards to equal length, evaluation sees every sample once; with ``drop_last`` each
+    rank gets its contiguous part of every complete global batch, see :class:`RankSampler`).
+    Streaming datasets are sharded by their source (see :func:`read_hf_dataset`'s
+    ``rank``/``world_size``).
     Worker random streams (crop, flip) are seeded from ``seed`` and ``rank``.
     """
     sampler = None
@@ -259,6 +284,7 @@ def make_dataloader(
             shuffle=shuffle,
             seed=seed,
             equal_shards=shuffle if equal_shards is None else equal_shards,
+            batch_size=batch_size if drop_last else None,
         )
     loader = DataLoader(
         dataset,

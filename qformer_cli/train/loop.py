@@ -338,6 +338,7 @@ class Trainer:
             values = self._forward_backward(batch, 1.0 / len(micro_batches))
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
+        totals = self._mean_over_ranks(totals)
         self.scaler.unscale_(self.optimizer)
         faults.maybe_fail("mid_step", self.state.step + 1)
         grads = [p.grad for p in self.recipe.trainable.parameters() if p.grad is not None]
@@ -353,6 +354,17 @@ class Trainer:
         self.scaler.update()
         totals["lr"] = lr
         return totals, sum(self.recipe.batch_size_of(b) for b in micro_batches)
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean of every rank's ``values``: each rank's loss is its share of the global
+        batch's loss times R (DDP averages gradients), so the mean is the global batch's loss,
+        what one process would log."""
+        if self.ranks.world_size == 1:
+            return values
+        stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(stacked)
+        stacked /= self.ranks.world_size
+        return dict(zip(values, stacked.tolist(), strict=True))
 
     def _measure_flops(self, micro_batches: list[Any]) -> None:
         # Eagerly: dynamo refuses frames under FlopCounterMode's dispatch mode, and remembers the

@@ -26,11 +26,15 @@ from qformer_cli.losses import (
     ItcOutput,
     NegativeMining,
     Ranks,
+    common_width,
     gather_no_grad,
+    global_sum,
     itc_loss,
     itg_loss,
+    itg_targets,
     itm_loss,
     mine_hard_negatives,
+    pad_width,
 )
 from qformer_cli.models.backbones import DEC_TOKEN, load_qformer_tokenizer, resolve_model_name
 from qformer_cli.models.blip2 import Stage1Model
@@ -66,6 +70,9 @@ class Stage1Batch:
     # (B,) int64 caption fingerprints (caption_ids); same id = same text (not a negative either)
     text_ids: torch.Tensor | None = None
     itc_accumulation: ItcAccumulation | None = None  # set for gradient accumulation
+    # ITG target tokens of the whole optimizer step (all ranks and micro-batches) over the
+    # number of losses averaged into its gradient; None: this batch alone is the step.
+    itg_tokens_per_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -99,6 +106,8 @@ class Stage1Objective(nn.Module):
         self.dec_token_id = dec_token_id
         self.mining: NegativeMining = mining
         self.reuse = reuse
+        # Draws the uniforms of ``sample`` mining for the global batch; seeded alike on every
+        # rank, which all draw the same count, so the negatives do not depend on the world size.
         self.generator: torch.Generator | None = None
 
     def forward(self, batch: Stage1Batch) -> Stage1Losses:
@@ -115,10 +124,13 @@ class Stage1Objective(nn.Module):
 
         itm_logits = self._itm_logits(batch, image_kv, itc.sim_i2t, itc.sim_t2i, ranks)
         itg_logits = self._itg_logits(batch, image_pass.query_kv)
+        tokens_per_loss = batch.itg_tokens_per_loss
+        if tokens_per_loss is None:  # one batch per step: DDP averages R ranks' losses
+            tokens_per_loss = global_sum(itg_targets(batch.text_mask), ranks) / ranks.world_size
         return Stage1Losses(
             itc=itc.loss,
             itm=itm_loss(itm_logits),
-            itg=itg_loss(itg_logits, batch.input_ids, batch.text_mask),
+            itg=itg_loss(itg_logits, batch.input_ids, batch.text_mask, tokens_per_loss),
         )
 
     def _image_feats(self, query_output: torch.Tensor) -> torch.Tensor:
@@ -137,12 +149,21 @@ class Stage1Objective(nn.Module):
 
     @torch.no_grad()
     def accumulate(self, batches: list[Stage1Batch]) -> list[Stage1Batch]:
-        """The micro-batches of one step, each carrying every micro-batch's ITC features."""
+        """The micro-batches of one step, each carrying every micro-batch's ITC features and
+        the ITG normalizer of the whole step (the trainer averages the J micro-batches' losses
+        and DDP the R ranks' gradients: J * R losses share the step's target tokens)."""
         query_features = self.model.qformer.query_features
         image_feats = [self._image_feats(query_features(b.image_embeds)) for b in batches]
         text_feats = [self._text_feat(b) for b in batches]
+        ranks = Ranks.current()
+        local_targets = torch.stack([itg_targets(b.text_mask) for b in batches]).sum()
+        tokens_per_loss = global_sum(local_targets, ranks) / (ranks.world_size * len(batches))
         return [
-            replace(b, itc_accumulation=ItcAccumulation(image_feats, text_feats, index))
+            replace(
+                b,
+                itc_accumulation=ItcAccumulation(image_feats, text_feats, index),
+                itg_tokens_per_loss=tokens_per_loss,
+            )
             for index, b in enumerate(batches)
         ]
 
@@ -197,10 +218,15 @@ class Stage1Objective(nn.Module):
         negative_image = mine(sim_t2i)  # (B,) global index of a hard negative image per text
         negative_text = mine(sim_i2t)  # (B,) global index of a hard negative text per image
 
-        all_ids = gather_no_grad(batch.input_ids, ranks)
-        all_masks = gather_no_grad(batch.text_mask, ranks)
-        input_ids = torch.cat([batch.input_ids, batch.input_ids, all_ids[negative_text]])
-        text_mask = torch.cat([batch.text_mask, batch.text_mask, all_masks[negative_text]])
+        # Each rank pads its captions to its own longest: gather at the global longest width
+        # (one collective; what one process pads the whole batch to), padding being masked.
+        width = common_width(batch.input_ids.shape[1], ranks, batch.input_ids.device)
+        local_ids = pad_width(batch.input_ids, width, self.model.qformer.config.pad_token_id)
+        local_mask = pad_width(batch.text_mask, width)
+        all_ids = gather_no_grad(local_ids, ranks)  # (G, width)
+        all_masks = gather_no_grad(local_mask, ranks)
+        input_ids = torch.cat([local_ids, local_ids, all_ids[negative_text]])
+        text_mask = torch.cat([local_mask, local_mask, all_masks[negative_text]])
         pair_kv = self._pair_image_kv(batch, image_kv, negative_image, local, ranks)
         joint = self.model.qformer(
             image_kv=pair_kv, input_ids=input_ids, text_mask=text_mask, pattern="bidirectional"
@@ -212,18 +238,28 @@ class Stage1Objective(nn.Module):
         all_text_ids = None if batch.text_ids is None else gather_no_grad(batch.text_ids, ranks)
 
         def mine(similarity: torch.Tensor) -> torch.Tensor:
+            uniforms = None
+            if self.mining == "sample":  # one per sample of the global batch; this rank's rows
+                uniforms = self._uniforms(similarity.shape[1], similarity.device)[positive_index]
             return mine_hard_negatives(
                 similarity,
                 batch.image_ids,
                 all_image_ids,
                 positive_index,
                 self.mining,
-                self.generator,
+                uniforms,
                 text_ids=batch.text_ids,
                 all_text_ids=all_text_ids,
             )
 
         return mine
+
+    def _uniforms(self, count: int, device: torch.device) -> torch.Tensor:
+        """(count,) float64 uniforms in [0, 1) from the negatives' generator (the global RNG
+        without one); generators live on the training device."""
+        generator = self.generator
+        on = generator.device if generator is not None else device
+        return torch.rand(count, generator=generator, dtype=torch.float64, device=on).to(device)
 
     def _pair_image_kv(
         self,
@@ -324,7 +360,8 @@ def build_stage1_recipe(
     loader = build_train_loader(config, samples, bad, ranks, features=cache)
     if cache:
         report(f"training on cached features from {cache.directory} ({cache.dtype}; no images)")
-    generator = torch.Generator(device=device).manual_seed(config.train.seed + ranks.rank)
+    # The same seed on every rank: each draws the global batch's uniforms (see _mine).
+    generator = torch.Generator(device=device).manual_seed(config.train.seed)
     objective = Stage1Objective(model, tokenizer.convert_tokens_to_ids(DEC_TOKEN))
     objective.generator = generator
 

@@ -13,6 +13,7 @@ import pytest
 
 from qformer_cli import checkpoint
 from qformer_cli.cli import app
+from qformer_cli.train import stage1, stage2
 from tests.test_distributed import torchrun
 from tests.tiny_runs import metrics_steps, runner, train_stage1
 
@@ -33,7 +34,14 @@ def _earlier_run(run: Path, step: int = 5) -> None:
 
 
 @pytest.mark.parametrize("command", ["pretrain-stage1", "pretrain-stage2"])
-def test_an_out_dir_holding_a_run_is_refused(tmp_path: Path, command: str):
+def test_an_out_dir_holding_a_run_is_refused(
+    tmp_path: Path, command: str, monkeypatch: pytest.MonkeyPatch
+):
+    def must_not_load(*_args, **_kwargs):
+        raise AssertionError("the recipe (and its backbones) was built before the refusal")
+
+    monkeypatch.setattr(stage1, "build_stage1_recipe", must_not_load)
+    monkeypatch.setattr(stage2, "build_stage2_recipe", must_not_load)
     run = tmp_path / "run"
     _earlier_run(run)
     before = sorted(run.rglob("*"))

@@ -106,6 +106,18 @@ def test_a_conflicting_vision_option_is_refused(
     assert f"{directory} was trained" in line and "stage 2 --init uses that one" in line
 
 
+def test_a_stage1_weight_of_another_shape_is_an_error_not_skipped(tmp_path: Path, stage1_run):
+    # The Q-Former built for stage 2 must take every stage-1 weight it has a place for.
+    args = ["--init", str(stage1_run), "--out", str(tmp_path / "s2"), "--max-steps", "1"]
+    narrower = ["--set", "model.qformer.intermediate_size=256"]  # stage 1: the tiny preset's 512
+    result = runner.invoke(app, ["pretrain-stage2", *FAST, *args, *narrower])
+    assert result.exit_code == 1
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    directory = checkpoint.resolve_checkpoint(stage1_run)
+    assert line.startswith(f"error: {directory}: qformer.layers.0.")
+    assert " is (512" in line and " there but (256" in line and "in this stage-2 model" in line
+
+
 def test_the_same_vision_model_spelled_otherwise_is_not_a_conflict(
     stage1_run: Path, other_vision: Path
 ):

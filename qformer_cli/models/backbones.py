@@ -64,18 +64,24 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
-def backbone_config(spec: BackboneConfig) -> transformers.PretrainedConfig:
-    """The backbone's transformers config: the checkpoint's (if any) updated by ``spec.config``."""
+def _checkpoint_config(spec: BackboneConfig) -> transformers.PretrainedConfig | None:
+    """The config saved with ``spec.model`` (None when the backbone is given by config alone)."""
+    if not spec.model:
+        return None
+    try:
+        return transformers.AutoConfig.from_pretrained(resolve_model_name(spec.model))
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{spec.model}: cannot load the backbone config ({reason})") from None
+
+
+def _with_overrides(
+    spec: BackboneConfig, saved: transformers.PretrainedConfig | None, tower: str
+) -> transformers.PretrainedConfig:
     overrides = dict(spec.config)
-    if spec.model:
-        name = resolve_model_name(spec.model)
-        try:
-            config = transformers.AutoConfig.from_pretrained(name)
-        except (OSError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(
-                f"{spec.model}: cannot load the backbone config ({reason})"
-            ) from None
+    if saved is not None:
+        # model.vision.config / model.llm.config describe the tower, not a whole BLIP-2
+        config = getattr(saved, tower) if tower and _is_blip2(saved) else saved
         for key, value in overrides.items():
             setattr(config, key, value)
         return config
@@ -83,6 +89,15 @@ def backbone_config(spec: BackboneConfig) -> transformers.PretrainedConfig:
     if not model_type:
         raise UsageError("a backbone needs `model` (id or path) or `config` with a model_type")
     return transformers.AutoConfig.for_model(model_type, **overrides)
+
+
+def backbone_config(spec: BackboneConfig, tower: str = "") -> transformers.PretrainedConfig:
+    """The backbone's transformers config: the checkpoint's (if any) updated by ``spec.config``.
+
+    For a full BLIP-2 checkpoint and a ``tower`` (``"vision_config"`` or ``"text_config"``),
+    that tower's sub-config.
+    """
+    return _with_overrides(spec, _checkpoint_config(spec), tower)
 
 
 def _transformers_class(name: str) -> Any:
@@ -205,12 +220,13 @@ class VisionEncoder(nn.Module):
 def build_vision_encoder(
     spec: BackboneConfig, *, meta: bool = False, dtype: torch.dtype | None = None
 ) -> VisionEncoder:
-    config = backbone_config(spec)
+    saved = _checkpoint_config(spec)
+    blip2 = saved is not None and _is_blip2(saved)  # the vision tower of a BLIP-2 directory
+    config = _with_overrides(spec, saved, "vision_config")
     cls = _vision_class(spec, config)
     tower_config = config if cls is transformers.AutoModel else _vision_config(config)
     if meta:
         return VisionEncoder(_build_on_meta(cls, tower_config, spec))
-    blip2 = _is_blip2(config)  # the vision tower of a full BLIP-2 directory
     model = load_pretrained_checked(
         cls,
         spec,
@@ -244,10 +260,9 @@ def llm_family(config: transformers.PretrainedConfig) -> LLMFamily:
 def build_language_model(
     spec: BackboneConfig, *, meta: bool = False, dtype: torch.dtype | None = None
 ) -> LanguageModel:
-    config = backbone_config(spec)
-    blip2 = _is_blip2(config)  # the LLM of a full BLIP-2 directory
-    if blip2:
-        config = config.text_config
+    saved = _checkpoint_config(spec)
+    blip2 = saved is not None and _is_blip2(saved)  # the LLM of a full BLIP-2 directory
+    config = _with_overrides(spec, saved, "text_config")
     family = llm_family(config)
     if spec.architecture:
         cls = _transformers_class(spec.architecture)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from qformer_cli.cli import app
 from qformer_cli.models import backbones
-from qformer_cli.train import common
-from tests.conftest import NUM_QUERIES, TINY_OPT, TINY_QFORMER, TINY_VISION
+from qformer_cli.train import common, stage2
+from tests.conftest import NUM_QUERIES, TINY_QFORMER, TINY_VISION
 from tests.tiny_runs import FAST, ROOT, runner
 
 SAMPLE_VISION = ROOT / "sample_data" / "backbones" / "vision"
@@ -39,15 +39,17 @@ def _image_processor(directory: Path, side: int) -> None:
 
 @pytest.fixture(scope="module")
 def blip2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A full Blip2ForConditionalGeneration saved by transformers (vision, Q-Former, OPT)."""
+    """A full Blip2ForConditionalGeneration saved by transformers (vision, Q-Former, OPT), with
+    the OPT's tokenizer and the image processor beside it, as on the hub."""
     directory = tmp_path_factory.mktemp("blip2")
     config = transformers.Blip2Config(
         vision_config=TINY_VISION,
         qformer_config=TINY_QFORMER,
-        text_config=TINY_OPT,
+        text_config=transformers.OPTConfig.from_pretrained(SAMPLE_OPT).to_dict(),
         num_query_tokens=NUM_QUERIES,
     )
     transformers.Blip2ForConditionalGeneration(config).save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(SAMPLE_OPT).save_pretrained(directory)
     _image_processor(directory, TINY_VISION["image_size"])
     return directory
 
@@ -185,14 +187,27 @@ def test_an_llm_checkpoint_missing_layers_is_refused(tmp_path: Path):
     assert "model.decoder.layers." in line and "model.llm.architecture" in line
 
 
-def test_the_llm_of_a_blip2_directory_loads_with_its_weights(blip2_dir: Path):
-    from qformer_cli.config import BackboneConfig
+def test_a_blip2_directory_as_llm_and_vision_model_trains_stage2_on_its_towers(
+    tmp_path: Path, blip2_dir: Path, built_vision: list, monkeypatch: pytest.MonkeyPatch
+):
+    built_llm: list[backbones.LanguageModel] = []
 
-    llm = backbones.build_language_model(BackboneConfig(model=str(blip2_dir)))
+    def recording(*args, **kwargs):
+        llm = backbones.build_language_model(*args, **kwargs)
+        built_llm.append(llm)
+        return llm
+
+    monkeypatch.setattr(stage2, "build_language_model", recording)
+    towers = ["--vision-model", str(blip2_dir), "--llm", str(blip2_dir)]
+    args = ["pretrain-stage2", "--out", str(tmp_path / "run"), *FAST, "--max-steps=1", *towers]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
     saved = load_file(str(blip2_dir / "model.safetensors"))
-    state = llm.model.state_dict()
+    [llm], [encoder] = built_llm, built_vision
     assert isinstance(llm.model, transformers.OPTForCausalLM)
-    for key, value in state.items():
-        # the output embedding is tied to the input one (saved once)
-        source = "model.decoder.embed_tokens.weight" if key == "lm_head.weight" else key
-        assert torch.equal(value, saved[f"language_model.{source}"]), key
+    llm_weights = llm.model.state_dict()
+    assert len(llm_weights) == len([k for k in saved if k.startswith("language_model.")])
+    for key, value in llm_weights.items():
+        assert torch.equal(value, saved[f"language_model.{key}"]), key
+    for key, value in encoder.model.state_dict().items():
+        assert torch.equal(value, saved[f"vision_model.{key}"]), key

@@ -16,7 +16,7 @@ import transformers
 from qformer_cli import checkpoint
 from qformer_cli.cli import app
 from qformer_cli.train import stage2
-from tests.tiny_runs import FAST, ROOT, runner
+from tests.tiny_runs import FAST, ROOT, metrics_rows, runner
 
 # Unlike the shipped tiny encoder (width 128, 64 px): another width and another image size.
 OTHER_VISION = dict(
@@ -69,6 +69,18 @@ def test_stage2_init_trains_on_the_stage1_vision_encoder(
     trained = _run_config(run)
     assert trained["model"]["vision"]["model"] == str(other_vision)
     assert trained["data"]["image_size"] == _run_config(stage1_run)["data"]["image_size"]
+
+    # Resumed as the SIGTERM hint says (--resume auto --out RUN), it must not fall back to the
+    # default encoder: refused without the encoder, continued with the --init it started from.
+    resume = ["pretrain-stage2", "--resume", "auto", "--out", str(run), *FAST, "--max-steps", "3"]
+    refused = runner.invoke(app, resume)
+    assert refused.exit_code == 2, refused.output
+    [line] = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert f"trained on the vision encoder {other_vision} " in line
+    assert f"resume with --vision-model {other_vision}" in line
+    resumed = runner.invoke(app, [*resume, "--init", str(stage1_run)])
+    assert resumed.exit_code == 0, resumed.output
+    assert [row["step"] for row in metrics_rows(run)] == [1, 2, 3]
 
     image = sorted(SAMPLE_IMAGES.iterdir())[0]
     caption = ["caption", "--model", str(run), "--images", str(image), "--max-new-tokens", "3"]

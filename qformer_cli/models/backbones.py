@@ -64,6 +64,23 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+def _backbone_location(name: str) -> str:
+    """A local backbone's resolved path (however it was spelled), or the hub id as it is."""
+    if not name:
+        return ""
+    local = Path(resolve_model_name(name))
+    return str(local.resolve()) if local.exists() else name
+
+
+def same_backbone(a: BackboneConfig, b: BackboneConfig) -> bool:
+    """Whether two specs name the same weights (however a local path is spelled) and config."""
+    return (
+        _backbone_location(a.model) == _backbone_location(b.model)
+        and a.architecture == b.architecture
+        and a.config == b.config
+    )
+
+
 def _checkpoint_config(spec: BackboneConfig) -> transformers.PretrainedConfig | None:
     """The config saved with ``spec.model`` (None when the backbone is given by config alone)."""
     if not spec.model:
@@ -78,6 +95,8 @@ def _checkpoint_config(spec: BackboneConfig) -> transformers.PretrainedConfig | 
 def _with_overrides(
     spec: BackboneConfig, saved: transformers.PretrainedConfig | None, tower: str
 ) -> transformers.PretrainedConfig:
+    """``saved`` (or, for a full BLIP-2 checkpoint, its ``tower`` sub-config: ``"vision_config"``
+    or ``"text_config"``) updated by ``spec.config``; built from ``spec.config`` alone without."""
     overrides = dict(spec.config)
     if saved is not None:
         # model.vision.config / model.llm.config describe the tower, not a whole BLIP-2
@@ -91,13 +110,9 @@ def _with_overrides(
     return transformers.AutoConfig.for_model(model_type, **overrides)
 
 
-def backbone_config(spec: BackboneConfig, tower: str = "") -> transformers.PretrainedConfig:
-    """The backbone's transformers config: the checkpoint's (if any) updated by ``spec.config``.
-
-    For a full BLIP-2 checkpoint and a ``tower`` (``"vision_config"`` or ``"text_config"``),
-    that tower's sub-config.
-    """
-    return _with_overrides(spec, _checkpoint_config(spec), tower)
+def backbone_config(spec: BackboneConfig) -> transformers.PretrainedConfig:
+    """The backbone's transformers config: the checkpoint's (if any) updated by ``spec.config``."""
+    return _with_overrides(spec, _checkpoint_config(spec), tower="")
 
 
 def _transformers_class(name: str) -> Any:
@@ -172,7 +187,7 @@ def load_pretrained_checked(
     transformers fills a weight the checkpoint lacks with a fresh random init and carries on;
     for a frozen backbone that means training on noise. Weights in ``unused_modules`` (which
     do not reach the features we read) may be absent. Unexpected weights (a CLIP checkpoint's
-    text tower, the layers BLIP-2 drops from EVA ViT-g) are left unread, which is harmless.
+    text tower, a classifier head) are left unread, which is harmless.
     ``prefix``: where the backbone's weights sit in the checkpoint (a BLIP-2 directory's tower);
     ``setting``: the config key that named the backbone, for the message.
     """
@@ -222,7 +237,7 @@ def build_vision_encoder(
 ) -> VisionEncoder:
     saved = _checkpoint_config(spec)
     blip2 = saved is not None and _is_blip2(saved)  # the vision tower of a BLIP-2 directory
-    config = _with_overrides(spec, saved, "vision_config")
+    config = _with_overrides(spec, saved, tower="vision_config")
     cls = _vision_class(spec, config)
     tower_config = config if cls is transformers.AutoModel else _vision_config(config)
     if meta:
@@ -262,7 +277,7 @@ def build_language_model(
 ) -> LanguageModel:
     saved = _checkpoint_config(spec)
     blip2 = saved is not None and _is_blip2(saved)  # the LLM of a full BLIP-2 directory
-    config = _with_overrides(spec, saved, "text_config")
+    config = _with_overrides(spec, saved, tower="text_config")
     family = llm_family(config)
     if spec.architecture:
         cls = _transformers_class(spec.architecture)

@@ -25,6 +25,7 @@ from qformer_cli.models.backbones import (
     build_language_model,
     load_llm_tokenizer,
     resolve_model_name,
+    same_backbone,
 )
 from qformer_cli.models.blip2 import Stage2Model, soft_prompt_inputs
 from qformer_cli.models.convert import LoadReport, load_external_weights
@@ -191,22 +192,6 @@ def _touched(given: set[str], key: str) -> bool:
     return any(name == key or name.startswith(f"{key}.") for name in given)
 
 
-def _backbone_location(name: str) -> str:
-    """A local backbone's resolved path (however it was spelled), or the hub id as it is."""
-    if not name:
-        return ""
-    local = Path(resolve_model_name(name))
-    return str(local.resolve()) if local.exists() else name
-
-
-def _same_backbone(a: BackboneConfig, b: BackboneConfig) -> bool:
-    return (
-        _backbone_location(a.model) == _backbone_location(b.model)
-        and a.architecture == b.architecture
-        and a.config == b.config
-    )
-
-
 def inherit_init_vision(config: RunConfig, init: Path | None, given: set[str]) -> RunConfig:
     """Stage 2 ``--init RUN``: the vision encoder and image size that RUN was trained with.
 
@@ -223,7 +208,7 @@ def inherit_init_vision(config: RunConfig, init: Path | None, given: set[str]) -
         return config
     vision = from_dict(BackboneConfig, saved_run["model"]["vision"], "model.vision")
     image_size = int(saved_run.get("data", {}).get("image_size", 0))
-    if _touched(given, "model.vision") and not _same_backbone(config.model.vision, vision):
+    if _touched(given, "model.vision") and not same_backbone(config.model.vision, vision):
         raise UsageError(
             f"--vision-model/model.vision ({config.model.vision.model or 'from config'}) is not "
             f"the vision encoder {directory} was trained on ({vision.model}): stage 2 --init "

@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from rich.table import Table
 
 from qformer_cli import __version__
 from qformer_cli.errors import QformerError
+
+if TYPE_CHECKING:  # the config module is imported by the commands that need it
+    from qformer_cli.config import RunConfig
 
 app = typer.Typer(
     name="qformer",
@@ -104,6 +107,14 @@ ResumeOption = Annotated[
     str | None,
     typer.Option("--resume", help="auto (newest good checkpoint of --out / the latest run) | DIR."),
 ]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="--out holds an earlier run: remove its checkpoints and metrics and start afresh "
+        "(without it, such an --out is refused).",
+    ),
+]
 
 
 def _fail(message: str, code: int) -> None:
@@ -182,6 +193,7 @@ def pretrain_stage1(
     overrides: SetOption = None,
     out: OutOption = None,
     resume: ResumeOption = None,
+    overwrite: OverwriteOption = False,
     vision_model: VisionModelOption = None,
     data: TrainDataOption = None,
     max_steps: MaxStepsOption = None,
@@ -221,6 +233,7 @@ def pretrain_stage1(
         resume,
         device,
         as_json,
+        overwrite,
     )
 
 
@@ -231,6 +244,7 @@ def pretrain_stage2(
     overrides: SetOption = None,
     out: OutOption = None,
     resume: ResumeOption = None,
+    overwrite: OverwriteOption = False,
     init: Annotated[
         Path | None,
         typer.Option(
@@ -272,7 +286,7 @@ def pretrain_stage2(
     """Stage 2: teach a frozen LLM to read the Q-Former's queries as a soft visual prompt."""
     import functools
 
-    from qformer_cli.train.stage2 import build_stage2_recipe
+    from qformer_cli.train.stage2 import build_stage2_recipe, inherit_init_vision
 
     flags = {
         "model.llm.model": llm,
@@ -290,7 +304,21 @@ def pretrain_stage2(
         "train.activation_checkpointing": activation_checkpointing or None,
     }
     builder = functools.partial(build_stage2_recipe, init=init)
-    _pretrain("pretrain-stage2", builder, config, overrides, flags, out, resume, device, as_json)
+    given = {text.split("=", 1)[0].strip() for text in overrides or []}
+    given |= {key for key, value in flags.items() if value is not None}
+    _pretrain(
+        "pretrain-stage2",
+        builder,
+        config,
+        overrides,
+        flags,
+        out,
+        resume,
+        device,
+        as_json,
+        overwrite,
+        adjust=functools.partial(inherit_init_vision, init=init, given=given),
+    )
 
 
 def _pretrain(
@@ -303,11 +331,15 @@ def _pretrain(
     resume: str | None,
     device: str,
     as_json: bool,
+    overwrite: bool,
+    adjust: Callable[[RunConfig], RunConfig] | None = None,
 ) -> None:
     from qformer_cli.config import load_config
     from qformer_cli.train.run import train_stage
 
     run_config = load_config(config, [*(overrides or []), *flag_overrides(**flags)])
+    if adjust is not None:  # settings taken from elsewhere (stage 2: the --init run's encoder)
+        run_config = adjust(run_config)
     result = train_stage(
         command,
         builder,
@@ -316,6 +348,7 @@ def _pretrain(
         resume=resume,
         device_choice=device,
         console=Console(stderr=True),
+        overwrite=overwrite,
     )
     finish(result, as_json)
 
@@ -330,6 +363,12 @@ def extract_features(
     out: Annotated[Path, typer.Option("--out", help="Directory for the feature cache.")],
     config: ConfigOption = None,
     overrides: SetOption = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="--out holds a feature cache: remove it and extract afresh."
+        ),
+    ] = False,
     vision_model: VisionModelOption = None,
     data: TrainDataOption = None,
     dtype: Annotated[
@@ -345,9 +384,9 @@ def extract_features(
     """Run the frozen vision encoder once over the training images and store its outputs, for
     `pretrain-stage1 --features`."""
     from qformer_cli.config import load_config
-    from qformer_cli.train.common import make_out_dir
     from qformer_cli.train.features import extract_features as run_extraction
     from qformer_cli.train.loop import init_distributed
+    from qformer_cli.train.run import feature_out_dir
 
     flags = {
         "model.vision.model": vision_model,
@@ -355,11 +394,11 @@ def extract_features(
         "data.skip_bad_samples": skip_bad_samples or None,
     }
     run_config = load_config(config, [*(overrides or []), *flag_overrides(**flags)])
-    _, torch_device = init_distributed(device)
+    ranks, torch_device = init_distributed(device)
     console = Console(stderr=True)
     result = run_extraction(
         run_config,
-        make_out_dir(out, "extract-features"),
+        feature_out_dir(out, overwrite=overwrite, is_main=ranks.rank == 0),
         dtype=dtype,
         shard_size=shard_size,
         batch_size=batch_size,

@@ -7,6 +7,7 @@ download when the config is given inline or found locally), for ``qformer info``
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,21 @@ _VISION_CLASSES = {
     "siglip": "SiglipVisionModel",
     "siglip_vision_model": "SiglipVisionModel",
     "blip_2_vision_model": "Blip2VisionModel",
+    "blip-2": "Blip2VisionModel",
+}
+# A full transformers BLIP-2 directory (Blip2Model / Blip2ForConditionalGeneration) holds both
+# frozen backbones; each is loaded from its sub-config and the weights under its prefix.
+_BLIP2_MODEL_TYPES = ("blip-2", "blip_2")
+_BLIP2_VISION_PREFIX = "vision_model."
+_BLIP2_LLM_PREFIX = "language_model."
+# Modules whose weights a checkpoint may lack without changing the features we read
+# (``last_hidden_state``): poolers and pooling heads produce only the pooled output; CLIP's
+# post_layernorm normalizes only the pooled token; BLIP-2's is replaced by our own ``ln_vision``.
+_UNUSED_BY_ANY = ("pooler",)
+_UNUSED_VISION_MODULES = {
+    "CLIPVisionModel": ("post_layernorm",),
+    "SiglipVisionModel": ("head",),
+    "Blip2VisionModel": ("post_layernorm",),
 }
 
 
@@ -45,18 +61,43 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
-def backbone_config(spec: BackboneConfig) -> transformers.PretrainedConfig:
-    """The backbone's transformers config: the checkpoint's (if any) updated by ``spec.config``."""
+def _backbone_location(name: str) -> str:
+    """A local backbone's resolved path (however it was spelled), or the hub id as it is."""
+    if not name:
+        return ""
+    local = Path(resolve_model_name(name))
+    return str(local.resolve()) if local.exists() else name
+
+
+def same_backbone(a: BackboneConfig, b: BackboneConfig) -> bool:
+    """Whether two specs name the same weights (however a local path is spelled) and config."""
+    return (
+        _backbone_location(a.model) == _backbone_location(b.model)
+        and a.architecture == b.architecture
+        and a.config == b.config
+    )
+
+
+def _checkpoint_config(spec: BackboneConfig) -> transformers.PretrainedConfig | None:
+    """The config saved with ``spec.model`` (None when the backbone is given by config alone)."""
+    if not spec.model:
+        return None
+    try:
+        return transformers.AutoConfig.from_pretrained(resolve_model_name(spec.model))
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{spec.model}: cannot load the backbone config ({reason})") from None
+
+
+def _with_overrides(
+    spec: BackboneConfig, saved: transformers.PretrainedConfig | None, tower: str
+) -> transformers.PretrainedConfig:
+    """``saved`` (or, for a full BLIP-2 checkpoint, its ``tower`` sub-config: ``"vision_config"``
+    or ``"text_config"``) updated by ``spec.config``; built from ``spec.config`` alone without."""
     overrides = dict(spec.config)
-    if spec.model:
-        name = resolve_model_name(spec.model)
-        try:
-            config = transformers.AutoConfig.from_pretrained(name)
-        except (OSError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(
-                f"{spec.model}: cannot load the backbone config ({reason})"
-            ) from None
+    if saved is not None:
+        # model.vision.config / model.llm.config describe the tower, not a whole BLIP-2
+        config = getattr(saved, tower) if tower and _is_blip2(saved) else saved
         for key, value in overrides.items():
             setattr(config, key, value)
         return config
@@ -64,6 +105,11 @@ def backbone_config(spec: BackboneConfig) -> transformers.PretrainedConfig:
     if not model_type:
         raise UsageError("a backbone needs `model` (id or path) or `config` with a model_type")
     return transformers.AutoConfig.for_model(model_type, **overrides)
+
+
+def backbone_config(spec: BackboneConfig) -> transformers.PretrainedConfig:
+    """The backbone's transformers config: the checkpoint's (if any) updated by ``spec.config``."""
+    return _with_overrides(spec, _checkpoint_config(spec), tower="")
 
 
 def _transformers_class(name: str) -> Any:
@@ -81,8 +127,83 @@ def _vision_class(spec: BackboneConfig, config: transformers.PretrainedConfig) -
 
 
 def _vision_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
-    # A full CLIP/SigLIP config holds the vision tower's config as a sub-config.
+    # A full CLIP/SigLIP/BLIP-2 config holds the vision tower's config as a sub-config.
     return getattr(config, "vision_config", None) or config
+
+
+def _is_blip2(config: transformers.PretrainedConfig) -> bool:
+    return config.model_type in _BLIP2_MODEL_TYPES
+
+
+def _preview(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown} (+{len(names) - limit} more)" if len(names) > limit else shown
+
+
+def _is_unused(key: str, unused_modules: tuple[str, ...]) -> bool:
+    return any(part in unused_modules for part in key.split(".")[:-1])
+
+
+def _build_on_meta(
+    cls: Any, config: transformers.PretrainedConfig, spec: BackboneConfig
+) -> nn.Module:
+    """The architecture from its config alone, on the meta device (shapes, no weights)."""
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    except (ValueError, AttributeError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        name = spec.model or config.model_type
+        message = f"{name}: cannot build {cls.__name__} from its config ({reason})"
+        raise UsageError(message) from None
+
+
+def _missing_weights_message(
+    name: str, setting: str, model: nn.Module, missing: list[str], unread: list[str]
+) -> str:
+    unread_part = f"; {len(unread)} of its weights unread: {_preview(unread)}" if unread else ""
+    return (
+        f"{name}: {len(missing)} of the {len(model.state_dict())} weights of "
+        f"{type(model).__name__} are not in the checkpoint and would be random: "
+        f"{_preview(missing)}{unread_part} (is {setting}.architecture right for it?)"
+    )
+
+
+def load_pretrained_checked(
+    cls: Any,
+    spec: BackboneConfig,
+    setting: str,
+    *,
+    dtype: torch.dtype,
+    unused_modules: tuple[str, ...] = (),
+    config: transformers.PretrainedConfig | None = None,
+    prefix: str = "",
+) -> nn.Module:
+    """``cls.from_pretrained`` that refuses a checkpoint lacking weights the model uses.
+
+    transformers fills a weight the checkpoint lacks with a fresh random init and carries on;
+    for a frozen backbone that means training on noise. Weights in ``unused_modules`` (which
+    do not reach the features we read) may be absent. Unexpected weights (a CLIP checkpoint's
+    text tower, a classifier head) are left unread, which is harmless.
+    ``prefix``: where the backbone's weights sit in the checkpoint (a BLIP-2 directory's tower);
+    ``setting``: the config key that named the backbone, for the message.
+    """
+    name = resolve_model_name(spec.model)
+    extra: dict[str, Any] = {"config": config} if config is not None else {}
+    if prefix:
+        extra["key_mapping"] = {f"^{re.escape(prefix)}": ""}
+    try:
+        model, info = cls.from_pretrained(name, dtype=dtype, output_loading_info=True, **extra)
+    except (OSError, ValueError, AttributeError, RuntimeError) as exc:
+        # a checkpoint of another architecture fails in the class's constructor or loader
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{spec.model}: cannot load as {cls.__name__} ({reason})") from None
+    unused = (*_UNUSED_BY_ANY, *unused_modules)
+    missing = sorted(key for key in info["missing_keys"] if not _is_unused(key, unused))
+    if missing:
+        unread = sorted(info["unexpected_keys"])
+        raise CheckpointError(_missing_weights_message(spec.model, setting, model, missing, unread))
+    return model
 
 
 class VisionEncoder(nn.Module):
@@ -111,14 +232,22 @@ class VisionEncoder(nn.Module):
 def build_vision_encoder(
     spec: BackboneConfig, *, meta: bool = False, dtype: torch.dtype | None = None
 ) -> VisionEncoder:
-    config = backbone_config(spec)
+    saved = _checkpoint_config(spec)
+    blip2 = saved is not None and _is_blip2(saved)  # the vision tower of a BLIP-2 directory
+    config = _with_overrides(spec, saved, tower="vision_config")
     cls = _vision_class(spec, config)
+    tower_config = config if cls is transformers.AutoModel else _vision_config(config)
     if meta:
-        with torch.device("meta"):
-            tower_config = config if cls is transformers.AutoModel else _vision_config(config)
-            model = cls._from_config(tower_config)
-        return VisionEncoder(model)
-    model = cls.from_pretrained(resolve_model_name(spec.model), dtype=dtype or torch.float32)
+        return VisionEncoder(_build_on_meta(cls, tower_config, spec))
+    model = load_pretrained_checked(
+        cls,
+        spec,
+        "model.vision",
+        dtype=dtype or torch.float32,
+        unused_modules=_UNUSED_VISION_MODULES.get(cls.__name__, ()),
+        config=tower_config if blip2 else None,
+        prefix=_BLIP2_VISION_PREFIX if blip2 else "",
+    )
     return VisionEncoder(model)
 
 
@@ -143,7 +272,9 @@ def llm_family(config: transformers.PretrainedConfig) -> LLMFamily:
 def build_language_model(
     spec: BackboneConfig, *, meta: bool = False, dtype: torch.dtype | None = None
 ) -> LanguageModel:
-    config = backbone_config(spec)
+    saved = _checkpoint_config(spec)
+    blip2 = saved is not None and _is_blip2(saved)  # the LLM of a full BLIP-2 directory
+    config = _with_overrides(spec, saved, tower="text_config")
     family = llm_family(config)
     if spec.architecture:
         cls = _transformers_class(spec.architecture)
@@ -152,10 +283,16 @@ def build_language_model(
     else:
         cls = transformers.AutoModelForCausalLM
     if meta:
-        with torch.device("meta"):
-            model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        model = _build_on_meta(cls, config, spec)
     else:
-        model = cls.from_pretrained(resolve_model_name(spec.model), dtype=dtype or torch.float32)
+        model = load_pretrained_checked(
+            cls,
+            spec,
+            "model.llm",
+            dtype=dtype or torch.float32,
+            config=config if blip2 else None,
+            prefix=_BLIP2_LLM_PREFIX if blip2 else "",
+        )
     return LanguageModel(model=model.eval().requires_grad_(False), family=family)
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 
 from qformer_cli import checkpoint
-from qformer_cli.config import RunConfig
+from qformer_cli.config import BackboneConfig, RunConfig, from_dict
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import (
     build_language_model,
     build_vision_encoder,
     load_qformer_tokenizer,
     resolve_model_name,
+    same_backbone,
 )
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
 
@@ -70,6 +71,7 @@ def _check_resume_checkpoint(
         raise UsageError(
             f"{directory}: a stage-{saved.get('stage')} checkpoint; {command} resumes stage {stage}"
         )
+    _check_resume_vision(directory, config, saved.get("run") or {})
     if stage == 2:  # the bridge's projection is as wide as the LLM's token embeddings
         saved_width = saved.get("llm_embedding_dim")
         if saved_width is not None and llm_width != saved_width:
@@ -85,6 +87,28 @@ def _check_resume_checkpoint(
                 f"{directory}: trained with a {saved_vocab}-token vocabulary, but the tokenizer "
                 f"of model.bert ({config.model.bert}) has {vocab} tokens"
             )
+
+
+def _check_resume_vision(directory: Path, config: RunConfig, saved_run: dict) -> None:
+    """A run resumes on the vision encoder and image size it was trained on, not the defaults
+    (e.g. a stage-2 run started with --init from a stage-1 run on another encoder)."""
+    if "model" not in saved_run:
+        return
+    trained = from_dict(BackboneConfig, saved_run["model"]["vision"], "model.vision")
+    if not same_backbone(config.model.vision, trained):
+        raise UsageError(
+            f"{directory}: trained on the vision encoder {trained.model} "
+            f"(architecture {trained.architecture or 'auto'}, config {trained.config}), but "
+            f"model.vision is {config.model.vision.model} (architecture "
+            f"{config.model.vision.architecture or 'auto'}, config {config.model.vision.config}): "
+            f"resume with --vision-model {trained.model} and its settings"
+        )
+    image_size = saved_run.get("data", {}).get("image_size", 0)
+    if config.data.image_size != image_size:
+        raise UsageError(
+            f"{directory}: trained with data.image_size {image_size}, but it is "
+            f"{config.data.image_size} now: resume with --set data.image_size={image_size}"
+        )
 
 
 def trainable_parameters(stage: int, config: RunConfig, llm_width: int | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ from rich.console import Console
 
 from qformer_cli import checkpoint
 from qformer_cli.config import RunConfig
-from qformer_cli.errors import CheckpointError
+from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.losses import Ranks
 from qformer_cli.train.common import make_out_dir, write_resolved_config
 from qformer_cli.train.loop import StageRecipe, Trainer, init_distributed
@@ -48,6 +49,85 @@ def resolve_resume(
     return out or found.parent.parent, found
 
 
+# What marks a directory as holding an earlier training run, and everything a run writes at
+# the top of its --out: --overwrite removes these and nothing else (never a user's own files).
+RUN_MARKERS = ("metrics.jsonl", f"{checkpoint.CHECKPOINTS}/step-*")
+RUN_OUTPUTS = (
+    *RUN_MARKERS,
+    f"{checkpoint.CHECKPOINTS}/.step-*.tmp",  # a checkpoint being written when a run died
+    "loss.png",
+    "config.json",
+)
+# The same for a feature cache written by extract-features.
+FEATURE_MARKERS = ("index.json", "shard-*.safetensors")
+FEATURE_OUTPUTS = (*FEATURE_MARKERS, ".index.json.tmp", ".shard-*.safetensors.tmp")
+
+
+def _matching(directory: Path, patterns: tuple[str, ...]) -> list[Path]:
+    return sorted({path for pattern in patterns for path in directory.glob(pattern)})
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+RUN_ADVICE = (
+    "continue it with --resume auto, or start afresh with --overwrite (removes its checkpoints "
+    "and metrics)"
+)
+FEATURE_ADVICE = "write elsewhere, or replace it with --overwrite (removes its index and shards)"
+
+
+def refuse_earlier_run(
+    directory: Path,
+    *,
+    markers: tuple[str, ...] = RUN_MARKERS,
+    what: str = "run",
+    advice: str = RUN_ADVICE,
+) -> None:
+    """Refuse an output directory that holds an earlier run (``markers``).
+
+    Writing a new run over an old one would leave the old checkpoints behind, and a later
+    ``--model DIR`` would pick the newest of them: the old model.
+    """
+    found = _matching(directory, markers)
+    if found:
+        names = ", ".join(str(path.relative_to(directory)) for path in found[:3])
+        more = f" (+{len(found) - 3} more)" if len(found) > 3 else ""
+        raise UsageError(f"{directory}: holds an earlier {what} ({names}{more}); {advice}")
+
+
+def remove_earlier_run(
+    directory: Path, *, is_main: bool, outputs: tuple[str, ...] = RUN_OUTPUTS
+) -> None:
+    """``--overwrite``: the main process removes the earlier run's files (``outputs``, nothing
+    else) while the other processes wait, so that none starts writing before they are gone."""
+    if is_main:
+        _remove(_matching(directory, outputs))
+        checkpoints = directory / checkpoint.CHECKPOINTS
+        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def feature_out_dir(out: Path, *, overwrite: bool, is_main: bool) -> Path:
+    """extract-features' ``--out``: created, and refused (or, with ``overwrite``, cleared) when it
+    holds an earlier cache, whose extra shards a smaller new cache would otherwise leave behind."""
+    directory = make_out_dir(out, "extract-features")
+    if overwrite:
+        remove_earlier_run(directory, is_main=is_main, outputs=FEATURE_OUTPUTS)
+    else:
+        refuse_earlier_run(
+            directory, markers=FEATURE_MARKERS, what="feature cache", advice=FEATURE_ADVICE
+        )
+    return directory
+
+
 @contextmanager
 def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     """``torch.use_deterministic_algorithms(enabled)`` for the block, then the previous setting."""
@@ -68,7 +148,10 @@ def train_stage(
     resume: str | None,
     device_choice: str,
     console: Console,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
+    if overwrite and resume is not None:
+        raise UsageError("--overwrite starts afresh and --resume continues a run: give one of them")
     with deterministic_algorithms(config.train.deterministic):
         ranks, device = init_distributed(device_choice)
         torch.manual_seed(config.train.seed)
@@ -81,7 +164,13 @@ def train_stage(
 
         out_dir, resume_from = resolve_resume(resume, out, command, report)
         out_dir = make_out_dir(out_dir, command)
+        # --out given to start a run (the default runs/<command>-<time> is new)
+        fresh_in_given_dir = out is not None and resume is None
+        if fresh_in_given_dir and not overwrite:
+            refuse_earlier_run(out_dir)
         check_before_loading(command, config, out_dir, resume_from)
+        if fresh_in_given_dir and overwrite:  # only once the run passed every check
+            remove_earlier_run(out_dir, is_main=is_main)
         if is_main:
             write_resolved_config(out_dir, config)
         recipe = build(config, device, ranks, report)

@@ -16,14 +16,16 @@ import torch
 from torch import nn
 
 from qformer_cli import checkpoint
-from qformer_cli.config import QFormerConfig, RunConfig
+from qformer_cli.config import BackboneConfig, QFormerConfig, RunConfig, from_dict
 from qformer_cli.data import BadSampleLog
+from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.losses import Ranks
 from qformer_cli.models.backbones import (
     LanguageModel,
     build_language_model,
     load_llm_tokenizer,
     resolve_model_name,
+    same_backbone,
 )
 from qformer_cli.models.blip2 import Stage2Model, soft_prompt_inputs
 from qformer_cli.models.convert import LoadReport, load_external_weights
@@ -180,6 +182,49 @@ class Stage2Objective(nn.Module):
 # The recipe
 
 
+def _is_our_checkpoint(path: Path) -> bool:
+    """A run or checkpoint directory of this package (not a transformers/LAVIS weight file)."""
+    return (path / checkpoint.MANIFEST).is_file() or bool(checkpoint.list_checkpoints(path))
+
+
+def _touched(given: set[str], key: str) -> bool:
+    """Whether the command line set ``key`` or a key below it."""
+    return any(name == key or name.startswith(f"{key}.") for name in given)
+
+
+def inherit_init_vision(config: RunConfig, init: Path | None, given: set[str]) -> RunConfig:
+    """Stage 2 ``--init RUN``: the vision encoder and image size that RUN was trained with.
+
+    The Q-Former learned to read one encoder's features of images under one transform; another
+    encoder (the default, say) would feed it features it has never seen. Settings from a config
+    file yield to the run's; ones ``given`` on the command line (``--vision-model``,
+    ``--set model.vision.*``, ``--set data.image_size``) must agree with it or are refused.
+    """
+    if init is None or not _is_our_checkpoint(Path(init)):
+        return config
+    directory = checkpoint.resolve_checkpoint(Path(init))
+    saved_run = checkpoint.load_config(directory).get("run") or {}
+    if "model" not in saved_run:
+        return config
+    vision = from_dict(BackboneConfig, saved_run["model"]["vision"], "model.vision")
+    image_size = int(saved_run.get("data", {}).get("image_size", 0))
+    if _touched(given, "model.vision") and not same_backbone(config.model.vision, vision):
+        raise UsageError(
+            f"--vision-model/model.vision ({config.model.vision.model or 'from config'}) is not "
+            f"the vision encoder {directory} was trained on ({vision.model}): stage 2 --init "
+            "uses that one; drop the option"
+        )
+    if _touched(given, "data.image_size") and config.data.image_size != image_size:
+        trained = image_size or "the encoder's own"
+        raise UsageError(
+            f"data.image_size {config.data.image_size} is not the image size {directory} was "
+            f"trained with ({trained}): stage 2 --init uses that one; drop the option"
+        )
+    config.model.vision = vision
+    config.data.image_size = image_size
+    return config
+
+
 def init_bridge(bridge: Stage2Model, path: Path) -> LoadReport:
     """Q-Former weights from a stage-1 checkpoint (text parts dropped) or an external file."""
     if (Path(path) / checkpoint.MANIFEST).is_file() or checkpoint.list_checkpoints(Path(path)):
@@ -188,11 +233,17 @@ def init_bridge(bridge: Stage2Model, path: Path) -> LoadReport:
         own = bridge.state_dict()
         report = LoadReport()
         for key, value in weights.items():
-            if key in own and own[key].shape == value.shape:
-                own[key].copy_(value)
-                report.loaded.append(key)
-            else:
+            if key not in own:
                 report.ignored.append(key)  # stage-1 text parts and heads
+                continue
+            if own[key].shape != value.shape:  # e.g. stage 1 read a vision encoder of another width
+                raise CheckpointError(
+                    f"{directory}: {key} is {tuple(value.shape)} there but "
+                    f"{tuple(own[key].shape)} in this stage-2 model (other model.qformer or "
+                    "model.vision settings than the run it comes from)"
+                )
+            own[key].copy_(value)
+            report.loaded.append(key)
         report.missing = [key for key in own if key not in weights]
         return report
     return load_external_weights(bridge, Path(path))

@@ -717,7 +717,7 @@ def train_t5(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[str
 
 # ---------------------------------------------------------------- main
 
-DEFAULT_STEPS = {"bert": 300, "vision": 500, "opt": 2000, "t5": 900}
+DEFAULT_STEPS = {"bert": 300, "vision": 700, "opt": 2000, "t5": 900}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -167,7 +167,8 @@ def _vision_config_image_size(model_name_or_path: str) -> int | None:
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, local_files_only=True)
     except (OSError, ValueError) as error:
-        _log_once(f"{model_name_or_path}: unreadable model config ({error})")
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _log_once(f"{model_name_or_path}: unreadable model config ({reason})")
         return None
     vision = getattr(config, "vision_config", None) or config
     size = getattr(vision, "image_size", None)

@@ -24,9 +24,8 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
-    CLIPModel,
-    CLIPVisionConfig,
-    CLIPVisionModel,
+    Blip2VisionConfig,
+    Blip2VisionModel,
     PreTrainedTokenizerBase,
 )
 
@@ -35,6 +34,7 @@ from qformer_cli.data.transforms import (
     ImageTransformConfig,
     load_transform_config,
 )
+from qformer_cli.models.backbones import VisionEncoder
 
 COLORS = ("red", "green", "blue", "yellow", "purple")
 SHAPES = ("circle", "square", "triangle")
@@ -66,14 +66,23 @@ def load_split_pixels(
 # ---------------------------------------------------------------- vision probes
 
 
+def load_vision_encoders(vision_dir: Path) -> dict[str, VisionEncoder]:
+    """The shipped encoder ("trained") and a randomly initialized one of the same config
+    ("untrained", seed 0), as the Q-Former sees them (``VisionEncoder``)."""
+    trained = Blip2VisionModel.from_pretrained(vision_dir)
+    torch.manual_seed(0)
+    untrained = Blip2VisionModel(Blip2VisionConfig.from_pretrained(vision_dir))
+    return {"trained": VisionEncoder(trained), "untrained": VisionEncoder(untrained)}
+
+
 @torch.no_grad()
-def vision_features(model: CLIPVisionModel, pixels: torch.Tensor, pooled: bool) -> torch.Tensor:
-    """Frozen features of the last hidden state (T = 1 + patches tokens of width D):
+def vision_features(model: VisionEncoder, pixels: torch.Tensor, pooled: bool) -> torch.Tensor:
+    """Frozen features the Q-Former reads (T = 1 + patches tokens of width D):
     pooled: [CLS ; mean of patch tokens] (N, 2D); else every token, flattened (N, T * D) -
     what the Q-Former's cross-attention sees, positions included."""
     chunks = []
     for start in range(0, len(pixels), 256):
-        hidden = model(pixel_values=pixels[start : start + 256]).last_hidden_state  # (B, T, D)
+        hidden = model(pixels[start : start + 256])  # (B, T, D)
         if pooled:
             chunks.append(torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1))
         else:
@@ -122,7 +131,7 @@ def attribute_labels(scenes: list[dict[str, Any]]) -> dict[str, tuple[list[int],
 
 
 def probe_accuracies(
-    model: CLIPVisionModel,
+    model: VisionEncoder,
     train: tuple[list[dict[str, Any]], torch.Tensor],
     test: tuple[list[dict[str, Any]], torch.Tensor],
     pooled: bool,
@@ -154,11 +163,7 @@ def probe_report(vision_dir: Path, data_dir: Path, num_train: int = 1500) -> dic
     test_scenes = read_json(data_dir / "scenes_val.json") + read_json(data_dir / "scenes_test.json")
     train = (train_scenes, load_split_pixels(data_dir, train_scenes, vision_dir))
     test = (test_scenes, load_split_pixels(data_dir, test_scenes, vision_dir))
-    torch.manual_seed(0)
-    encoders = {
-        "trained": CLIPVisionModel.from_pretrained(vision_dir).eval(),
-        "untrained": CLIPVisionModel(CLIPVisionConfig.from_pretrained(vision_dir)).eval(),
-    }
+    encoders = load_vision_encoders(vision_dir)
     report: dict[str, Any] = {
         "probe_majority_class": {
             name: round(Counter(labels).most_common(1)[0][1] / len(labels), 3)
@@ -173,22 +178,25 @@ def probe_report(vision_dir: Path, data_dir: Path, num_train: int = 1500) -> dic
 
 
 @torch.no_grad()
-def retrieval_r1(clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path) -> float:
-    """Val image -> caption recall@1 (each image against every image's first caption)."""
+def retrieval_r1(
+    image_embeds: Callable[[torch.Tensor], torch.Tensor],
+    text_embeds: Callable[..., torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: Path,
+) -> float:
+    """Val image -> caption recall@1 (each image against every image's first caption), with
+    the contrastive towers' normalized embeddings."""
     scenes = read_json(data_dir / "scenes_val.json")
     captions = {
         Path(e["image"]).name: e["caption"][0] for e in read_json(data_dir / "karpathy_val.json")
     }
     texts = [captions[Path(s["image"]).name] for s in scenes]
     tokens = tokenizer(texts, padding=True, return_tensors="pt")
-    text_features = clip.get_text_features(**tokens)
-    image_features = clip.get_image_features(pixel_values=load_split_pixels(data_dir, scenes, None))
-    if not isinstance(text_features, torch.Tensor):  # some versions return an output object
-        text_features, image_features = text_features.pooler_output, image_features.pooler_output
-    similarity = (
-        torch.nn.functional.normalize(image_features, dim=-1)
-        @ torch.nn.functional.normalize(text_features, dim=-1).T
-    )  # (N images, N captions)
+    text_features = text_embeds(
+        input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+    )
+    image_features = image_embeds(load_split_pixels(data_dir, scenes, None))
+    similarity = image_features @ text_features.T  # (N images, N captions)
     hits = similarity.argmax(dim=1) == torch.arange(len(scenes))
     return round(hits.float().mean().item(), 3)
 

@@ -8,7 +8,8 @@ processor) and loads offline with ``AutoModel*.from_pretrained``. A ``training_s
 beside it records the recipe, final losses and the metrics of ``backbone_metrics.py``.
 
 - ``bert/``: BertForMaskedLM (Q-Former init), WordPiece tokenizer (lowercase) + ``[DEC]``.
-- ``vision/``: CLIPVisionModel trained CLIP-style against a small CLIPTextModel (discarded).
+- ``vision/``: Blip2VisionModel (the layout transformers' BLIP-2 loads) trained CLIP-style against
+  a small CLIPTextModel (discarded).
 - ``opt/``: OPTForCausalLM on caption and "[scene description.] Question: ... Answer: ...\\n"
   text (no images): blind without the description, taught to read it when it is there.
 - ``t5/``: T5ForConditionalGeneration on the same text, as (encoder input, target) pairs.
@@ -46,10 +47,11 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertTokenizer,
-    CLIPConfig,
-    CLIPImageProcessorPil,
-    CLIPModel,
-    CLIPVisionModel,
+    Blip2VisionConfig,
+    Blip2VisionModel,
+    BlipImageProcessorPil,
+    CLIPTextConfig,
+    CLIPTextModel,
     OPTConfig,
     OPTForCausalLM,
     PreTrainedTokenizerFast,
@@ -297,6 +299,54 @@ def train_bert(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[s
 
 # ---------------------------------------------------------------- vision (CLIP-style)
 
+# The shipped encoder's shape; ``layer_norm_eps`` equals the tiny preset's ``ln_vision`` eps, so
+# a converted transformers BLIP-2 (whose ``post_layernorm`` is our ``ln_vision``) is exact.
+VISION_SIZES = dict(
+    image_size=64,
+    patch_size=8,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    # Blip2VisionConfig's default (1e-10, for loading EVA weights) would start every layer at
+    # about zero; CLIP's 0.02 trains from a real random init.
+    initializer_range=0.02,
+)
+
+
+class ImageTextContrastive(torch.nn.Module):
+    """CLIP's two towers with BLIP-2's vision tower: a ``Blip2VisionModel`` and a small
+    ``CLIPTextModel``, each projected to a shared space, with a learnable temperature.
+
+    The image embedding is ``post_layernorm`` of the [CLS] token of the encoder output, as CLIP
+    pools (``Blip2VisionModel.pooler_output`` would apply that LayerNorm twice). The encoder
+    output itself, before ``post_layernorm``, is what the Q-Former reads."""
+
+    def __init__(self, vision: Blip2VisionConfig, text: CLIPTextConfig, projection_dim: int):
+        super().__init__()
+        self.vision = Blip2VisionModel(vision)
+        self.text = CLIPTextModel(text)
+        self.visual_projection = torch.nn.Linear(vision.hidden_size, projection_dim, bias=False)
+        self.text_projection = torch.nn.Linear(text.hidden_size, projection_dim, bias=False)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        embedded = self.vision.embeddings(pixel_values)  # (B, 1 + patches, D)
+        tokens = self.vision.encoder(inputs_embeds=embedded).last_hidden_state  # (B, T, D)
+        pooled = self.vision.post_layernorm(tokens[:, 0])  # (B, D)
+        return torch.nn.functional.normalize(self.visual_projection(pooled), dim=-1)
+
+    def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.text(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return torch.nn.functional.normalize(self.text_projection(pooled), dim=-1)
+
+    def logits_per_image(self, pixel_values: torch.Tensor, **tokens: torch.Tensor) -> torch.Tensor:
+        """(B images, N texts) scaled cosine similarities."""
+        similarity = self.image_embeds(pixel_values) @ self.text_embeds(**tokens).T
+        return self.logit_scale.exp() * similarity
+
 
 def extra_scenes(count: int) -> tuple[torch.Tensor, list[list[str]]]:
     """``count`` more scenes of the same world from the "vision-pretrain" random streams (not
@@ -313,30 +363,20 @@ def train_vision(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict
     shipped_pixels = backbone_metrics.load_split_pixels(data_dir, scenes, None)
     pixels = torch.cat([shipped_pixels, more_pixels])  # (N, 3, 64, 64)
     captions_of = [text.captions[s["image_id"]] for s in scenes] + more_captions
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            bos_token_id=tokenizer.cls_token_id,
-            eos_token_id=tokenizer.sep_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            image_size=64,
-            patch_size=8,
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-        ),
-        projection_dim=128,
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
+    vision_config = Blip2VisionConfig(**VISION_SIZES)
     torch.manual_seed(SEED)
-    clip = CLIPModel(config)
+    model = ImageTextContrastive(vision_config, text_config, projection_dim=128)
     gen = torch.Generator().manual_seed(SEED)
     picker = random.Random(SEED)
     batch_size = 64
@@ -346,29 +386,27 @@ def train_vision(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict
         captions = [picker.choice(captions_of[r]) for r in rows]
         negatives = [shape_swapped(c, picker) for c in captions]
         tokens = tokenizer(captions + negatives, padding=True, return_tensors="pt")
-        output = clip(
-            input_ids=tokens["input_ids"],
-            attention_mask=tokens["attention_mask"],
-            pixel_values=pixels[rows],
+        logits = model.logits_per_image(
+            pixels[rows], input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
         )
-        return contrastive_loss_with_hard_negatives(output.logits_per_image)
+        return contrastive_loss_with_hard_negatives(logits)
 
-    losses = run_training(clip, loss_of_step, steps, 1e-3, "vision")
-    vision = CLIPVisionModel(config.vision_config)
-    vision.load_state_dict(clip.vision_model.state_dict())
-    vision.save_pretrained(out)
+    losses = run_training(model, loss_of_step, steps, 1e-3, "vision")
+    model.vision.save_pretrained(out)
     image_processor().save_pretrained(out)
     return {
-        "recipe": "CLIP contrastive loss against a 2-layer CLIPTextModel (discarded) on the "
-        f"{len(scenes)} train images and {EXTRA_VISION_SCENES} more scenes of the world "
-        "(random streams 'vision-pretrain', not shipped), "
+        "recipe": "CLIP contrastive loss between a Blip2VisionModel and a 2-layer CLIPTextModel "
+        f"(discarded) on the {len(scenes)} train images and {EXTRA_VISION_SCENES} more scenes of "
+        "the world (random streams 'vision-pretrain', not shipped), "
         "image vs one of its 5 captions plus one shape-swapped hard negative caption per image, "
         f"{steps} steps x batch {batch_size}, AdamW lr 1e-3, "
         "warmup + cosine, no augmentation",
         "final_clip_loss": tail_mean(losses),
         "first_clip_loss": round(losses[0], 4),
-        "val_image_to_caption_r1": backbone_metrics.retrieval_r1(clip, tokenizer, data_dir),
-        "parameters": sum(p.numel() for p in vision.parameters()),
+        "val_image_to_caption_r1": backbone_metrics.retrieval_r1(
+            model.image_embeds, model.text_embeds, tokenizer, data_dir
+        ),
+        "parameters": sum(p.numel() for p in model.vision.parameters()),
         **backbone_metrics.probe_report(out, data_dir),
     }
 
@@ -396,14 +434,16 @@ def contrastive_loss_with_hard_negatives(logits_per_image: torch.Tensor) -> torc
     return (image_to_text + text_to_image) / 2
 
 
-def image_processor() -> CLIPImageProcessorPil:
-    # Saved as a plain "CLIPImageProcessor" config; the PIL variant needs no torchvision.
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": 64},
-        crop_size={"height": 64, "width": 64},
+def image_processor() -> BlipImageProcessorPil:
+    """BLIP-2's eval transform: a square bicubic resize, CLIP mean/std (what
+    ``qformer_cli.data.EvalTransform`` does). Saved as a plain "BlipImageProcessor" config; the
+    PIL variant needs no torchvision."""
+    return BlipImageProcessorPil(
+        size={"height": VISION_SIZES["image_size"], "width": VISION_SIZES["image_size"]},
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
         resample=3,  # bicubic
+        do_convert_rgb=True,
     )
 
 
@@ -677,7 +717,7 @@ def train_t5(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[str
 
 # ---------------------------------------------------------------- main
 
-DEFAULT_STEPS = {"bert": 300, "vision": 500, "opt": 2000, "t5": 900}
+DEFAULT_STEPS = {"bert": 300, "vision": 700, "opt": 2000, "t5": 900}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    AutoModel,
+    AutoImageProcessor,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     BertForMaskedLM,
-    CLIPVisionConfig,
-    CLIPVisionModel,
+    Blip2VisionModel,
     OPTForCausalLM,
     T5ForConditionalGeneration,
 )
 
+from qformer_cli.config import qformer_preset
 from qformer_cli.data import sample_backbone_dir, sample_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +33,18 @@ import backbone_metrics  # noqa: E402
 COLORS = {"red", "green", "blue", "yellow", "purple"}
 
 
-def test_vision_encoder_loads_and_sees_65_tokens() -> None:
-    model = AutoModel.from_pretrained(sample_backbone_dir("vision"))
-    assert isinstance(model, CLIPVisionModel)
+def test_vision_encoder_is_a_blip2_vision_model_that_sees_65_tokens() -> None:
+    """The layout transformers' BLIP-2 holds (so the default model converts to transformers),
+    read with BLIP-2's image processor settings: 64 px, CLIP mean/std, bicubic."""
+    model = Blip2VisionModel.from_pretrained(sample_backbone_dir("vision"))
     with torch.no_grad():
         hidden = model(pixel_values=torch.zeros(2, 3, 64, 64)).last_hidden_state
     assert hidden.shape == (2, 65, 128)  # CLS + 8 x 8 patches of 8 px
+    # ln_vision (tiny preset) and the vision tower share transformers' one layer_norm_eps
+    assert model.config.layer_norm_eps == qformer_preset("tiny").vision_layer_norm_eps
+    processor = AutoImageProcessor.from_pretrained(sample_backbone_dir("vision"))
+    assert type(processor).__name__.startswith("BlipImageProcessor")
+    assert processor.size["height"] == processor.size["width"] == 64
 
 
 @pytest.mark.parametrize(
@@ -125,11 +131,7 @@ def probes() -> ProbeSet:
     test_scenes = backbone_metrics.read_json(data / "scenes_val.json")
     train_pixels = backbone_metrics.load_split_pixels(data, train_scenes, vision_dir)
     test_pixels = backbone_metrics.load_split_pixels(data, test_scenes, vision_dir)
-    torch.manual_seed(0)
-    encoders = {
-        "trained": CLIPVisionModel.from_pretrained(vision_dir).eval(),
-        "untrained": CLIPVisionModel(CLIPVisionConfig.from_pretrained(vision_dir)).eval(),
-    }
+    encoders = backbone_metrics.load_vision_encoders(vision_dir)
     features = {
         name: (
             backbone_metrics.vision_features(model, train_pixels, pooled=True),

@@ -5,16 +5,21 @@
 - train: RandomResizedCrop(scale 0.5-1.0, bicubic) + horizontal flip, then the same tensor steps
   (LAVIS ``BlipImageTrainProcessor`` without RandAugment, as the BLIP-2 configs use it).
 
-The size, mean, std and resampling filter come from the vision encoder's own image processor
-config (``preprocessor_config.json``) where it has one.
+The size, mean, std and resampling filter come from the model's image processor config, read as
+transformers reads it: the ``image_processor`` entry of ``processor_config.json`` (what
+transformers 5 writes for a processor such as ``Blip2Processor``), else
+``preprocessor_config.json`` (what an image processor alone, or transformers 4, writes). With
+neither, the side is the vision config's ``image_size`` (``config.json``) and mean/std are CLIP's,
+as BLIP-2 uses; only with no config at all is it 224.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,11 @@ from qformer_cli.errors import DataError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"  # a whole processor; its image part under this key:
+PROCESSOR_IMAGE_KEY = "image_processor"
+MODEL_CONFIG = "config.json"
+
+_log = logging.getLogger(__name__)
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
@@ -39,6 +49,8 @@ class ImageTransformConfig:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     resample: Image.Resampling = Image.Resampling.BICUBIC
+    # where the settings came from, for messages (not part of the transform)
+    source: str = field(default="defaults", compare=False)
 
 
 def _size_from_processor(config: dict[str, Any]) -> int | None:
@@ -48,65 +60,151 @@ def _size_from_processor(config: dict[str, Any]) -> int | None:
         if isinstance(value, int):
             return value
         if isinstance(value, dict):
-            side = value.get("height") or value.get("shortest_edge") or value.get("width")
+            height, width = value.get("height"), value.get("width")
+            if height and width and height != width:
+                raise DataError(
+                    f"image processor {key} {height}x{width}: only square images are supported"
+                )
+            side = height or value.get("shortest_edge") or width
             if side:
                 return int(side)
     return None
 
 
 def transform_config_from_processor(
-    config: dict[str, Any], image_size: int | None = None
+    config: dict[str, Any],
+    image_size: int | None = None,
+    *,
+    fallback_size: int | None = None,
+    source: str = "defaults",
 ) -> ImageTransformConfig:
     """Build an :class:`ImageTransformConfig` from an image processor config dict.
 
     ``image_size`` overrides the processor's size (BLIP-2 fine-tunes at 364 px with a 224 px
-    processor, interpolating the position embeddings).
+    processor, interpolating the position embeddings); ``fallback_size`` is used when the
+    processor config names no size.
     """
     default = ImageTransformConfig()
-    side = image_size or _size_from_processor(config) or default.image_size
+    side = image_size or _size_from_processor(config) or fallback_size or default.image_size
     mean = tuple(config.get("image_mean") or default.mean)
     std = tuple(config.get("image_std") or default.std)
     if len(mean) != 3 or len(std) != 3:
         raise DataError(f"image processor config: image_mean/image_std need 3 values, got {mean}")
     resample = Image.Resampling(config.get("resample", default.resample))
-    return ImageTransformConfig(side, mean, std, resample)  # type: ignore[arg-type]
+    return ImageTransformConfig(side, mean, std, resample, source)  # type: ignore[arg-type]
 
 
 def load_transform_config(
     model_name_or_path: str | Path | None, image_size: int | None = None
 ) -> ImageTransformConfig:
-    """Read the vision encoder's ``preprocessor_config.json`` (a local folder, or a hub id that
-    is already in the local cache); fall back to CLIP defaults when there is none."""
-    processor: dict[str, Any] = {}
-    if model_name_or_path is not None:
-        path = _find_processor_config(str(model_name_or_path))
-        if path is not None:
-            processor = _read_processor_config(path)
-    return transform_config_from_processor(processor, image_size)
+    """The image transform of a model folder (or a hub id already in the local cache; nothing is
+    downloaded here): its image processor config, else its vision config's ``image_size`` with
+    CLIP mean/std (logged), else the defaults (224 px, CLIP mean/std)."""
+    if model_name_or_path is None:
+        return transform_config_from_processor({}, image_size)
+    name = str(model_name_or_path)
+    found = _find_image_processor(name)
+    if found is not None:
+        processor, source = found
+        return transform_config_from_processor(processor, image_size, source=source)
+    vision_size = _vision_config_image_size(name)
+    if vision_size is None or image_size is not None:
+        return transform_config_from_processor({}, image_size)
+    source = f"{name}: no image processor config; {vision_size} px from its vision config"
+    _log_once(f"{source}, CLIP mean/std")
+    return transform_config_from_processor({}, fallback_size=vision_size, source=source)
 
 
-def _find_processor_config(model_name_or_path: str) -> Path | None:
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        _log.warning(message)
+
+
+def _find_file(model_name_or_path: str, filename: str) -> Path | None:
+    """``filename`` in a local folder, or in the local hub cache for a hub id."""
     local = Path(model_name_or_path)
     if local.is_dir():
-        candidate = local / PREPROCESSOR_CONFIG
+        candidate = local / filename
         return candidate if candidate.is_file() else None
     try:  # a hub id: only look in the local cache, never download here
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(model_name_or_path, PREPROCESSOR_CONFIG)
+        cached = try_to_load_from_cache(model_name_or_path, filename)
     except Exception:
         return None
     return Path(cached) if isinstance(cached, str) else None
 
 
-def _read_processor_config(path: Path) -> dict[str, Any]:
+def _find_image_processor(model_name_or_path: str) -> tuple[dict[str, Any], str] | None:
+    """The image processor config dict and where it was found, in transformers' order: the
+    ``image_processor`` entry of ``processor_config.json``, then ``preprocessor_config.json``."""
+    processor_path = _find_file(model_name_or_path, PROCESSOR_CONFIG)
+    if processor_path is not None:
+        nested = _read_json_object(processor_path, "processor config").get(PROCESSOR_IMAGE_KEY)
+        if nested is not None:
+            if not isinstance(nested, dict):
+                raise DataError(f"{processor_path}: '{PROCESSOR_IMAGE_KEY}' is not a JSON object")
+            return nested, f"{processor_path} ({PROCESSOR_IMAGE_KEY})"
+    preprocessor_path = _find_file(model_name_or_path, PREPROCESSOR_CONFIG)
+    if preprocessor_path is not None:
+        return _read_json_object(preprocessor_path, "image processor config"), str(
+            preprocessor_path
+        )
+    return None
+
+
+def _vision_config_image_size(model_name_or_path: str) -> int | None:
+    """``image_size`` of the model's vision config (``vision_config`` of a BLIP-2/CLIP config,
+    or the config itself), with transformers' class defaults filled in; None without one."""
+    if _find_file(model_name_or_path, MODEL_CONFIG) is None:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _log_once(f"{model_name_or_path}: unreadable model config ({reason})")
+        return None
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", None)
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise DataError(
+                f"{model_name_or_path}: image_size {list(size)}: only square images are supported"
+            )
+        size = size[0]
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise DataError(f"{path}: malformed image processor config ({error})") from None
+        raise DataError(f"{path}: malformed {what} ({error})") from None
     if not isinstance(config, dict):
-        raise DataError(f"{path}: image processor config is not a JSON object")
+        raise DataError(f"{path}: {what} is not a JSON object")
     return config
+
+
+def blip_image_processor_settings(config: ImageTransformConfig) -> dict[str, Any]:
+    """``config`` as transformers ``BlipImageProcessor`` keyword arguments: BLIP-2's eval
+    transform (a square resize, rescale to [0, 1], normalize), which is :class:`EvalTransform`."""
+    return {
+        "do_resize": True,
+        "size": {"height": config.image_size, "width": config.image_size},
+        "resample": int(config.resample),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(config.mean),
+        "image_std": list(config.std),
+        "do_convert_rgb": True,
+    }
 
 
 def to_normalized_tensor(image: Image.Image, config: ImageTransformConfig) -> torch.Tensor:

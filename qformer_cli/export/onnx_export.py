@@ -49,7 +49,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -60,6 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qformer_cli.data.transforms import blip_image_processor_settings, load_transform_config
 from qformer_cli.errors import QformerError, UsageError
 from qformer_cli.eval.retrieval import (
     RETRIEVAL_MAX_TEXT_LEN,
@@ -646,14 +646,13 @@ def _write_graphs(
     return graphs
 
 
-def _write_preprocessing(tokenizer: Any, image_processor_source: str, out_dir: Path) -> str | None:
-    """Copy the tokenizer and (when there is one) the image processor settings; the latter's
-    file name, or None."""
+def _write_preprocessing(tokenizer: Any, image_processor_source: str, out_dir: Path) -> str:
+    """Save the tokenizer, and the image transform the model uses (wherever its settings were
+    found) as a ``BlipImageProcessor`` config; return the latter's file name."""
     tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
-    processor_file = Path(image_processor_source) / IMAGE_PROCESSOR
-    if not processor_file.is_file():
-        return None
-    shutil.copyfile(processor_file, out_dir / IMAGE_PROCESSOR)
+    settings = blip_image_processor_settings(load_transform_config(image_processor_source))
+    processor = {"image_processor_type": "BlipImageProcessor", **settings}
+    (out_dir / IMAGE_PROCESSOR).write_text(json.dumps(processor, indent=2) + "\n")
     return IMAGE_PROCESSOR
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from qformer_cli.data import load_transform_config
+from qformer_cli.data.transforms import blip_image_processor_settings, load_transform_config
 from qformer_cli.models.convert import save_transformers_blip2
 from qformer_cli.pretrained import Stage2Pipeline
 
@@ -17,14 +17,9 @@ IMAGE_TOKEN = "<image>"
 def _processor(pipeline: Stage2Pipeline):
     from transformers import Blip2Processor, BlipImageProcessor
 
+    # The transform our captioning uses for this model, so both sides see the same pixels.
     transform = load_transform_config(pipeline.image_processor_source)
-    image_processor = BlipImageProcessor(
-        size={"height": transform.image_size, "width": transform.image_size},
-        image_mean=list(transform.mean),
-        image_std=list(transform.std),
-        resample=int(transform.resample),
-        do_convert_rgb=True,
-    )
+    image_processor = BlipImageProcessor(**blip_image_processor_settings(transform))
     tokenizer = copy.deepcopy(pipeline.tokenizer)
     return Blip2Processor(
         image_processor, tokenizer, num_query_tokens=pipeline.bridge.config.num_query_tokens

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from qformer_cli.cli import app
@@ -160,8 +161,11 @@ def test_a_vision_checkpoint_missing_weights_is_refused(tmp_path: Path):
     result = _stage1(tmp_path / "run", "--vision-model", str(vision))
     assert result.exit_code == 1
     line = _error_line(result)
-    assert line.startswith(f"error: {vision}: 16 of the ")  # 16 tensors per CLIP layer
-    assert "CLIPVisionModel are not in the checkpoint and would be random" in line
+    with safe_open(str(SAMPLE_VISION / "model.safetensors"), framework="pt") as handle:
+        per_layer = sum(".layers.0." in key for key in handle.keys())  # noqa: SIM118
+    architecture = json.loads((vision / "config.json").read_text())["architectures"][0]
+    assert line.startswith(f"error: {vision}: {per_layer} of the ")  # the added layer's tensors
+    assert f"{architecture} are not in the checkpoint and would be random" in line
     assert f"encoder.layers.{last}." in line
     assert "model.vision.architecture" in line
 

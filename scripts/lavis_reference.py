@@ -4,10 +4,12 @@ Runs the unmodified ``lavis.models.blip2_models.blip2_qformer.Blip2Qformer`` at 
 (BERT width 64, 2 layers, 4 queries) on stand-in image features, with dropout off, in float64:
 one forward (ITC + ITM + LM losses) and one backward. float64 because at random init the ITC
 gradient is a small difference of near-equal terms (every text feature points much the same way),
-where float32 rounding alone moves it by ~1e-4 relative; in float64 a real difference stands out. Writes ``tests/fixtures/lavis_stage1.{safetensors,json}``:
-LAVIS's state dict under LAVIS's names, the inputs (image features, token ids, attention masks),
-the ITM negatives LAVIS drew and the weights it drew them from, the losses and every parameter's
-gradient. ``tests/test_lavis_parity.py`` replays it on our model (no LAVIS needed there).
+where float32 rounding alone moves it by ~1e-4 relative; in float64 a real difference stands out.
+
+Writes ``tests/fixtures/lavis_stage1.{safetensors,json}``: LAVIS's state dict under LAVIS's
+names, the inputs (image features, token ids, attention masks), the ITM negatives LAVIS drew and
+the weights it drew them from, the losses and every parameter's gradient.
+``tests/test_lavis_parity.py`` replays it on our model (no LAVIS needed there).
 
 Needs a venv with salesforce-lavis 1.0.2 and its pins (README "Stage 1 as LAVIS"); CI never runs
 this script. Only this process is adapted, no installed file is edited:
@@ -187,7 +189,11 @@ def record(out_dir: Path) -> None:
     batch = len(CAPTIONS)
     features = torch.randn(batch, IMAGE_TOKENS, IMAGE_WIDTH, dtype=torch.float64)
     tokens = model.tokenizer(
-        CAPTIONS, padding="max_length", truncation=True, max_length=MAX_TEXT_LEN, return_tensors="pt"
+        CAPTIONS,
+        padding="max_length",
+        truncation=True,
+        max_length=MAX_TEXT_LEN,
+        return_tensors="pt",
     )  # what forward computes from the same captions
     recorder = MultinomialRecorder()
     torch.multinomial = recorder
@@ -242,8 +248,12 @@ def record(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out_dir / "lavis_stage1.safetensors")
     (out_dir / "lavis_stage1.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(json.dumps(meta["losses"]), "negatives:", meta["negative_image_per_text"],
-          meta["negative_text_per_image"])
+    print(
+        json.dumps(meta["losses"]),
+        "negatives:",
+        meta["negative_image_per_text"],
+        meta["negative_text_per_image"],
+    )
     dist.destroy_process_group()
 
 

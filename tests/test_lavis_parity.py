@@ -3,13 +3,14 @@ gradient for every parameter, same ITM negative weights.
 
 The fixture (tests/fixtures/lavis_stage1.*) is one float64 forward + backward of the unmodified
 LAVIS model at a small size, written by scripts/lavis_reference.py in a venv holding LAVIS; this
-test needs no LAVIS. Our model gets LAVIS's weights through the LAVIS key converter, the same inputs,
-and LAVIS's ITM negatives (its draws come from its own RNG, not reproducible here).
+test needs no LAVIS. Our model gets LAVIS's weights through the LAVIS key converter, the same
+inputs, and LAVIS's ITM negatives (its draws come from its own RNG, not reproducible here).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,11 +18,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qformer_cli.config import QFormerConfig, Stage1Config, load_config
+from qformer_cli.config import (
+    QFORMER_PRESETS,
+    STAGE1_PRESETS,
+    QFormerConfig,
+    Stage1Config,
+    load_config,
+)
 from qformer_cli.losses import Ranks, itc_loss, negative_weights
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.convert import external_name, import_state_dict
 from qformer_cli.train.stage1 import GivenNegatives, Stage1Batch, Stage1Objective
+from tests.tiny_runs import train_stage1
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
@@ -148,9 +156,89 @@ def test_distinct_negatives_drop_a_word_for_word_identical_caption(lavis):
     text_ids = caption_ids(meta["captions"], torch.device("cpu"))
     ids = torch.arange(len(meta["captions"]))
     weights = negative_weights(
-        sim_i2t, ids, "distinct", image_ids=ids, all_image_ids=ids, text_ids=text_ids,
+        sim_i2t,
+        ids,
+        "distinct",
+        image_ids=ids,
+        all_image_ids=ids,
+        text_ids=text_ids,
         all_text_ids=text_ids,
     )
     duplicate = (1, 4)  # "two green triangles", two images
     assert meta["captions"][duplicate[0]] == meta["captions"][duplicate[1]]
     assert weights[duplicate] == 0 and tensors["weights.i2t"][duplicate] > 0.1
+
+
+@pytest.mark.slow
+def test_lavis_itc_gradient_on_two_ranks_matches_one_process(tmp_path: Path):
+    """With R ranks LAVIS scores each rank's rows against the gathered (constant) other side and
+    DDP averages: the same step as one process over the whole batch, with accumulation too."""
+    from tests.test_distributed import (
+        LOSS_KEYS,
+        STEP_SCRIPT,
+        assert_same_step,
+        run,
+        torchrun,
+        world_size_of,
+    )
+
+    lavis_mode = ("--itc-gradient", "lavis")
+    single, ddp = tmp_path / "single.safetensors", tmp_path / "ddp.safetensors"
+    run([sys.executable, str(STEP_SCRIPT), str(single), *lavis_mode])
+    torchrun(str(STEP_SCRIPT), str(ddp), *lavis_mode)
+    assert world_size_of(ddp) == "2"
+    assert_same_step(single, ddp, LOSS_KEYS)
+
+    itc_only = (*lavis_mode, "--itc-only")
+    single_itc, accumulated = tmp_path / "single_itc.safetensors", tmp_path / "acc.safetensors"
+    run([sys.executable, str(STEP_SCRIPT), str(single_itc), *itc_only])
+    torchrun(str(STEP_SCRIPT), str(accumulated), *itc_only, "--micro-batches", "2")
+    assert_same_step(single_itc, accumulated, ("loss.itc",))
+    # ... and the mode reached the step: full mode's ITC gradients are not these
+    full = tmp_path / "full.safetensors"
+    run([sys.executable, str(STEP_SCRIPT), str(full), "--itc-only"])
+    with pytest.raises(AssertionError, match="gradients differ"):
+        assert_same_step(single_itc, full, ("loss.itc",))
+
+
+# ------------------------------------------------------------------------------------------------
+# The settings: per-preset defaults, overrides, validation, and the record in the run's config.
+
+
+def test_each_preset_names_its_stage1_objective():
+    assert STAGE1_PRESETS.keys() == QFORMER_PRESETS.keys()
+    assert _blip2_settings() == Stage1Config("lavis", "lavis", None, "lavis")
+    tiny = load_config(REPO / "configs/tiny.yaml").stage1
+    assert tiny == load_config().stage1 == Stage1Config("full", "distinct", [0.001, 0.5], "normal")
+    chosen = load_config(overrides=["model.preset=blip2", "stage1.itm_negatives=distinct"])
+    assert chosen.stage1 == Stage1Config("lavis", "distinct", None, "lavis")
+
+
+def test_a_run_records_the_resolved_settings(tmp_path: Path):
+    lavis_itc = ("--set", "stage1.itc_gradient=lavis")
+    result = train_stage1(tmp_path / "run", "--max-steps", "1", *lavis_itc)
+    assert result.exit_code == 0, result.output
+    expected = {
+        "itc_gradient": "lavis",
+        "itm_negatives": "distinct",
+        "temperature_clamp": [0.001, 0.5],
+        "head_init": "normal",
+    }
+    assert json.loads((tmp_path / "run/config.json").read_text())["stage1"] == expected
+    final = Path(json.loads(result.stdout)["final_checkpoint"])
+    assert json.loads((final / "config.json").read_text())["run"]["stage1"] == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("stage1.temperature_clamp=[0.5,0.1]", "0 < low < high"),
+        ("stage1.itc_gradient=both", "not one of preset, lavis, full"),
+        ("stage1.itm_negatives=hard", "not one of preset, lavis, distinct"),
+    ],
+)
+def test_a_bad_setting_is_a_one_line_usage_error(tmp_path: Path, setting: str, message: str):
+    result = train_stage1(tmp_path / "run", "--max-steps", "1", "--set", setting)
+    assert result.exit_code == 2
+    assert message in result.stderr and setting.split("=")[0] in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

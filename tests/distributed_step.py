@@ -129,7 +129,8 @@ def run_step(
         "tiny", vocab_size=VOCAB_SIZE, hidden_dropout=0.0, attention_dropout=0.0
     )
     torch.manual_seed(MODEL_SEED)
-    settings = Stage1Config(itc_gradient=itc_gradient).resolved("tiny")
+    # distinct negatives: the hardest negative then skips same-image samples across ranks
+    settings = Stage1Config(itc_gradient=itc_gradient, itm_negatives="distinct").resolved("tiny")
     objective = Stage1Objective(
         Stage1Model(config), DEC_TOKEN_ID, mining="hardest", settings=settings
     )

@@ -96,7 +96,8 @@ class Stage1Losses:
 class Stage1Objective(nn.Module):
     """Wraps :class:`Stage1Model` so that one ``forward`` computes the three losses (and DDP,
     which hooks ``forward``, can wrap it). ``settings``: the ITC gradient, ITM negatives and
-    temperature clamp (a resolved ``stage1`` config section; default: the tiny preset's)."""
+    temperature clamp (a resolved ``stage1`` config section; default: the tiny preset's, which
+    are LAVIS's)."""
 
     def __init__(
         self,

@@ -1,13 +1,22 @@
 """The stage-1 objectives (ITC, ITM, ITG), each a small function, and the rank-aware gathers.
 
-With one process nothing is gathered. With several, features are all-gathered through the
-autograd-aware collective, so each rank's loss sends gradients back to the ranks that produced
-the features: one step on R ranks x B/R samples then equals one step on B samples in one process.
-DDP averages the per-rank gradients, so each rank's loss is its share of the global loss times R:
-ITC and ITM are means over a rank's own (equally many) rows; ITG, a mean over caption tokens
-that ranks hold unequally many of, divides its token sum by the global token count over R
-(:func:`itg_loss`'s ``tokens_per_loss``). Token ids and masks of different widths are gathered
-at the global longest width (:func:`gather_padded`).
+With one process nothing is gathered. With several, each rank scores its own rows against the
+features of the whole global batch, and one step on R ranks x B/R samples equals one step on B
+samples in one process. DDP averages the per-rank gradients, so each rank's loss is its share of
+the global loss times R: ITC and ITM are means over a rank's own (equally many) rows; ITG, a mean
+over caption tokens that ranks hold unequally many of, divides its token sum by the global token
+count over R (:func:`itg_loss`'s ``tokens_per_loss``). Token ids and masks of different widths are
+gathered at the global longest width (:func:`common_width`, :func:`pad_width`).
+
+How ITC's gradient reaches the features is a named choice (``ItcGradient``):
+
+* ``lavis`` -- as LAVIS 1.0.2's ``Blip2Qformer``: the other side of each similarity row is a
+  constant (LAVIS gathers it with ``concat_all_gather``, a no-grad all-gather it uses with one
+  process too), so image features get ITC gradient only from the image->text rows and text
+  features only from the text->image rows;
+* ``full`` -- gradient through both sides (the gathered side through the autograd-aware
+  collective, which sends it back to the rank that produced it), as open_clip does: about twice
+  LAVIS's ITC gradient on the shared Q-Former.
 """
 
 from __future__ import annotations
@@ -20,9 +29,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 NegativeMining = Literal["sample", "hardest"]
+ItcGradient = Literal["lavis", "full"]
+# How ITM's candidate negatives are weighted: ``lavis`` = softmax(similarity) + 1e-4, only the
+# positive excluded (LAVIS 1.0.2); ``distinct`` = softmax(similarity), every sample of the same
+# image or with the word-for-word same caption excluded.
+ItmNegatives = Literal["lavis", "distinct"]
 
 LABEL_SMOOTHING = 0.1
 TEMPERATURE_RANGE = (0.001, 0.5)  # BLIP's bounds; LAVIS BLIP-2 leaves temp unclamped
+LAVIS_WEIGHT_FLOOR = 1e-4  # LAVIS adds it to every softmax weight: any non-positive may be drawn
 
 
 @dataclass(frozen=True)
@@ -116,18 +131,29 @@ def itc_loss(
     text_feat: torch.Tensor,
     temp: torch.Tensor,
     ranks: Ranks,
+    *,
+    gradient: ItcGradient = "full",
+    temperature_clamp: tuple[float, float] | None = TEMPERATURE_RANGE,
 ) -> ItcOutput:
     """Image-text contrastive loss.
 
     ``image_feats`` (B, Q, D) and ``text_feat`` (B, D) are L2-normalized. The similarity of an
     image and a text is the max over the Q query embeddings of their dot products, divided by the
-    learnable temperature; cross-entropy both ways with label smoothing 0.1. Targets are this
-    rank's slice of the global batch, ``rank * B + arange(B)``.
+    learnable temperature (clamped to ``temperature_clamp`` unless None); cross-entropy both ways
+    with label smoothing 0.1. Targets are this rank's slice of the global batch,
+    ``rank * B + arange(B)``. ``gradient`` says which side of a similarity gets its gradient
+    (module docstring).
     """
     batch = image_feats.shape[0]
-    temp = temp.clamp(*TEMPERATURE_RANGE)
-    all_image_feats = gather_with_grad(image_feats, ranks)  # (G, Q, D)
-    all_text_feat = gather_with_grad(text_feat, ranks)  # (G, D)
+    if temperature_clamp is not None:
+        temp = temp.clamp(*temperature_clamp)
+    if gradient == "lavis":
+        # Every rank's slice a constant, this rank's own included (LAVIS's all-gather copies it)
+        all_image_feats = gather_no_grad(image_feats.detach(), ranks)  # (G, Q, D)
+        all_text_feat = gather_no_grad(text_feat.detach(), ranks)  # (G, D)
+    else:
+        all_image_feats = gather_with_grad(image_feats, ranks)  # (G, Q, D)
+        all_text_feat = gather_with_grad(text_feat, ranks)  # (G, D)
     sim_i2t = torch.einsum("bqd,gd->bgq", image_feats, all_text_feat).amax(dim=-1) / temp
     sim_t2i = torch.einsum("bd,gqd->bgq", text_feat, all_image_feats).amax(dim=-1) / temp
     targets = torch.arange(batch, device=image_feats.device) + ranks.rank * batch
@@ -136,6 +162,50 @@ def itc_loss(
         + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)
     ) / 2
     return ItcOutput(loss, sim_i2t, sim_t2i)
+
+
+@torch.no_grad()
+def negative_weights(
+    similarity: torch.Tensor,
+    positive_index: torch.Tensor,
+    negatives: ItmNegatives,
+    *,
+    image_ids: torch.Tensor | None = None,
+    all_image_ids: torch.Tensor | None = None,
+    text_ids: torch.Tensor | None = None,
+    all_text_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, G) unnormalized weights over the global batch from which each row's negative is drawn.
+
+    ``similarity`` (B, G) scores this rank's samples against the global batch; ``positive_index``
+    (B,) is each row's own global index.
+
+    * ``lavis``: softmax(similarity) + 1e-4 with only the positive set to 0, as LAVIS 1.0.2
+      (``weights_t2i`` / ``weights_i2t`` in ``Blip2Qformer.forward``); image and caption ids are
+      not used, so another sample of the same image, or one captioned word for word alike, can be
+      drawn as a "negative".
+    * ``distinct``: softmax(similarity) with every sample of the same image (``image_ids`` (B,)
+      vs ``all_image_ids`` (G,)), the positive included, set to 0 and, when ``text_ids`` (B,) /
+      ``all_text_ids`` (G,) are given, every sample whose caption is the same text. A row with no
+      candidate left (the batch shows one image only) falls back to any other sample.
+    """
+    if similarity.shape[1] < 2:
+        raise ValueError("ITM needs at least 2 samples in the (global) batch")
+    rows = torch.arange(similarity.shape[0], device=similarity.device)
+    probabilities = F.softmax(similarity.float(), dim=1)
+    if negatives == "lavis":
+        weights = probabilities + LAVIS_WEIGHT_FLOOR
+        weights[rows, positive_index] = 0.0
+        return weights
+    if image_ids is None or all_image_ids is None:
+        raise ValueError("distinct negatives need the image ids")
+    not_negative = image_ids[:, None] == all_image_ids[None, :]  # (B, G), includes the positive
+    if text_ids is not None and all_text_ids is not None:
+        not_negative |= text_ids[:, None] == all_text_ids[None, :]
+    weights = probabilities.masked_fill(not_negative, 0.0)
+    fallback = torch.ones_like(weights)
+    fallback[rows, positive_index] = 0.0
+    return torch.where((weights.sum(dim=1) > 0)[:, None], weights, fallback)
 
 
 @torch.no_grad()
@@ -148,29 +218,24 @@ def mine_hard_negatives(
     uniforms: torch.Tensor | None = None,
     text_ids: torch.Tensor | None = None,
     all_text_ids: torch.Tensor | None = None,
+    negatives: ItmNegatives = "distinct",
 ) -> torch.Tensor:
     """For each local row, the global index of one negative (B,).
 
-    ``similarity`` (B, G) scores this rank's samples against the global batch; ``positive_index``
-    (B,) is each row's own global index. Candidates exclude every sample of the same image
-    (``image_ids`` (B,) vs ``all_image_ids`` (G,)), the positive included, and, when
-    ``text_ids`` (B,) / ``all_text_ids`` (G,) are given, every sample whose caption is the same
-    text: an image captioned word for word like the positive is no negative. ``sample`` draws with
-    probability softmax(similarity) (BLIP-2), one of ``uniforms`` (B,) per row
-    (:func:`draw_by_inverse_cdf`); ``hardest`` takes the most similar candidate
-    (deterministic, for tests). A row with no candidate (the batch shows one image only) falls
-    back to any other sample.
+    Candidates are weighted by :func:`negative_weights` (``negatives`` names how). ``sample``
+    draws with probability proportional to the weights (BLIP-2), one of ``uniforms`` (B,) per row
+    (:func:`draw_by_inverse_cdf`); ``hardest`` takes the most heavily weighted candidate
+    (deterministic, for tests).
     """
-    if similarity.shape[1] < 2:
-        raise ValueError("ITM needs at least 2 samples in the (global) batch")
-    rows = torch.arange(similarity.shape[0], device=similarity.device)
-    not_negative = image_ids[:, None] == all_image_ids[None, :]  # (B, G), includes the positive
-    if text_ids is not None and all_text_ids is not None:
-        not_negative |= text_ids[:, None] == all_text_ids[None, :]
-    weights = F.softmax(similarity.float(), dim=1).masked_fill(not_negative, 0.0)
-    fallback = torch.ones_like(weights)
-    fallback[rows, positive_index] = 0.0
-    weights = torch.where((weights.sum(dim=1) > 0)[:, None], weights, fallback)
+    weights = negative_weights(
+        similarity,
+        positive_index,
+        negatives,
+        image_ids=image_ids,
+        all_image_ids=all_image_ids,
+        text_ids=text_ids,
+        all_text_ids=all_text_ids,
+    )
     if mining == "hardest":
         return weights.argmax(dim=1)
     if uniforms is None:

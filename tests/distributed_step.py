@@ -5,6 +5,7 @@ Usage::
     python tests/distributed_step.py OUT.safetensors                       # 1 process, batch B
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_step.py OUT.safetensors
     python tests/distributed_step.py OUT.safetensors --no-itm --micro-batches 2
+    python tests/distributed_step.py OUT.safetensors --itc-gradient lavis
 
 ``--micro-batches J`` splits the global batch into J micro-batches trained with gradient
 accumulation (``Stage1Objective.accumulate``); ``--no-itm`` backpropagates ITC and ITG only,
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from qformer_cli.config import qformer_preset
+from qformer_cli.config import Stage1Config, qformer_preset
 from qformer_cli.losses import Ranks
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.train.stage1 import Stage1Batch, Stage1Objective
@@ -115,7 +116,9 @@ def forward_backward(
     return totals
 
 
-def run_step(out_path: str, micro: int = 1, no_itm: bool = False) -> None:
+def run_step(
+    out_path: str, micro: int = 1, no_itm: bool = False, itc_gradient: str = "full"
+) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         dist.init_process_group("gloo")
@@ -126,7 +129,11 @@ def run_step(out_path: str, micro: int = 1, no_itm: bool = False) -> None:
         "tiny", vocab_size=VOCAB_SIZE, hidden_dropout=0.0, attention_dropout=0.0
     )
     torch.manual_seed(MODEL_SEED)
-    objective = Stage1Objective(Stage1Model(config), DEC_TOKEN_ID, mining="sample")
+    # distinct negatives: same-image samples are skipped across ranks too
+    settings = Stage1Config(itc_gradient=itc_gradient, itm_negatives="distinct").resolved("tiny")
+    objective = Stage1Objective(
+        Stage1Model(config), DEC_TOKEN_ID, mining="sample", settings=settings
+    )
     objective.generator = torch.Generator().manual_seed(NEGATIVES_SEED)  # alike on every rank
     # Wrapped the way train/loop.py wraps it (no find_unused_parameters), so a parameter the
     # step leaves unused would show up here as an un-averaged gradient.
@@ -160,5 +167,6 @@ if __name__ == "__main__":
     parser.add_argument("out")
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--no-itm", action="store_true")
+    parser.add_argument("--itc-gradient", choices=["lavis", "full"], default="full")
     args = parser.parse_args()
-    run_step(args.out, args.micro_batches, args.no_itm)
+    run_step(args.out, args.micro_batches, args.no_itm, args.itc_gradient)

@@ -17,6 +17,7 @@ from qformer_cli.losses import (
     itg_targets,
     itm_loss,
     mine_hard_negatives,
+    negative_weights,
 )
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.train.stage1 import Stage1Batch, Stage1Objective
@@ -51,6 +52,84 @@ def test_temperature_is_clamped_to_blips_range():
     low = itc_loss(feats, text, torch.tensor(1e-6), Ranks())
     floor = itc_loss(feats, text, torch.tensor(0.001), Ranks())
     assert torch.allclose(low.sim_i2t, floor.sim_i2t)
+
+
+def test_an_unclamped_temperature_is_used_as_it_is():
+    feats = F.normalize(torch.randn(2, 1, 4), dim=-1)
+    text = F.normalize(torch.randn(2, 4), dim=-1)
+    temp = torch.tensor(0.9, requires_grad=True)
+    out = itc_loss(feats, text, temp, Ranks(), temperature_clamp=None)
+    torch.testing.assert_close(out.sim_i2t * 0.9, torch.einsum("bqd,gd->bgq", feats, text)[..., 0])
+    out.loss.backward()
+    assert temp.grad != 0  # clamped to 0.5 it would get none
+
+
+def _itc_gradients(gradient: str) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    image_feats = F.normalize(torch.randn(4, 3, 8, generator=generator), dim=-1).requires_grad_()
+    text_feat = F.normalize(torch.randn(4, 8, generator=generator), dim=-1).requires_grad_()
+    itc_loss(image_feats, text_feat, torch.tensor(0.07), Ranks(), gradient=gradient).loss.backward()
+    return image_feats.grad, text_feat.grad
+
+
+def test_lavis_itc_gradient_reaches_each_side_only_from_its_own_rows():
+    """LAVIS: image features learn from the image->text rows alone, texts from text->image."""
+    generator = torch.Generator().manual_seed(5)
+    image_feats = F.normalize(torch.randn(4, 3, 8, generator=generator), dim=-1).requires_grad_()
+    text_feat = F.normalize(torch.randn(4, 8, generator=generator), dim=-1).requires_grad_()
+    targets = torch.arange(4)
+    sim = torch.einsum("bqd,gd->bgq", image_feats, text_feat).amax(dim=-1) / 0.07  # (image, text)
+    i2t = F.cross_entropy(sim, targets, label_smoothing=0.1) / 2
+    t2i = F.cross_entropy(sim.T, targets, label_smoothing=0.1) / 2
+    (image_from_i2t,) = torch.autograd.grad(i2t, image_feats, retain_graph=True)
+    (text_from_t2i,) = torch.autograd.grad(t2i, text_feat)
+
+    image_grad, text_grad = _itc_gradients("lavis")
+    torch.testing.assert_close(image_grad, image_from_i2t)
+    torch.testing.assert_close(text_grad, text_from_t2i)
+    full_image_grad, _ = _itc_gradients("full")
+    assert not torch.allclose(full_image_grad, image_grad, atol=1e-3)
+
+
+def test_lavis_negative_weights_exclude_the_positive_only():
+    similarity = torch.tensor([[4.0, 3.0, 1.0, 2.0], [2.0, 5.0, 0.0, 1.0]])
+    positives = torch.tensor([0, 1])
+    weights = negative_weights(similarity, positives, "lavis")
+    expected = F.softmax(similarity, dim=1) + 1e-4
+    expected[0, 0] = expected[1, 1] = 0.0
+    torch.testing.assert_close(weights, expected)
+    # Sample 1 shows row 0's image and sample 2 has row 0's caption: LAVIS may draw them, the
+    # distinct mode leaves row 0 sample 3 alone.
+    all_image_ids, all_text_ids = torch.tensor([7, 7, 8, 9]), torch.tensor([1, 2, 1, 3])
+    distinct = negative_weights(
+        similarity,
+        positives,
+        "distinct",
+        image_ids=all_image_ids[:2],
+        all_image_ids=all_image_ids,
+        text_ids=all_text_ids[:2],
+        all_text_ids=all_text_ids,
+    )
+    assert distinct[0].tolist() == [0.0, 0.0, 0.0, F.softmax(similarity[0], dim=0)[3].item()]
+    assert weights[0, 1] > 0.1 and weights[0, 2] > 0.01
+
+
+@pytest.mark.parametrize("head_init", ["lavis", "normal"])
+def test_head_init(head_init: str):
+    config = qformer_preset("tiny", vocab_size=40, num_layers=1)
+    torch.manual_seed(0)
+    model = Stage1Model(config, head_init=head_init)
+    bound = 1 / math.sqrt(config.hidden_size)  # torch's nn.Linear default: U(-bound, bound)
+    for head in (model.vision_proj, model.text_proj, model.itm_head):
+        if head_init == "lavis":
+            assert head.weight.abs().max() <= bound and head.bias.abs().max() <= bound
+            assert head.weight.std().item() > 2 * config.initializer_range  # not normal(0, 0.02)
+            assert head.bias.abs().max() > 0
+        else:
+            assert head.weight.std().item() == pytest.approx(config.initializer_range, rel=0.2)
+            assert torch.all(head.bias == 0)
+    # the LM head's transform is BERT's in both (loaded from the BERT checkpoint)
+    assert torch.all(model.lm_head.dense.bias == 0)
 
 
 def test_hardest_negative_skips_positives_and_same_image():

@@ -6,6 +6,8 @@ from :mod:`qformer_cli.models.backbones`, passed in where needed.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,10 +31,19 @@ class BertLMHead(nn.Module):
         return F.linear(transformed, word_embeddings, self.bias)
 
 
-class Stage1Model(nn.Module):
-    """Q-Former with text parts + ITC projections, ITM head, learnable temperature, LM head."""
+HeadInit = Literal["lavis", "normal"]
 
-    def __init__(self, config: QFormerConfig) -> None:
+
+class Stage1Model(nn.Module):
+    """Q-Former with text parts + ITC projections, ITM head, learnable temperature, LM head.
+
+    ``head_init`` (config ``stage1.head_init``): ``lavis`` leaves ``vision_proj``, ``text_proj``
+    and ``itm_head`` at torch's default ``nn.Linear`` init, as LAVIS's ``Blip2Qformer`` creates
+    them; ``normal`` draws them from normal(0, initializer_range) with zero bias, as BERT inits
+    its own layers. The LM head's transform is BERT's (loaded from the BERT checkpoint in both).
+    """
+
+    def __init__(self, config: QFormerConfig, head_init: HeadInit = "normal") -> None:
         super().__init__()
         self.config = config
         self.qformer = QFormer(config, with_text=True)
@@ -41,7 +52,10 @@ class Stage1Model(nn.Module):
         self.itm_head = nn.Linear(config.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
         self.lm_head = BertLMHead(config)
-        for head in (self.vision_proj, self.text_proj, self.itm_head, self.lm_head.dense):
+        normal_heads = [self.vision_proj, self.text_proj, self.itm_head, self.lm_head.dense]
+        if head_init == "lavis":
+            normal_heads = [self.lm_head.dense]
+        for head in normal_heads:
             nn.init.normal_(head.weight, std=config.initializer_range)
             nn.init.zeros_(head.bias)
 

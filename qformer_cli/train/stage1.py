@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qformer_cli.config import QFormerConfig, RunConfig
+from qformer_cli.config import QFormerConfig, RunConfig, Stage1Config
 from qformer_cli.data import BadSampleLog
 from qformer_cli.losses import (
     ItcOutput,
@@ -61,6 +61,16 @@ class ItcAccumulation:
     index: int
 
 
+@dataclass(frozen=True)
+class GivenNegatives:
+    """ITM negatives chosen outside the objective (tests: the draws of a reference run), as
+    global batch indices: ``image`` (B,) the negative image of each text, ``text`` (B,) the
+    negative text of each image."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+
+
 @dataclass
 class Stage1Batch:
     image_embeds: torch.Tensor  # (B, N, C) frozen vision features
@@ -73,6 +83,7 @@ class Stage1Batch:
     # ITG target tokens of the whole optimizer step (all ranks and micro-batches) over the
     # number of losses averaged into its gradient; None: this batch alone is the step.
     itg_tokens_per_loss: torch.Tensor | None = None
+    given_negatives: GivenNegatives | None = None  # used instead of drawing ITM negatives
 
 
 @dataclass
@@ -91,7 +102,9 @@ class Stage1Losses:
 
 class Stage1Objective(nn.Module):
     """Wraps :class:`Stage1Model` so that one ``forward`` computes the three losses (and DDP,
-    which hooks ``forward``, can wrap it)."""
+    which hooks ``forward``, can wrap it). ``settings``: the ITC gradient, ITM negatives and
+    temperature clamp (a resolved ``stage1`` config section; default: the tiny preset's, which
+    are LAVIS's)."""
 
     def __init__(
         self,
@@ -100,12 +113,14 @@ class Stage1Objective(nn.Module):
         *,
         mining: NegativeMining = "sample",
         reuse: bool = True,
+        settings: Stage1Config | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.dec_token_id = dec_token_id
         self.mining: NegativeMining = mining
         self.reuse = reuse
+        self.settings = settings or Stage1Config().resolved("tiny")
         # Draws the uniforms of ``sample`` mining for the global batch; seeded alike on every
         # rank, which all draw the same count, so the negatives do not depend on the world size.
         self.generator: torch.Generator | None = None
@@ -118,7 +133,7 @@ class Stage1Objective(nn.Module):
         image_feats = self._image_feats(image_pass.query_output)
         text_feat = self._text_feat(batch)
         if batch.itc_accumulation is None:
-            itc = itc_loss(image_feats, text_feat, self.model.temp, ranks)
+            itc = self._itc(image_feats, text_feat, self.model.temp, ranks)
         else:
             itc = self._accumulated_itc(image_feats, text_feat, batch.itc_accumulation, ranks)
 
@@ -131,6 +146,18 @@ class Stage1Objective(nn.Module):
             itc=itc.loss,
             itm=itm_loss(itm_logits),
             itg=itg_loss(itg_logits, batch.input_ids, batch.text_mask, tokens_per_loss),
+        )
+
+    def _itc(
+        self, image_feats: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor, ranks: Ranks
+    ) -> ItcOutput:
+        return itc_loss(
+            image_feats,
+            text_feat,
+            temp,
+            ranks,
+            gradient=self.settings.itc_gradient,
+            temperature_clamp=self.settings.temperature_range,
         )
 
     def _image_feats(self, query_output: torch.Tensor) -> torch.Tensor:
@@ -192,7 +219,7 @@ class Stage1Objective(nn.Module):
         )  # (J*b, D)
         temp = self.model.temp
         temp = temp.detach() + (temp - temp.detach()) / count  # same value, 1/J of the gradient
-        full = itc_loss(all_image, all_text, temp, ranks)
+        full = self._itc(all_image, all_text, temp, ranks)
         loss = full.loss.detach() + count * (full.loss - full.loss.detach())
         rows = slice(index * size, (index + 1) * size)
         per_rank = torch.arange(ranks.world_size, device=image_feats.device)[:, None] * count
@@ -214,9 +241,13 @@ class Stage1Objective(nn.Module):
         size = batch.input_ids.shape[0]
         local = torch.arange(size, device=batch.input_ids.device)
         positive_index = local + ranks.rank * size
-        mine = self._mine(batch, positive_index, ranks)
-        negative_image = mine(sim_t2i)  # (B,) global index of a hard negative image per text
-        negative_text = mine(sim_i2t)  # (B,) global index of a hard negative text per image
+        if batch.given_negatives is None:
+            mine = self._mine(batch, positive_index, ranks)
+            negative_image = mine(sim_t2i)  # (B,) global index of a hard negative image per text
+            negative_text = mine(sim_i2t)  # (B,) global index of a hard negative text per image
+        else:
+            negative_image = batch.given_negatives.image
+            negative_text = batch.given_negatives.text
 
         # Each rank pads its captions to its own longest: gather at the global longest width
         # (one collective; what one process pads the whole batch to), padding being masked.
@@ -250,6 +281,7 @@ class Stage1Objective(nn.Module):
                 uniforms,
                 text_ids=batch.text_ids,
                 all_text_ids=all_text_ids,
+                negatives=self.settings.itm_negatives,
             )
 
         return mine
@@ -347,7 +379,7 @@ def build_stage1_recipe(
     vision_width = cache.encoder_width if cache else vision.hidden_size
     qformer_config = stage1_qformer_config(config, vision_width, tokenizer)
     torch.manual_seed(config.train.seed)
-    model = Stage1Model(qformer_config)
+    model = Stage1Model(qformer_config, head_init=config.stage1.head_init)
     init = load_external_weights(model, Path(resolve_model_name(config.model.bert)))
     report(f"Q-Former init from {config.model.bert}: {init.summary()}")
     model.to(device)
@@ -362,7 +394,9 @@ def build_stage1_recipe(
         report(f"training on cached features from {cache.directory} ({cache.dtype}; no images)")
     # The same seed on every rank: each draws the global batch's uniforms (see _mine).
     generator = torch.Generator(device=device).manual_seed(config.train.seed)
-    objective = Stage1Objective(model, tokenizer.convert_tokens_to_ids(DEC_TOKEN))
+    objective = Stage1Objective(
+        model, tokenizer.convert_tokens_to_ids(DEC_TOKEN), settings=config.stage1
+    )
     objective.generator = generator
 
     def prepare(batch) -> Stage1Batch:

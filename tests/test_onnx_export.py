@@ -438,8 +438,11 @@ def test_stage1_onnx_itc_similarity_matches_torch_retrieval(
     assert np.allclose(np.linalg.norm(text_embeds, axis=-1), 1.0, atol=1e-5)
 
 
-def test_stage1_export_is_refused_by_the_caption_backend(stage1_exported) -> None:
+def test_stage1_export_is_refused_by_the_caption_backend(stage1_exported, tmp_path) -> None:
     out, _ = stage1_exported
-    result = runner.invoke(app, ["caption", "--model", str(out), "--backend", "onnx"])
+    result = runner.invoke(
+        app,
+        ["caption", "--model", str(out), "--backend", "onnx", "--out", str(tmp_path / "captions")],
+    )
     assert result.exit_code == 2
     assert "stage-1" in result.stderr and "Traceback" not in result.output

@@ -218,7 +218,8 @@ STAGE1_PRESETS: dict[str, dict[str, Any]] = {
     # eval-retrieval --k 8, seeds 42 / 7, ITC-only R@1 image->text 32.0 / 26.0 vs 23.0 / 23.3,
     # text->image 24.7 / 25.0 vs 19.9 / 15.4 (README). The templated captions' duplicates, which
     # LAVIS may draw as ITM negatives (0.5 rows per batch of 32), did not hurt: with distinct
-    # negatives instead the same run gave 31.3 / 25.7.
+    # negatives instead the same run gave 31.3 / 25.7. Through stage 2 the earlier recipe answered
+    # VQA better on both seeds measured (README "What make demo shows"): a trade-off still open.
     "tiny": LAVIS_STAGE1,
 }
 

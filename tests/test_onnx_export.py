@@ -42,7 +42,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A stage-2 run directory: the shipped tiny CLIP + OPT, a few training steps."""
+    """A stage-2 run directory: the shipped tiny vision encoder + OPT, a few training steps."""
     out = tmp_path_factory.mktemp("stage2")
     args = ["pretrain-stage2", "--max-steps", "3", "--batch-size", "8", "--out", str(out)]
     result = runner.invoke(app, args)

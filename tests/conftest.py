@@ -9,6 +9,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see q
 import pytest
 import torch
 
+pytest_plugins = ["tests.strict_skips"]
+
 TINY_QFORMER = dict(
     vocab_size=99,
     hidden_size=64,

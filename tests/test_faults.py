@@ -156,7 +156,13 @@ def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: flo
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
-def test_sigterm_writes_a_checkpoint_exits_143_and_resume_auto_continues(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("stop_signal", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["TERM", "INT"]
+)
+def test_a_signal_writes_a_checkpoint_exits_128_plus_it_and_resume_auto_continues(
+    tmp_path: Path, stop_signal: signal.Signals, exit_code: int
+):
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) stop at the next step boundary."""
     run = tmp_path / "run"
     process = subprocess.Popen(
         stage1_command(run, "--max-steps", "200"),
@@ -166,11 +172,11 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resume_auto_continues(tmp_pat
         text=True,
     )
     _wait_for_step(run, 2, process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
+    assert process.returncode == exit_code, stderr
     error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "stopped by SIGTERM at step" in error_lines[0]
+    assert len(error_lines) == 1 and f"stopped by {stop_signal.name} at step" in error_lines[0]
     assert f"--resume auto --out {run}" in error_lines[0]
     [saved] = checkpoint.list_checkpoints(run)
     checkpoint.verify_checkpoint(saved)

@@ -29,3 +29,10 @@ class CheckpointError(QformerError):
     """A checkpoint or weight file that cannot be used (missing, corrupt, bad keys): exit 1."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message reduced to its first line (its type name when it has none): what a
+    library's multi-line error contributes to our one-line messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

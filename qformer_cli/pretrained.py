@@ -20,7 +20,12 @@ from qformer_cli.models.backbones import (
     resolve_model_name,
 )
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
-from qformer_cli.models.convert import import_state_dict, read_config_json, read_safetensors_dir
+from qformer_cli.models.convert import (
+    BLIP2_MODEL_TYPES,
+    import_state_dict,
+    read_config_json,
+    read_safetensors_dir,
+)
 
 
 @dataclass
@@ -110,7 +115,7 @@ class Stage2Pipeline:
 def _is_transformers_blip2(path: Path) -> bool:
     if not (path / "config.json").is_file() or (path / checkpoint.MANIFEST).is_file():
         return False
-    return read_config_json(path).get("model_type") in ("blip-2", "blip_2")
+    return read_config_json(path).get("model_type") in BLIP2_MODEL_TYPES
 
 
 def load_stage2(

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qformer_cli.errors import DataError
+from qformer_cli.errors import DataError, first_line
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -167,8 +167,7 @@ def _vision_config_image_size(model_name_or_path: str) -> int | None:
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, local_files_only=True)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        _log_once(f"{model_name_or_path}: unreadable model config ({reason})")
+        _log_once(f"{model_name_or_path}: unreadable model config ({first_line(error)})")
         return None
     vision = getattr(config, "vision_config", None) or config
     size = getattr(vision, "image_size", None)

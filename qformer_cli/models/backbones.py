@@ -18,7 +18,8 @@ from torch import nn
 
 from qformer_cli.config import BackboneConfig
 from qformer_cli.embedded import SAMPLE_DATA, resolve_embedded_path
-from qformer_cli.errors import CheckpointError, UsageError
+from qformer_cli.errors import CheckpointError, UsageError, first_line
+from qformer_cli.models.convert import BLIP2_MODEL_TYPES
 
 LLMFamily = Literal["decoder-only", "encoder-decoder"]
 
@@ -33,7 +34,6 @@ _VISION_CLASSES = {
 }
 # A full transformers BLIP-2 directory (Blip2Model / Blip2ForConditionalGeneration) holds both
 # frozen backbones; each is loaded from its sub-config and the weights under its prefix.
-_BLIP2_MODEL_TYPES = ("blip-2", "blip_2")
 _BLIP2_VISION_PREFIX = "vision_model."
 _BLIP2_LLM_PREFIX = "language_model."
 # Modules whose weights a checkpoint may lack without changing the features we read
@@ -85,7 +85,7 @@ def _checkpoint_config(spec: BackboneConfig) -> transformers.PretrainedConfig | 
     try:
         return transformers.AutoConfig.from_pretrained(resolve_model_name(spec.model))
     except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise CheckpointError(f"{spec.model}: cannot load the backbone config ({reason})") from None
 
 
@@ -132,7 +132,7 @@ def _vision_config(config: transformers.PretrainedConfig) -> transformers.Pretra
 
 
 def _is_blip2(config: transformers.PretrainedConfig) -> bool:
-    return config.model_type in _BLIP2_MODEL_TYPES
+    return config.model_type in BLIP2_MODEL_TYPES
 
 
 def _preview(names: list[str], limit: int = 3) -> str:
@@ -152,7 +152,7 @@ def _build_on_meta(
         with torch.device("meta"):
             return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
     except (ValueError, AttributeError, TypeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         name = spec.model or config.model_type
         message = f"{name}: cannot build {cls.__name__} from its config ({reason})"
         raise UsageError(message) from None
@@ -196,7 +196,7 @@ def load_pretrained_checked(
         model, info = cls.from_pretrained(name, dtype=dtype, output_loading_info=True, **extra)
     except (OSError, ValueError, AttributeError, RuntimeError) as exc:
         # a checkpoint of another architecture fails in the class's constructor or loader
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise CheckpointError(f"{spec.model}: cannot load as {cls.__name__} ({reason})") from None
     unused = (*_UNUSED_BY_ANY, *unused_modules)
     missing = sorted(key for key in info["missing_keys"] if not _is_unused(key, unused))
@@ -303,7 +303,7 @@ def _load_tokenizer(name: str) -> transformers.PreTrainedTokenizerBase:
     try:
         return transformers.AutoTokenizer.from_pretrained(resolve_model_name(name))
     except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise CheckpointError(f"{name}: cannot load the tokenizer ({reason})") from None
 
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from qformer_cli.config import QFormerConfig
-from qformer_cli.errors import CheckpointError
+from qformer_cli.errors import CheckpointError, first_line
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
 from qformer_cli.models.qformer import QFormer
 
@@ -290,9 +290,9 @@ def read_torch_weights(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise CheckpointError(
-            f"{path}: refused to load (only plain tensors are accepted: {first_line})"
+            f"{path}: refused to load (only plain tensors are accepted: {reason})"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # LAVIS wraps the weights as {"model": state_dict, ...}
@@ -313,12 +313,16 @@ def read_config_json(directory: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON (line {exc.lineno}: {exc.msg})") from None
 
 
+# model_type of a full transformers BLIP-2 config (Blip2Model, Blip2ForConditionalGeneration)
+BLIP2_MODEL_TYPES = ("blip-2", "blip_2")
+
+
 def _source_prefix(config: dict, directory: Path) -> str:
     """What to put before a transformers BLIP-2 directory's keys to get full BLIP-2 names."""
     model_type = config.get("model_type")
     if model_type == "blip_2_qformer":
         return "qformer."  # a bare Blip2QFormerModel: "encoder.layer..." -> "qformer.encoder..."
-    if model_type in ("blip-2", "blip_2"):
+    if model_type in BLIP2_MODEL_TYPES:
         return ""
     raise CheckpointError(
         f"{directory}: not a BLIP-2 or BERT checkpoint (model_type {model_type!r})"

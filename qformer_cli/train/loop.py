@@ -28,7 +28,7 @@ from qformer_cli import checkpoint, faults
 from qformer_cli.config import TrainConfig
 from qformer_cli.errors import QformerError, UsageError
 from qformer_cli.flops import count_flops
-from qformer_cli.losses import Ranks
+from qformer_cli.losses import Ranks, global_sum
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STOP_AFTER_STEP_ENV = "QFORMER_STOP_AFTER_STEP"  # tests: behave as if SIGTERM came after step N
@@ -362,9 +362,8 @@ class Trainer:
         if self.ranks.world_size == 1:
             return values
         stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
-        dist.all_reduce(stacked)
-        stacked /= self.ranks.world_size
-        return dict(zip(values, stacked.tolist(), strict=True))
+        mean = global_sum(stacked, self.ranks) / self.ranks.world_size
+        return dict(zip(values, mean.tolist(), strict=True))
 
     def _measure_flops(self, micro_batches: list[Any]) -> None:
         # Eagerly: dynamo refuses frames under FlopCounterMode's dispatch mode, and remembers the

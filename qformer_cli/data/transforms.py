@@ -107,9 +107,11 @@ def load_transform_config(
     if found is not None:
         processor, source = found
         return transform_config_from_processor(processor, image_size, source=source)
-    vision_size = _vision_config_image_size(name)
-    if vision_size is None or image_size is not None:
+    if image_size is not None:  # the processor's side is all the vision config could give
         return transform_config_from_processor({}, image_size)
+    vision_size = _vision_config_image_size(name)
+    if vision_size is None:
+        return transform_config_from_processor({})
     source = f"{name}: no image processor config; {vision_size} px from its vision config"
     _log_once(f"{source}, CLIP mean/std")
     return transform_config_from_processor({}, fallback_size=vision_size, source=source)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from qformer_cli.config import DataConfig, RunConfig
+from qformer_cli.config import BackboneConfig, DataConfig, RunConfig, from_dict
 from qformer_cli.data import (
     BadSampleLog,
     Sample,
@@ -126,6 +126,15 @@ def build_train_loader(
         seed=config.train.seed,
         drop_last=True,
     )
+
+
+def trained_vision(saved_run: dict) -> tuple[BackboneConfig, int] | None:
+    """The vision encoder spec and ``data.image_size`` a checkpoint's recorded run config was
+    trained with (None when it records no model section)."""
+    if "model" not in saved_run:
+        return None
+    vision = from_dict(BackboneConfig, saved_run["model"]["vision"], "model.vision")
+    return vision, int(saved_run.get("data", {}).get("image_size", 0))
 
 
 def load_frozen_vision(config: RunConfig, device: torch.device) -> VisionEncoder:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from qformer_cli import checkpoint
-from qformer_cli.config import BackboneConfig, RunConfig, from_dict
+from qformer_cli.config import RunConfig
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import (
     build_language_model,
@@ -23,6 +23,7 @@ from qformer_cli.models.backbones import (
     same_backbone,
 )
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
+from qformer_cli.train.common import trained_vision
 
 STAGE_OF_COMMAND = {"pretrain-stage1": 1, "pretrain-stage2": 2}
 # What one checkpoint holds per trainable parameter: fp32 weights + AdamW's two fp32 moments.
@@ -92,9 +93,10 @@ def _check_resume_checkpoint(
 def _check_resume_vision(directory: Path, config: RunConfig, saved_run: dict) -> None:
     """A run resumes on the vision encoder and image size it was trained on, not the defaults
     (e.g. a stage-2 run started with --init from a stage-1 run on another encoder)."""
-    if "model" not in saved_run:
+    recorded = trained_vision(saved_run)
+    if recorded is None:
         return
-    trained = from_dict(BackboneConfig, saved_run["model"]["vision"], "model.vision")
+    trained, image_size = recorded
     if not same_backbone(config.model.vision, trained):
         raise UsageError(
             f"{directory}: trained on the vision encoder {trained.model} "
@@ -103,7 +105,6 @@ def _check_resume_vision(directory: Path, config: RunConfig, saved_run: dict) ->
             f"{config.model.vision.architecture or 'auto'}, config {config.model.vision.config}): "
             f"resume with --vision-model {trained.model} and its settings"
         )
-    image_size = saved_run.get("data", {}).get("image_size", 0)
     if config.data.image_size != image_size:
         raise UsageError(
             f"{directory}: trained with data.image_size {image_size}, but it is "

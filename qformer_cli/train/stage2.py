@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qformer_cli import checkpoint
-from qformer_cli.config import BackboneConfig, QFormerConfig, RunConfig, from_dict
+from qformer_cli.config import QFormerConfig, RunConfig
 from qformer_cli.data import BadSampleLog
 from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.losses import Ranks
@@ -35,6 +35,7 @@ from qformer_cli.train.common import (
     load_frozen_vision,
     read_caption_samples,
     read_vqa_training_samples,
+    trained_vision,
 )
 from qformer_cli.train.loop import PRECISION_DTYPES, StageRecipe
 from qformer_cli.train.sharding import checkpoint_activations, describe, shard_frozen_lm
@@ -204,10 +205,10 @@ def inherit_init_vision(config: RunConfig, init: Path | None, given: set[str]) -
         return config
     directory = checkpoint.resolve_checkpoint(Path(init))
     saved_run = checkpoint.load_config(directory).get("run") or {}
-    if "model" not in saved_run:
+    recorded = trained_vision(saved_run)
+    if recorded is None:
         return config
-    vision = from_dict(BackboneConfig, saved_run["model"]["vision"], "model.vision")
-    image_size = int(saved_run.get("data", {}).get("image_size", 0))
+    vision, image_size = recorded
     if _touched(given, "model.vision") and not same_backbone(config.model.vision, vision):
         raise UsageError(
             f"--vision-model/model.vision ({config.model.vision.model or 'from config'}) is not "
@@ -227,7 +228,7 @@ def inherit_init_vision(config: RunConfig, init: Path | None, given: set[str]) -
 
 def init_bridge(bridge: Stage2Model, path: Path) -> LoadReport:
     """Q-Former weights from a stage-1 checkpoint (text parts dropped) or an external file."""
-    if (Path(path) / checkpoint.MANIFEST).is_file() or checkpoint.list_checkpoints(Path(path)):
+    if _is_our_checkpoint(Path(path)):
         directory = checkpoint.resolve_checkpoint(Path(path))
         weights = checkpoint.load_weights(directory)
         own = bridge.state_dict()

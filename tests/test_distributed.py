@@ -29,7 +29,7 @@ from qformer_cli.config import DataConfig, TrainConfig
 from qformer_cli.data import BadSampleLog, RankSampler, sample_backbone_dir
 from qformer_cli.models.backbones import load_qformer_tokenizer
 from qformer_cli.train.common import read_caption_samples
-from tests.tiny_runs import FAST, metrics_rows, train_stage1
+from tests.tiny_runs import FAST, assert_weights_moved, metrics_rows, train_stage1
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STEP_SCRIPT = REPO_ROOT / "tests" / "distributed_step.py"
@@ -176,11 +176,13 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def train_both(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
-    """The FAST run plus ``extra`` in this process and under torchrun with 2 processes."""
+    """The FAST run plus ``extra`` in this process and under torchrun with 2 processes, each
+    keeping its last two checkpoints (for ``assert_weights_moved``)."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    result = train_stage1(single, *NO_ATTENTION_DROPOUT, *extra)
+    every_step = ("--set", "train.save_every=1", *NO_ATTENTION_DROPOUT, *extra)
+    result = train_stage1(single, *every_step)
     assert result.exit_code == 0, result.output
-    torchrun(*stage1_module_args(ddp, *FAST, *NO_ATTENTION_DROPOUT, *extra))
+    torchrun(*stage1_module_args(ddp, *FAST, *every_step))
     return single, ddp
 
 
@@ -196,6 +198,7 @@ def assert_same_run(single: Path, ddp: Path, steps: int) -> None:
         for key in LOGGED_LOSSES:
             expected = pytest.approx(single_row[key], rel=1e-5)
             assert ddp_row[key] == expected, (single_row["step"], key)
+    assert_weights_moved(ddp)  # equal runs that never update would pass the checks below
     single_weights, ddp_weights = final_weights(single), final_weights(ddp)
     assert single_weights.keys() == ddp_weights.keys()
     # Attention key biases have an exactly-zero gradient (see ZERO_GRAD_SUFFIX); AdamW

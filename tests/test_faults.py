@@ -21,6 +21,7 @@ from qformer_cli import checkpoint, faults
 from qformer_cli.train.loop import STOP_AFTER_STEP_ENV
 from tests.tiny_runs import (
     assert_same_weights,
+    assert_weights_moved,
     final_weights,
     metrics_rows,
     metrics_steps,
@@ -37,8 +38,10 @@ STEPS = ["--max-steps", "6", "--set", "train.save_every=2", "--set", "train.keep
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """Final weights of the uninterrupted 6-step run."""
-    result = train_stage1(tmp_path_factory.mktemp("straight") / "run", *STEPS)
+    run = tmp_path_factory.mktemp("straight") / "run"
+    result = train_stage1(run, *STEPS)
     assert result.exit_code == 0, result.output
+    assert_weights_moved(run)  # step 2 -> step 6: the runs compared with it really train
     return final_weights(result)
 
 

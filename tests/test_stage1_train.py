@@ -15,7 +15,14 @@ from qformer_cli.config import QFormerConfig
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.convert import load_external_weights
 from qformer_cli.train.loop import STOP_AFTER_STEP_ENV
-from tests.tiny_runs import assert_same_weights, final_weights, metrics_rows, metrics_steps, runner
+from tests.tiny_runs import (
+    assert_same_weights,
+    assert_weights_moved,
+    final_weights,
+    metrics_rows,
+    metrics_steps,
+    runner,
+)
 from tests.tiny_runs import train_stage1 as _train
 
 
@@ -62,6 +69,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path: Path):
 
     assert_same_weights(final_weights(straight), final_weights(resumed))
     assert metrics_steps(tmp_path / "resumed") == [1, 2, 3, 4, 5]
+    assert_weights_moved(tmp_path / "resumed")  # step 2 -> step 5
 
 
 def test_bad_training_data_is_a_one_line_error(tmp_path: Path):

@@ -77,6 +77,21 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert (a[key] - b[key]).abs().max() <= 1e-6, key
 
 
+def assert_weights_moved(run: Path) -> None:
+    """The run's newest checkpoint differs from its oldest in nearly every tensor.
+
+    Guards the "same weights as another run" tests: two runs whose optimizer never updates agree
+    too. (Attention key biases get an exactly-zero gradient, and a few other tensors may get
+    none in a short run, hence "nearly".)"""
+    saved = checkpoint.list_checkpoints(run)
+    assert len(saved) >= 2, f"{run}: needs two checkpoints to compare, has {len(saved)}"
+    oldest = load_file(str(saved[0] / checkpoint.WEIGHTS))
+    newest = load_file(str(saved[-1] / checkpoint.WEIGHTS))
+    assert oldest.keys() == newest.keys()
+    moved = [key for key in oldest if not oldest[key].equal(newest[key])]
+    assert len(moved) > 0.9 * len(oldest), f"only {len(moved)} of {len(oldest)} tensors moved"
+
+
 def metrics_rows(run: Path) -> list[dict]:
     """Every row of a run's ``metrics.jsonl``; each line must parse."""
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""CI cannot go green by skipping: with ``QFORMER_NO_SKIPS=1`` a skip is a failure."""
+"""CI cannot go green by skipping: with ``QFORMER_NO_SKIPS=1`` or ``CI=true`` a skip fails."""
 
 from __future__ import annotations
 
@@ -33,10 +33,13 @@ def run_skipping_tests(pytester: pytest.Pytester) -> pytest.RunResult:
     return pytester.runpytest_inprocess("-p", "tests.strict_skips", "-rA")
 
 
+@pytest.mark.parametrize("variable, value", [(NO_SKIPS_VARIABLE, "1"), ("CI", "true")])
 def test_skips_fail_when_no_skips_are_allowed(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
 ) -> None:
-    monkeypatch.setenv(NO_SKIPS_VARIABLE, "1")
+    monkeypatch.delenv(NO_SKIPS_VARIABLE, raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv(variable, value)
     result = run_skipping_tests(pytester)
     # a skipif marker skips in setup, so pytest reports that one as an error: not a pass either
     result.assert_outcomes(passed=1, failed=1, errors=1, xfailed=1)
@@ -49,5 +52,6 @@ def test_skips_stay_skips_otherwise(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(NO_SKIPS_VARIABLE, raising=False)
+    monkeypatch.delenv("CI", raising=False)
     result = run_skipping_tests(pytester)
     result.assert_outcomes(passed=1, skipped=2, xfailed=1)

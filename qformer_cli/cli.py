@@ -122,6 +122,20 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _removing_empty_out_dirs_on_exit(command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``command``; if it raises (a refusal, a failure, an exit), the output directories it
+    created and left empty are removed, so a refused command leaves no ``runs/<command>-<time>``."""
+    try:
+        return command(*args, **kwargs)
+    except BaseException:
+        # Only train.common creates output directories; not imported means none were created
+        # (and an error path need not import torch to find that out).
+        common = sys.modules.get("qformer_cli.train.common")
+        if common is not None:
+            common.remove_empty_out_dirs()
+        raise
+
+
 def handles_errors(command: F) -> F:
     """Turn expected errors into one line on stderr and the right exit code."""
 
@@ -129,7 +143,7 @@ def handles_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False)
         try:
-            return command(*args, **kwargs)
+            return _removing_empty_out_dirs_on_exit(command, *args, **kwargs)
         except typer.Exit:
             raise
         except QformerError as exc:

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see qformer_cli/__init__
 
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 pytest_plugins = ["tests.strict_skips"]
+
+# No test writes into the source tree. Hypothesis would write .hypothesis/ into the working
+# directory: its example database (off: every run draws afresh, and a failure prints its example)
+# and its cache of the constants found in the code under test (moved to the temp directory).
+settings.register_profile("qformer", database=None)
+settings.load_profile("qformer")
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "qformer-hypothesis")
 
 TINY_QFORMER = dict(
     vocab_size=99,

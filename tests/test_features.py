@@ -107,8 +107,10 @@ def test_bf16_features_give_the_same_losses_to_bf16_tolerance(
     assert result.exit_code == 0, result.output
     for online_row, cached_row in zip(online_losses, _losses(tmp_path / "cached"), strict=True):
         for key, value in online_row.items():
-            # bf16 keeps 8 bits of mantissa: features move by ~0.4%, the losses by far less
-            assert cached_row[key] == pytest.approx(value, rel=2e-2), key
+            # bf16 keeps 8 bits of mantissa: each feature moves by up to 0.4%, but the losses
+            # average over thousands of them (measured over the 3 steps: at most 6.6e-5
+            # relative, ITC; ITM 3e-5, ITG 3e-6); the bound leaves ~7x.
+            assert cached_row[key] == pytest.approx(value, rel=5e-4), key
 
 
 @pytest.mark.slow

@@ -121,3 +121,34 @@ def test_overwrite_under_torchrun_clears_once_then_trains(tmp_path: Path):
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-00000001"]
     assert metrics_steps(run) == [1]
     assert (run / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["pretrain-stage1", "--set", "train.lr=abc"],  # refused while reading the config
+        ["pretrain-stage1", "--data", "missing.json", "--max-steps", "1"],  # refused in build
+        ["eval-vqa", "--predictions", "missing.json"],  # refused while scoring
+    ],
+    ids=["bad-setting", "missing-training-data", "missing-predictions"],
+)
+def test_a_refused_command_leaves_no_default_out_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arguments: list[str]
+):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, arguments)
+    assert result.exit_code in (1, 2)
+    assert result.stderr.strip().splitlines()[-1].startswith("error: "), result.output
+    assert sorted(tmp_path.iterdir()) == []  # no runs/<command>-<time>, no runs/
+
+
+def test_a_refused_command_removes_only_the_out_dirs_it_created(tmp_path: Path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for out in (tmp_path / "new" / "run", mine):
+        arguments = ["--data", str(tmp_path / "missing.json"), "--out", str(out)]
+        result = runner.invoke(app, ["pretrain-stage1", *arguments, "--max-steps", "1"])
+        assert result.exit_code == 1
+        assert result.stderr.strip().endswith("missing.json: file not found"), result.output
+    assert sorted(tmp_path.iterdir()) == [mine]  # new/run and new removed; the user's kept
+    assert list(mine.iterdir()) == []  # and nothing (config.json) written into it

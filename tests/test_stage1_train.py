@@ -122,5 +122,7 @@ def test_gradient_accumulation_contrasts_against_the_whole_batch(tmp_path: Path)
     assert accumulated.exit_code == 0, accumulated.output
     rows = [metrics_rows(tmp_path / run)[0] for run in ("whole", "accumulated")]
     assert rows[1]["itc"] == pytest.approx(rows[0]["itc"], rel=1e-5)
-    # ITM mines its negatives within each micro-batch of 4, so it may differ; ITG barely does.
-    assert rows[1]["itg"] == pytest.approx(rows[0]["itg"], rel=0.05)
+    # ITM mines its negatives within each micro-batch of 4, so it may differ. ITG divides each
+    # micro-batch's token losses by the whole step's target tokens: the same sum, in another
+    # order (measured: 7e-8 relative, float32 rounding; the bound leaves ~10x).
+    assert rows[1]["itg"] == pytest.approx(rows[0]["itg"], rel=1e-6)

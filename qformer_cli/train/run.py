@@ -171,9 +171,9 @@ def train_stage(
         check_before_loading(command, config, out_dir, resume_from)
         if fresh_in_given_dir and overwrite:  # only once the run passed every check
             remove_earlier_run(out_dir, is_main=is_main)
-        if is_main:
-            write_resolved_config(out_dir, config)
         recipe = build(config, device, ranks, report)
+        if is_main:  # after build: a run refused for its data or model leaves no config.json
+            write_resolved_config(out_dir, config)
         progress = TrainingProgress(console, enabled=is_main)
         trainer = Trainer(recipe, config.train, out_dir, device, ranks, progress)
         if resume_from is not None:

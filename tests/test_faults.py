@@ -244,11 +244,13 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_step(tmp_path: Pat
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)  # torchrun and its workers
     assert launcher.returncode == TORCHRUN_FAILED, stderr
-    stops = re.findall(r"^error: stopped by SIGTERM at step (\d+)", stderr, re.MULTILINE)
-    assert len(stops) == 2 and stops[0] == stops[1], stderr  # both ranks, the same step
-    stopped_at = int(stops[0])
+    stops = re.findall(r"^error: stopped by SIGTERM at step (\d+); checkpoint (\S+);", stderr,
+                       re.MULTILINE)  # fmt: skip
+    assert len(stops) == 2 and stops[0] == stops[1], stderr  # both ranks: one step, one path
+    stopped_at = int(stops[0][0])
     assert 2 <= stopped_at < TORCHRUN_STEPS
     [saved] = checkpoint.list_checkpoints(run)
+    assert Path(stops[0][1]) == saved
     checkpoint.verify_checkpoint(saved)
     assert checkpoint.load_train_state(saved)["step"] == stopped_at
     assert metrics_steps(run) == list(range(1, stopped_at + 1))

@@ -231,11 +231,14 @@ class Trainer:
             "random_states": random_states,
         }
 
-    def save(self) -> Path | None:
+    def save(self) -> Path:
+        """Write a checkpoint of this step (rank 0 writes, every rank waits); returns its path."""
         random_states = self._random_states()
         if self.ranks.rank != 0:
             self._barrier()
-            return None
+            return (
+                self.out_dir / checkpoint.CHECKPOINTS / checkpoint.checkpoint_name(self.state.step)
+            )
         config = dict(self.recipe.checkpoint_config, step=self.state.step)
         path = checkpoint.save_checkpoint(
             self.out_dir,

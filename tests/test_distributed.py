@@ -75,23 +75,26 @@ def world_size_of(path: Path) -> str:
         return (handle.metadata() or {}).get("world_size", "?")
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def torchrun_command(*args: str) -> list[str]:
     """``torchrun`` with 2 local CPU processes on a free port: ``args`` are a script or
     ``-m module`` and its arguments."""
-    return run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            *args,
-        ]
-    )
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun_command(*args)``, which must exit 0."""
+    return run(torchrun_command(*args))
 
 
 def assert_same_step(single_path: Path, other_path: Path, loss_keys: tuple[str, ...]) -> None:

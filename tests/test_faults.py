@@ -3,11 +3,14 @@
 Every crash test runs the same 6-step tiny stage-1 run (checkpoints every 2 steps), kills it
 with ``QFORMER_FAULT`` (``os._exit``: no cleanup, like a node dying), checks what is on disk,
 resumes with ``--resume auto`` and compares the final weights with an uninterrupted run's.
+Preemption: SIGTERM / SIGINT to the process, and SIGTERM to one of 2 torchrun ranks.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import time
@@ -16,10 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import Result
+from safetensors.torch import load_file
 
 from qformer_cli import checkpoint, faults
 from qformer_cli.train.loop import STOP_AFTER_STEP_ENV
+from tests.test_distributed import REPO_ROOT, step_env, torchrun, torchrun_command
 from tests.tiny_runs import (
+    FAST,
     assert_same_weights,
     assert_weights_moved,
     final_weights,
@@ -190,3 +196,70 @@ def test_a_signal_writes_a_checkpoint_exits_128_plus_it_and_resume_auto_continue
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["steps"] == stopped_at + 2
     assert metrics_steps(run) == list(range(1, stopped_at + 3))
+
+
+# --------------------------------------------------------------------------------------------
+# SIGTERM to one of 2 torchrun ranks
+
+TORCHRUN_STEPS = 30  # long enough that the signal after step 2 lands well before the end
+
+
+TORCHRUN_FAILED = 1  # torchrun's own exit code when a worker exits non-zero
+
+
+def _stage1_args(run: Path, *extra: str) -> list[str]:
+    """`pretrain-stage1`'s FAST run of TORCHRUN_STEPS steps, as torchrun's arguments."""
+    return ["-m", "qformer_cli", "pretrain-stage1", "--out", str(run), *FAST,
+            "--max-steps", str(TORCHRUN_STEPS), *extra]  # fmt: skip
+
+
+def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker process of ``rank`` (a child with RANK=<rank>), via /proc."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"torchrun has no worker of rank {rank}")
+
+
+def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_step(tmp_path: Path):
+    """A scheduler that signals one process of a job: the stop flag is all-reduced at each step
+    boundary, so both ranks stop after the same step, rank 0 writes one checkpoint of it, and
+    `--resume auto` ends with the uninterrupted run's weights."""
+    straight_run = tmp_path / "straight"
+    torchrun(*_stage1_args(straight_run))
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(
+        torchrun_command(*_stage1_args(run)), cwd=REPO_ROOT, env=step_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for_step(run, 2, launcher)
+        os.kill(_worker_pid(launcher, rank=1), signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=120)  # ranks that disagree hang in a collective
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)  # torchrun and its workers
+    assert launcher.returncode == TORCHRUN_FAILED, stderr
+    stops = re.findall(r"^error: stopped by SIGTERM at step (\d+); checkpoint (\S+);", stderr,
+                       re.MULTILINE)  # fmt: skip
+    assert len(stops) == 2 and stops[0] == stops[1], stderr  # both ranks: one step, one path
+    stopped_at = int(stops[0][0])
+    assert 2 <= stopped_at < TORCHRUN_STEPS
+    [saved] = checkpoint.list_checkpoints(run)
+    assert Path(stops[0][1]) == saved
+    checkpoint.verify_checkpoint(saved)
+    assert checkpoint.load_train_state(saved)["step"] == stopped_at
+    assert metrics_steps(run) == list(range(1, stopped_at + 1))
+
+    torchrun(*_stage1_args(run, "--resume", "auto"))
+    assert metrics_steps(run) == list(range(1, TORCHRUN_STEPS + 1))
+    resumed = load_file(str(checkpoint.list_checkpoints(run)[-1] / checkpoint.WEIGHTS))
+    expected = load_file(str(checkpoint.list_checkpoints(straight_run)[-1] / checkpoint.WEIGHTS))
+    assert_same_weights(resumed, expected)

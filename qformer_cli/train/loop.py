@@ -204,7 +204,23 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def _train_state(self) -> dict[str, Any]:
+    def _random_states(self) -> list[dict[str, Any]]:
+        """Every rank's random streams, in rank order (a collective under torchrun).
+
+        Each rank has its own: dropout masks of its own batch shapes advance its torch stream
+        by its own amount, and stage 2 seeds its prefix splits by rank. Resuming every rank from
+        rank 0's streams would train differently from the run that was not interrupted."""
+        own = {
+            "torch_rng": torch.get_rng_state(),
+            "generators": {k: g.get_state() for k, g in self.recipe.generators.items()},
+        }
+        if self.ranks.world_size == 1:
+            return [own]
+        states: list[Any] = [None] * self.ranks.world_size
+        dist.all_gather_object(states, own)
+        return states
+
+    def _train_state(self, random_states: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "step": self.state.step,
             "epoch": self.state.epoch,
@@ -212,21 +228,24 @@ class Trainer:
             "skipped_nonfinite": self.state.skipped_nonfinite,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "generators": {k: g.get_state() for k, g in self.recipe.generators.items()},
+            "random_states": random_states,
         }
 
-    def save(self) -> Path | None:
+    def save(self) -> Path:
+        """Write a checkpoint of this step (rank 0 writes, every rank waits); returns its path."""
+        random_states = self._random_states()
         if self.ranks.rank != 0:
             self._barrier()
-            return None
+            return (
+                self.out_dir / checkpoint.CHECKPOINTS / checkpoint.checkpoint_name(self.state.step)
+            )
         config = dict(self.recipe.checkpoint_config, step=self.state.step)
         path = checkpoint.save_checkpoint(
             self.out_dir,
             self.state.step,
             self.recipe.trainable.state_dict(),
             config,
-            self._train_state(),
+            self._train_state(random_states),
             self.recipe.save_extra,
         )
         checkpoint.prune_checkpoints(self.out_dir, self.config.keep_last)
@@ -239,9 +258,13 @@ class Trainer:
         state = checkpoint.load_train_state(directory)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
+        # A run resumed on another number of processes cannot replay the same random streams;
+        # each rank then takes the saved rank's of the same index modulo their number.
+        saved = state["random_states"]
+        own = saved[self.ranks.rank % len(saved)]
+        torch.set_rng_state(own["torch_rng"])
         for key, generator in self.recipe.generators.items():
-            generator.set_state(state["generators"][key])
+            generator.set_state(own["generators"][key])
         self.state = TrainState(
             step=state["step"],
             epoch=state["epoch"],
@@ -284,7 +307,7 @@ class Trainer:
     def _should_stop(self) -> int | None:
         forced = os.environ.get(STOP_AFTER_STEP_ENV)
         if forced and self.state.step >= int(forced):
-            return signal.SIGTERM
+            self.stop_signal = signal.SIGTERM  # as a signal would: agreed on below
         if self.ranks.world_size > 1:  # every rank agrees on the step at which to stop
             flag = torch.tensor([self.stop_signal or 0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

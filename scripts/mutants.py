@@ -11,8 +11,10 @@ directory, applies the bug there (never in the checkout), runs the tests that ta
     python scripts/mutants.py --only itm_labels_swapped --json
     python scripts/mutants.py --list
 
-An old text that is not found exactly once is an error (exit 2): a mutant can never silently
-stop applying when the code it breaks is edited. Exit 1 when any mutant is missed.
+First the targeted tests run once without any mutant: they must pass there, or a failure would
+prove nothing (exit 2). An old text that is not found exactly once is an error (exit 2): a mutant
+can never silently stop applying when the code it breaks is edited. Exit 1 when any mutant is
+missed.
 """
 
 from __future__ import annotations
@@ -229,28 +231,54 @@ class Outcome:
     seconds: float
 
 
-def run_mutant(mutant: Mutant, files: list[str], full: bool) -> Outcome:
-    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
+def run_tests(
+    files: list[str], tests: list[str], mutant: Mutant | None
+) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``tests`` in a scratch copy of the checkout, with ``mutant`` applied when given."""
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
         scratch = Path(tmp)
         copy_checkout(scratch, files)
-        mutate(scratch, mutant)
+        if mutant is not None:
+            mutate(scratch, mutant)
         env = dict(os.environ, PYTHONPATH=str(scratch), PYTHONDONTWRITEBYTECODE="1")
-        tests = ["tests/"] if full else list(mutant.tests)
         start = time.monotonic()
         done = subprocess.run(
             [*PYTEST, *tests], cwd=scratch, env=env, capture_output=True, text=True
         )
-        seconds = time.monotonic() - start
-    output = done.stdout + done.stderr
+        return done, time.monotonic() - start
+
+
+def first_failure(done: subprocess.CompletedProcess) -> str:
+    match = FIRST_FAILURE.search(done.stdout + done.stderr)
+    return match.group(1) if match else f"pytest exit {done.returncode}"
+
+
+def run_mutant(mutant: Mutant, files: list[str], full: bool) -> Outcome:
+    done, seconds = run_tests(files, ["tests/"] if full else list(mutant.tests), mutant)
     if done.returncode == 0:
         return Outcome(mutant.name, mutant.file, False, None, seconds)
     # 5: nothing ran (a targeted test marked outside_ci is deselected by the project's pytest
     # addopts, so it cannot count); 3/4: pytest itself failed, e.g. a node id that is gone.
     if done.returncode not in (1, 2):
-        raise RuntimeError(f"mutant {mutant.name}: pytest exited {done.returncode}\n{output}")
-    match = FIRST_FAILURE.search(output)
-    caught_by = match.group(1) if match else f"pytest exit {done.returncode}"
-    return Outcome(mutant.name, mutant.file, True, caught_by, seconds)
+        raise RuntimeError(
+            f"mutant {mutant.name}: pytest exited {done.returncode}\n{done.stdout + done.stderr}"
+        )
+    return Outcome(mutant.name, mutant.file, True, first_failure(done), seconds)
+
+
+class BaselineFailed(Exception):
+    """The targeted tests fail without any mutant: a failure would prove nothing."""
+
+
+def check_baseline(chosen: list[Mutant], files: list[str], full: bool) -> None:
+    tests = ["tests/"] if full else list(dict.fromkeys(t for m in chosen for t in m.tests))
+    done, seconds = run_tests(files, tests, None)
+    print(f"baseline (no mutant): exit {done.returncode} ({seconds:.0f} s)", file=sys.stderr)
+    if done.returncode != 0:
+        raise BaselineFailed(
+            f"the targeted tests fail without any mutant ({first_failure(done)}):\n"
+            f"{(done.stdout + done.stderr)[-3000:]}"
+        )
 
 
 def markdown_table(outcomes: list[Outcome]) -> str:
@@ -287,12 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mutant in chosen:  # every mutant still applies, before any test runs
             mutated_text((ROOT / mutant.file).read_text(), mutant)
+        check_baseline(chosen, files, args.full)
         for mutant in chosen:
             outcome = run_mutant(mutant, files, args.full)
             status = f"caught by {outcome.caught_by}" if outcome.caught else "MISSED"
             print(f"{mutant.name}: {status} ({outcome.seconds:.0f} s)", file=sys.stderr)
             outcomes.append(outcome)
-    except MutantRotted as error:
+    except (MutantRotted, BaselineFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:

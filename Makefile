@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all mutants lint bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/pytest -q -m ""
+
+# Mutation check (outside CI, not part of make test): one deliberate bug at a time in a scratch
+# copy; fails when the tests that target a bug still pass. --full: the whole suite per bug (slow).
+mutants: $(STAMP)
+	$(BIN)/python scripts/mutants.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all

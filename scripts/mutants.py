@@ -116,7 +116,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "resume_rng_not_restored",
         "qformer_cli/train/loop.py",
-        (('        torch.set_rng_state(state["torch_rng"])\n', ""),),
+        (('        torch.set_rng_state(own["torch_rng"])\n', ""),),
         (
             "tests/test_faults.py::"
             "test_crash_mid_step_keeps_the_last_checkpoint_and_resumes_exactly",
@@ -129,7 +129,7 @@ MUTANTS: tuple[Mutant, ...] = (
         (
             (
                 "        for key, generator in self.recipe.generators.items():\n"
-                '            generator.set_state(state["generators"][key])\n',
+                '            generator.set_state(own["generators"][key])\n',
                 "",
             ),
         ),

@@ -42,6 +42,11 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where checkpoint ``step`` of a run is published."""
+    return Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -75,9 +80,9 @@ def save_checkpoint(
     extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` under ``run_dir/checkpoints`` atomically; return its path."""
-    parent = Path(run_dir) / CHECKPOINTS
+    final = checkpoint_path(run_dir, step)
+    parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
-    final = parent / checkpoint_name(step)
     temp = parent / f".{checkpoint_name(step)}.tmp"
     if temp.exists():
         shutil.rmtree(temp)

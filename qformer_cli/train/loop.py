@@ -236,9 +236,7 @@ class Trainer:
         random_states = self._random_states()
         if self.ranks.rank != 0:
             self._barrier()
-            return (
-                self.out_dir / checkpoint.CHECKPOINTS / checkpoint.checkpoint_name(self.state.step)
-            )
+            return checkpoint.checkpoint_path(self.out_dir, self.state.step)
         config = dict(self.recipe.checkpoint_config, step=self.state.step)
         path = checkpoint.save_checkpoint(
             self.out_dir,
@@ -260,7 +258,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         # A run resumed on another number of processes cannot replay the same random streams;
         # each rank then takes the saved rank's of the same index modulo their number.
-        saved = state["random_states"]
+        # Checkpoints written before per-rank states kept one rank's streams at the top level.
+        saved = state.get("random_states") or [
+            {"torch_rng": state["torch_rng"], "generators": state["generators"]}
+        ]
         own = saved[self.ranks.rank % len(saved)]
         torch.set_rng_state(own["torch_rng"])
         for key, generator in self.recipe.generators.items():

@@ -20,10 +20,10 @@ import transformers
 from safetensors.torch import load_file
 
 from qformer_cli import checkpoint
-from qformer_cli.cli import VQA_PROMPTS, app
+from qformer_cli.cli import VQA_PROMPTS
 from qformer_cli.eval.retrieval import itc_similarity, load_retrieval_set
 from qformer_cli.pretrained import load_stage1_pipeline
-from tests.tiny_runs import ROOT, metrics_rows, runner
+from tests.tiny_runs import ROOT, invoke_json, metrics_rows
 
 SAMPLE = ROOT / "sample_data"
 VAL_IMAGES = SAMPLE / "images" / "val"
@@ -34,12 +34,6 @@ VQA_QUESTION = "what color is the square?"  # one text for all: --blind then onl
 VQA_QUESTIONS = 16
 
 
-def _invoke(*args: str) -> dict:
-    result = runner.invoke(app, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
 def _read(path: Path) -> dict | list:
     return json.loads(path.read_text())
 
@@ -47,14 +41,15 @@ def _read(path: Path) -> dict | list:
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "stage1"
-    _invoke("pretrain-stage1", "--out", str(out), "--max-steps", "30", *SMALL)
+    invoke_json("pretrain-stage1", "--out", str(out), "--max-steps", "30", *SMALL)
     return out
 
 
 @pytest.fixture(scope="module")
 def stage2_run(stage1_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "stage2"
-    _invoke("pretrain-stage2", "--out", str(out), "--init", str(stage1_run), "--max-steps", "30")
+    init = ("--init", str(stage1_run))
+    invoke_json("pretrain-stage2", "--out", str(out), *init, "--max-steps", "30")
     return out
 
 
@@ -87,7 +82,7 @@ def test_eval_retrieval_writes_recalls_that_match_the_itc_ranking(
 ) -> None:
     out = tmp_path / "retrieval"
     args = ["--model", str(stage1_run), "--annotations", str(karpathy_subset)]
-    printed = _invoke(
+    printed = invoke_json(
         "eval-retrieval", *args, "--images", str(SAMPLE), "--k", "8", "--out", str(out)
     )
     metrics = _read(out / "metrics.json")
@@ -144,7 +139,7 @@ def caption_ground_truth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _caption(stage2_run: Path, ground_truth: Path, out: Path, *extra: str) -> dict:
     args = ["--model", str(stage2_run), "--annotations", str(ground_truth)]
-    return _invoke("caption", *args, "--images", str(VAL_IMAGES), "--out", str(out), *extra)
+    return invoke_json("caption", *args, "--images", str(VAL_IMAGES), "--out", str(out), *extra)
 
 
 COCO_METRICS = {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"}
@@ -177,7 +172,7 @@ def test_caption_writes_one_caption_per_image_and_coco_scores(
     # eval-caption --model: the same captions (same default generation), the same scores.
     out = tmp_path / "eval"
     args = ["--model", str(stage2_run), "--annotations", str(caption_ground_truth)]
-    scored = _invoke("eval-caption", *args, "--images", str(VAL_IMAGES), "--out", str(out))
+    scored = invoke_json("eval-caption", *args, "--images", str(VAL_IMAGES), "--out", str(out))
     assert _read(out / "captions.json") == captions
     assert _read(out / "metrics.json") == scored == metrics
 
@@ -228,7 +223,7 @@ def vqa_model(stage1_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     mechanism, not grounding quality."""
     out = tmp_path_factory.mktemp("e2e") / "vqa-model"
     args = ["--init", str(stage1_run), "--max-steps", "1", "--batch-size", "8"]
-    _invoke("pretrain-stage2", "--out", str(out), *args)
+    invoke_json("pretrain-stage2", "--out", str(out), *args)
     return out
 
 
@@ -236,7 +231,7 @@ def _vqa(stage2_run: Path, subset: tuple[Path, Path], out: Path, *extra: str) ->
     questions, annotations = subset
     files = ["--questions", str(questions), "--annotations", str(annotations)]
     args = ["--model", str(stage2_run), *files, "--images", str(VAL_IMAGES), "--out", str(out)]
-    return _invoke("eval-vqa", *args, *extra)
+    return invoke_json("eval-vqa", *args, *extra)
 
 
 @pytest.mark.slow  # trains the shared stage-1 and stage-2 runs
@@ -293,7 +288,7 @@ def test_stage1_mixed_precision_steps_are_finite_and_learn(precision: str, tmp_p
     out = tmp_path / precision
     fast = ["--set", "train.warmup_steps=2", "--set", "train.log_every=1", "--batch-size", "8"]
     fast += ["--set", "train.save_every=6"]
-    summary = _invoke(
+    summary = invoke_json(
         "pretrain-stage1", "--out", str(out), "--precision", precision, "--max-steps", "12", *fast
     )
     _learns(out, summary, "itg")
@@ -311,7 +306,7 @@ def test_stage2_bf16_steps_are_finite_and_learn(stage1_run: Path, tmp_path: Path
     out = tmp_path / "bf16"
     args = ["--out", str(out), "--init", str(stage1_run), "--precision", "bf16", *SMALL]
     args += ["--set", "train.warmup_steps=2"]
-    summary = _invoke("pretrain-stage2", *args, "--max-steps", "15")
+    summary = invoke_json("pretrain-stage2", *args, "--max-steps", "15")
     _learns(out, summary, "lm")
 
 
@@ -322,7 +317,7 @@ def test_stage2_bf16_steps_are_finite_and_learn(stage1_run: Path, tmp_path: Path
 def test_info_counts_equal_the_backbones_and_a_trained_checkpoint(tmp_path: Path) -> None:
     """`qformer info` on the default config against models built independently: the shipped
     backbones loaded by transformers, and the tensors a 1-step stage-1 / stage-2 run saves."""
-    report = _invoke("info")
+    report = invoke_json("info")
     params, totals = report["parameters"], report["totals"]
     vision = transformers.Blip2VisionModel.from_pretrained(SAMPLE / "backbones" / "vision")
     llm = transformers.AutoModelForCausalLM.from_pretrained(SAMPLE / "backbones" / "opt")
@@ -336,9 +331,9 @@ def test_info_counts_equal_the_backbones_and_a_trained_checkpoint(tmp_path: Path
     )
     one_step = ["--max-steps", "1", "--batch-size", "2"]
     stage1 = tmp_path / "stage1"
-    _invoke("pretrain-stage1", "--out", str(stage1), *one_step)
+    invoke_json("pretrain-stage1", "--out", str(stage1), *one_step)
     stage2 = tmp_path / "stage2"
-    _invoke("pretrain-stage2", "--out", str(stage2), "--init", str(stage1), *one_step)
+    invoke_json("pretrain-stage2", "--out", str(stage2), "--init", str(stage1), *one_step)
     for stage, run in (("stage1", stage1), ("stage2", stage2)):
         saved = load_file(str(checkpoint.resolve_checkpoint(run) / checkpoint.WEIGHTS))
         assert totals[stage]["trainable"] == sum(t.numel() for t in saved.values()), stage

@@ -10,16 +10,13 @@ steps), and far from a run that does not update (flat at its first values).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from statistics import mean
 
 import pytest
 from safetensors.torch import load_file
 
 from qformer_cli import checkpoint
-from qformer_cli.cli import app
-from tests.tiny_runs import metrics_rows, runner
+from tests.tiny_runs import first_and_last_means, invoke_json, metrics_rows
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +26,7 @@ SMALL = ["--batch-size", "16", "--set", "train.log_every=1"]
 
 
 def _train(command: str, out: Path, steps: int, *extra: str) -> dict:
-    result = runner.invoke(
-        app, [command, "--out", str(out), "--max-steps", str(steps), "--json", *SMALL, *extra]
-    )
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    return invoke_json(command, "--out", str(out), "--max-steps", str(steps), *SMALL, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +36,11 @@ def stage1_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _first_and_last(rows: list[dict], key: str, count: int) -> tuple[float, float]:
-    values = [row[key] for row in rows]
-    return mean(values[:count]), mean(values[-count:])
-
-
 def test_stage1_lowers_itc_and_itg(stage1_run: Path) -> None:
     rows = metrics_rows(stage1_run)
     assert len(rows) == STAGE1_STEPS
-    itg_first, itg_last = _first_and_last(rows, "itg", 5)
-    itc_first, itc_last = _first_and_last(rows, "itc", 5)
+    itg_first, itg_last = first_and_last_means(rows, "itg", 5)
+    itc_first, itc_last = first_and_last_means(rows, "itc", 5)
     assert itg_last < 0.6 * itg_first, (itg_first, itg_last)
     assert itc_last < itc_first - 0.2, (itc_first, itc_last)
 
@@ -60,7 +48,7 @@ def test_stage1_lowers_itc_and_itg(stage1_run: Path) -> None:
 def test_stage2_lowers_the_lm_loss(stage1_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "stage2"
     _train("pretrain-stage2", out, STAGE2_STEPS, "--init", str(stage1_run))
-    lm_first, lm_last = _first_and_last(metrics_rows(out), "lm", 5)
+    lm_first, lm_last = first_and_last_means(metrics_rows(out), "lm", 5)
     assert lm_last < 0.8 * lm_first, (lm_first, lm_last)
 
 

@@ -92,6 +92,19 @@ def assert_weights_moved(run: Path) -> None:
     assert len(moved) > 0.9 * len(oldest), f"only {len(moved)} of {len(oldest)} tensors moved"
 
 
+def invoke_json(*args: str) -> dict:
+    """``qformer ARGS --json`` in-process, which must exit 0; its JSON summary."""
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def first_and_last_means(rows: list[dict], key: str, count: int) -> tuple[float, float]:
+    """The mean of ``key`` over the first ``count`` and over the last ``count`` metrics rows."""
+    values = [row[key] for row in rows]
+    return sum(values[:count]) / count, sum(values[-count:]) / count
+
+
 def metrics_rows(run: Path) -> list[dict]:
     """Every row of a run's ``metrics.jsonl``; each line must parse."""
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

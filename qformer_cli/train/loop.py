@@ -73,6 +73,15 @@ def init_distributed(device_choice: str) -> tuple[Ranks, torch.device]:
     return ranks, torch.device("cpu")
 
 
+def leave_distributed() -> None:
+    """Leave the process group after a run every rank finished: the barrier keeps one rank from
+    closing its connections while another still reduces; on an error the ranks do not meet, and
+    torchrun tears them down instead."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()

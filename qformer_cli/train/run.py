@@ -16,7 +16,7 @@ from qformer_cli.config import RunConfig
 from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.losses import Ranks
 from qformer_cli.train.common import make_out_dir, write_resolved_config
-from qformer_cli.train.loop import StageRecipe, Trainer, init_distributed
+from qformer_cli.train.loop import StageRecipe, Trainer, init_distributed, leave_distributed
 from qformer_cli.train.preflight import check_before_loading
 from qformer_cli.train.progress import TrainingProgress, plot_losses, summary_table
 
@@ -185,6 +185,7 @@ def train_stage(
             console.print(summary_table(history))
         last = history[-1] if history else {}
         first = history[0] if history else {}
+        leave_distributed()
         return {
             "out_dir": str(out_dir),
             "final_checkpoint": result["final_checkpoint"],

@@ -51,7 +51,8 @@ from bench.common import (
 from qformer_cli.config import TrainConfig, qformer_preset
 from qformer_cli.models.backbones import LanguageModel, VisionEncoder
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
-from qformer_cli.train.loop import autocast, build_optimizer
+from qformer_cli.runtime import autocast
+from qformer_cli.train.loop import build_optimizer
 from qformer_cli.train.sharding import checkpoint_activations
 from qformer_cli.train.stage1 import Stage1Batch, Stage1Objective
 from qformer_cli.train.stage2 import Stage2Batch, Stage2Objective

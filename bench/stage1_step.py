@@ -44,7 +44,8 @@ from bench.common import (
 )
 from qformer_cli.config import TrainConfig, qformer_preset
 from qformer_cli.models.blip2 import Stage1Model
-from qformer_cli.train.loop import autocast, build_optimizer
+from qformer_cli.runtime import autocast
+from qformer_cli.train.loop import build_optimizer
 from qformer_cli.train.stage1 import Stage1Batch, Stage1Objective
 
 IMAGE_TOKENS = 257  # ViT-g/14 at 224 px

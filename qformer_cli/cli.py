@@ -128,11 +128,11 @@ def _removing_empty_out_dirs_on_exit(command: Callable[..., Any], *args: Any, **
     try:
         return command(*args, **kwargs)
     except BaseException:
-        # Only train.common creates output directories; not imported means none were created
-        # (and an error path need not import torch to find that out).
-        common = sys.modules.get("qformer_cli.train.common")
-        if common is not None:
-            common.remove_empty_out_dirs()
+        # Only runtime.make_out_dir creates output directories; not imported means none were
+        # created (and an error path need not import torch to find that out).
+        runtime = sys.modules.get("qformer_cli.runtime")
+        if runtime is not None:
+            runtime.remove_empty_out_dirs()
         raise
 
 
@@ -239,6 +239,7 @@ def pretrain_stage1(
     }
     _pretrain(
         "pretrain-stage1",
+        1,
         build_stage1_recipe,
         config,
         overrides,
@@ -322,6 +323,7 @@ def pretrain_stage2(
     given |= {key for key, value in flags.items() if value is not None}
     _pretrain(
         "pretrain-stage2",
+        2,
         builder,
         config,
         overrides,
@@ -337,6 +339,7 @@ def pretrain_stage2(
 
 def _pretrain(
     command: str,
+    stage: int,
     builder: Callable[..., Any],
     config: str | None,
     overrides: list[str] | None,
@@ -356,6 +359,7 @@ def _pretrain(
         run_config = adjust(run_config)
     result = train_stage(
         command,
+        stage,
         builder,
         run_config,
         out=out,
@@ -398,8 +402,8 @@ def extract_features(
     """Run the frozen vision encoder once over the training images and store its outputs, for
     `pretrain-stage1 --features`."""
     from qformer_cli.config import load_config
+    from qformer_cli.runtime import init_distributed
     from qformer_cli.train.features import extract_features as run_extraction
-    from qformer_cli.train.loop import init_distributed
     from qformer_cli.train.run import feature_out_dir
 
     flags = {
@@ -470,7 +474,7 @@ BackendOption = Annotated[
 def _load_generator(backend: str, model: Path, device: str) -> Any:
     """The stage-2 pipeline for ``--backend torch`` or the onnxruntime one for ``onnx``."""
     from qformer_cli.errors import UsageError
-    from qformer_cli.train.loop import init_distributed
+    from qformer_cli.runtime import init_distributed
 
     if backend == "onnx":
         from qformer_cli.export.onnx_runtime import OnnxPipeline
@@ -639,7 +643,7 @@ def caption(
     debug: DebugOption = False,
 ) -> None:
     """Caption images with a stage-2 model; scores them when the ground truth is known."""
-    from qformer_cli.train.common import make_out_dir
+    from qformer_cli.runtime import make_out_dir
 
     run_config = _generation_settings(
         config,
@@ -696,7 +700,7 @@ def eval_caption(
     from qformer_cli.data import sample_split_files
     from qformer_cli.errors import UsageError
     from qformer_cli.eval.caption_metrics import evaluate_caption_files
-    from qformer_cli.train.common import make_out_dir
+    from qformer_cli.runtime import make_out_dir
 
     if (predictions is None) == (model is None):
         raise UsageError("give exactly one of --predictions FILE or --model DIR")
@@ -775,7 +779,7 @@ def eval_vqa(
     from qformer_cli.data import sample_split_files
     from qformer_cli.errors import UsageError
     from qformer_cli.eval.vqa_metric import evaluate_vqa_files
-    from qformer_cli.train.common import make_out_dir
+    from qformer_cli.runtime import make_out_dir
 
     if (predictions is None) == (model is None):
         raise UsageError("give exactly one of --predictions FILE or --model DIR")
@@ -897,7 +901,7 @@ def export_onnx_command(
 
     from qformer_cli.export.onnx_export import export_onnx
     from qformer_cli.pretrained import checkpoint_stage, load_stage1_pipeline, load_stage2
-    from qformer_cli.train.common import make_out_dir
+    from qformer_cli.runtime import make_out_dir
 
     cpu = torch.device("cpu")
     if checkpoint_stage(model) == 1:
@@ -996,8 +1000,7 @@ def eval_retrieval(
     from qformer_cli.data import sample_split_files
     from qformer_cli.eval.retrieval import evaluate_retrieval, load_retrieval_set
     from qformer_cli.pretrained import load_stage1_pipeline
-    from qformer_cli.train.common import make_out_dir
-    from qformer_cli.train.loop import init_distributed
+    from qformer_cli.runtime import init_distributed, make_out_dir
 
     _, torch_device = init_distributed(device)
     loaded = load_stage1_pipeline(model, torch_device)
@@ -1112,6 +1115,17 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
+def _passive_openmp_threads() -> None:
+    """OpenMP threads that busy-wait make every op wait for a descheduled sibling when anything
+    else runs on the machine: measured on 2 cores with one other busy process, a tiny stage-1
+    step took 15 s with the default policy and 0.6 s with PASSIVE. Set before torch loads, by
+    the command only: importing the library changes no environment variable."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main() -> None:
+    _passive_openmp_threads()
     _quiet_libraries()
     app()

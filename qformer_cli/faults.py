@@ -11,6 +11,9 @@ Points (see RELIABILITY.md):
 * ``torn_metrics`` -- die halfway through writing a line of ``metrics.jsonl``;
 * ``nan_loss`` -- do not die: every step's loss becomes NaN (a numerical fault).
 
+``QFORMER_STOP_AFTER_STEP=<step>`` makes the training loop behave as if SIGTERM arrived during
+that step (a signal's timing cannot be chosen from outside the process).
+
 Dying is ``os._exit``: no ``finally`` blocks, no flushing, no atexit -- as if the node vanished.
 """
 
@@ -22,6 +25,13 @@ from collections.abc import Callable
 FAULT_ENV = "QFORMER_FAULT"
 FAULT_EXIT_CODE = 97  # distinct from every exit code the CLI itself uses
 POINTS = ("mid_step", "before_rename", "torn_metrics", "nan_loss")
+STOP_AFTER_STEP_ENV = "QFORMER_STOP_AFTER_STEP"
+
+
+def stop_requested(step: int) -> bool:
+    """Whether ``QFORMER_STOP_AFTER_STEP`` asks the loop to stop as signalled at ``step``."""
+    forced = os.environ.get(STOP_AFTER_STEP_ENV)
+    return bool(forced) and step >= int(forced)
 
 
 def fault_armed(point: str, step: int) -> bool:

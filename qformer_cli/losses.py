@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from qformer_cli.runtime import Ranks
+
 NegativeMining = Literal["sample", "hardest"]
 ItcGradient = Literal["lavis", "full"]
 # How ITM's candidate negatives are weighted: ``lavis`` = softmax(similarity) + 1e-4, only the
@@ -38,20 +40,6 @@ ItmNegatives = Literal["lavis", "distinct"]
 LABEL_SMOOTHING = 0.1
 TEMPERATURE_RANGE = (0.001, 0.5)  # BLIP's bounds; LAVIS BLIP-2 leaves temp unclamped
 LAVIS_WEIGHT_FLOOR = 1e-4  # LAVIS adds it to every softmax weight: any non-positive may be drawn
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """Where this process sits: ``rank`` of ``world_size`` (1 = no process group)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def current(cls) -> Ranks:
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -22,7 +22,6 @@ from click.testing import Result
 from safetensors.torch import load_file
 
 from qformer_cli import checkpoint, faults
-from qformer_cli.train.loop import STOP_AFTER_STEP_ENV
 from tests.test_distributed import REPO_ROOT, step_env, torchrun, torchrun_command
 from tests.tiny_runs import (
     FAST,
@@ -108,7 +107,7 @@ def test_crash_mid_metrics_line_is_repaired_on_resume(tmp_path: Path, straight):
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
 def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path: Path, straight, damage: str):
     run = tmp_path / "run"
-    stopped = train_stage1(run, *STEPS, env={STOP_AFTER_STEP_ENV: "4"})
+    stopped = train_stage1(run, *STEPS, env={faults.STOP_AFTER_STEP_ENV: "4"})
     assert stopped.exit_code == 143, stopped.output
     weights = run / "checkpoints" / "step-00000004" / checkpoint.WEIGHTS
     data = bytearray(weights.read_bytes())

@@ -25,9 +25,10 @@ from qformer_cli.config import (
     Stage1Config,
     load_config,
 )
-from qformer_cli.losses import Ranks, itc_loss, negative_weights
+from qformer_cli.losses import itc_loss, negative_weights
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.convert import external_name, import_state_dict
+from qformer_cli.runtime import Ranks
 from qformer_cli.train.stage1 import GivenNegatives, Stage1Batch, Stage1Objective
 from tests.tiny_runs import train_stage1
 

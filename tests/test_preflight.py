@@ -129,7 +129,7 @@ def test_enough_disk_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     config = load_config(None, [])
     needed = preflight.trainable_parameters(1, config) * preflight.CHECKPOINT_BYTES_PER_TRAINABLE
     monkeypatch.setattr(preflight, "free_disk_bytes", lambda _directory: needed)
-    preflight.check_before_loading("pretrain-stage1", config, tmp_path, None)
+    preflight.check_before_loading(1, "pretrain-stage1", config, tmp_path, None)
     monkeypatch.setattr(preflight, "free_disk_bytes", lambda _directory: needed - 1)
     with pytest.raises(preflight.UsageError):
-        preflight.check_before_loading("pretrain-stage1", config, tmp_path, None)
+        preflight.check_before_loading(1, "pretrain-stage1", config, tmp_path, None)

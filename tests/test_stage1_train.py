@@ -9,12 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qformer_cli import checkpoint
+from qformer_cli import checkpoint, faults
 from qformer_cli.cli import app
 from qformer_cli.config import QFormerConfig
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.convert import load_external_weights
-from qformer_cli.train.loop import STOP_AFTER_STEP_ENV
 from tests.tiny_runs import (
     assert_same_weights,
     assert_weights_moved,
@@ -61,7 +60,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path: Path):
     straight = _train(tmp_path / "straight", "--max-steps", "5")
     assert straight.exit_code == 0, straight.output
 
-    interrupted = _train(tmp_path / "resumed", "--max-steps", "5", env={STOP_AFTER_STEP_ENV: "2"})
+    interrupted = _train(
+        tmp_path / "resumed", "--max-steps", "5", env={faults.STOP_AFTER_STEP_ENV: "2"}
+    )
     assert interrupted.exit_code == 143, interrupted.output
     assert "--resume auto" in interrupted.stderr
     resumed = _train(tmp_path / "resumed", "--max-steps", "5", "--resume", "auto")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import time
 from pathlib import Path
 
 import torch
@@ -31,39 +28,8 @@ from qformer_cli.data.json_files import read_json
 from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
-from qformer_cli.losses import Ranks
 from qformer_cli.models.backbones import VisionEncoder, build_vision_encoder, resolve_model_name
-from qformer_cli.train.loop import PRECISION_DTYPES, autocast
-
-# The output directories (and parents) make_out_dir created in this process: a command refused
-# after creating them removes the ones it left empty (remove_empty_out_dirs, via cli).
-_created_out_dirs: list[Path] = []
-
-
-def make_out_dir(out: Path | None, command: str) -> Path:
-    """``--out`` or ``runs/<command>-<timestamp>``; refuses an unwritable location up front."""
-    directory = out or Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    missing = [path for path in (directory, *directory.parents) if not path.exists()]
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        _created_out_dirs.extend(missing)
-        probe = directory / f".write-test-{os.getpid()}"  # one per process: torchrun ranks
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(
-            f"{directory}: output directory is not writable ({exc.strerror})"
-        ) from None
-    return directory
-
-
-def remove_empty_out_dirs() -> None:
-    """Remove the directories make_out_dir created that are still empty (a refused command)."""
-    deepest_first = sorted(set(_created_out_dirs), key=lambda path: len(path.parts), reverse=True)
-    _created_out_dirs.clear()
-    for directory in deepest_first:
-        with contextlib.suppress(OSError):  # not empty (or gone): left as it is
-            directory.rmdir()
+from qformer_cli.runtime import PRECISION_DTYPES, Ranks, autocast
 
 
 def write_resolved_config(out_dir: Path, config: RunConfig) -> None:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,10 +26,8 @@ from qformer_cli import checkpoint, faults
 from qformer_cli.config import TrainConfig
 from qformer_cli.errors import QformerError, UsageError
 from qformer_cli.flops import count_flops
-from qformer_cli.losses import Ranks, global_sum
-
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STOP_AFTER_STEP_ENV = "QFORMER_STOP_AFTER_STEP"  # tests: behave as if SIGTERM came after step N
+from qformer_cli.losses import global_sum
+from qformer_cli.runtime import PRECISION_DTYPES, Ranks, autocast
 
 
 class Losses(Protocol):
@@ -55,37 +51,6 @@ class Preempted(QformerError):
 
 # --------------------------------------------------------------------------------------------
 # Devices and processes
-
-
-def init_distributed(device_choice: str) -> tuple[Ranks, torch.device]:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    if device_choice == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is usable here")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    ranks = Ranks.current()
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return ranks, torch.device("cuda", local_rank)
-    return ranks, torch.device("cpu")
-
-
-def leave_distributed() -> None:
-    """Leave the process group after a run every rank finished: the barrier keeps one rank from
-    closing its connections while another still reduces; on an error the ranks do not meet, and
-    torchrun tears them down instead."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,8 +280,7 @@ class Trainer:
         self.stop_signal = signum  # acted on at the next step boundary
 
     def _should_stop(self) -> int | None:
-        forced = os.environ.get(STOP_AFTER_STEP_ENV)
-        if forced and self.state.step >= int(forced):
+        if faults.stop_requested(self.state.step):
             self.stop_signal = signal.SIGTERM  # as a signal would: agreed on below
         if self.ranks.world_size > 1:  # every rank agrees on the step at which to stop
             flag = torch.tensor([self.stop_signal or 0], device=self.device)

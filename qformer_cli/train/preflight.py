@@ -25,21 +25,21 @@ from qformer_cli.models.backbones import (
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
 from qformer_cli.train.common import trained_vision
 
-STAGE_OF_COMMAND = {"pretrain-stage1": 1, "pretrain-stage2": 2}
 # What one checkpoint holds per trainable parameter: fp32 weights + AdamW's two fp32 moments.
 CHECKPOINT_BYTES_PER_TRAINABLE = 12
 
 
 def check_before_loading(
-    command: str, config: RunConfig, out_dir: Path, resume_from: Path | None
+    stage: int, run_name: str, config: RunConfig, out_dir: Path, resume_from: Path | None
 ) -> None:
-    stage = STAGE_OF_COMMAND[command]
+    """Refuse, before any weights load, a run that would fail later; ``run_name`` names the run
+    in messages."""
     _check_stage_options(stage, config)
     _check_backbones(stage, config)
     # built once on the meta device, read by both the resume and the free-disk checks
     llm_width = llm_embedding_width(config) if stage == 2 else None
     if resume_from is not None:
-        _check_resume_checkpoint(command, stage, config, resume_from, llm_width)
+        _check_resume_checkpoint(run_name, stage, config, resume_from, llm_width)
     _check_free_disk(stage, config, out_dir, llm_width)
 
 
@@ -65,12 +65,13 @@ def llm_embedding_width(config: RunConfig) -> int:
 
 
 def _check_resume_checkpoint(
-    command: str, stage: int, config: RunConfig, directory: Path, llm_width: int | None
+    run_name: str, stage: int, config: RunConfig, directory: Path, llm_width: int | None
 ) -> None:
     saved = checkpoint.load_config(directory)
     if saved.get("stage") != stage:
+        saved_stage = saved.get("stage")
         raise UsageError(
-            f"{directory}: a stage-{saved.get('stage')} checkpoint; {command} resumes stage {stage}"
+            f"{directory}: a stage-{saved_stage} checkpoint; {run_name} resumes stage {stage}"
         )
     _check_resume_vision(directory, config, saved.get("run") or {})
     if stage == 2:  # the bridge's projection is as wide as the LLM's token embeddings

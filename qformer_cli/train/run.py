@@ -14,28 +14,28 @@ from rich.console import Console
 from qformer_cli import checkpoint
 from qformer_cli.config import RunConfig
 from qformer_cli.errors import CheckpointError, UsageError
-from qformer_cli.losses import Ranks
-from qformer_cli.train.common import make_out_dir, write_resolved_config
-from qformer_cli.train.loop import StageRecipe, Trainer, init_distributed, leave_distributed
+from qformer_cli.runtime import Ranks, init_distributed, leave_distributed, make_out_dir
+from qformer_cli.train.common import write_resolved_config
+from qformer_cli.train.loop import StageRecipe, Trainer
 from qformer_cli.train.preflight import check_before_loading
 from qformer_cli.train.progress import TrainingProgress, plot_losses, summary_table
 
 RecipeBuilder = Callable[[RunConfig, torch.device, Ranks, Callable[[str], None]], StageRecipe]
 
 
-def newest_run(command: str, runs: Path = Path("runs")) -> Path | None:
-    candidates = sorted(runs.glob(f"{command}-*")) if runs.is_dir() else []
+def newest_run(run_name: str, runs: Path = Path("runs")) -> Path | None:
+    candidates = sorted(runs.glob(f"{run_name}-*")) if runs.is_dir() else []
     return candidates[-1] if candidates else None
 
 
 def resolve_resume(
-    resume: str | None, out: Path | None, command: str, warn: Callable[[str], None]
+    resume: str | None, out: Path | None, run_name: str, warn: Callable[[str], None]
 ) -> tuple[Path | None, Path | None]:
     """(output dir, checkpoint to resume from) for ``--resume auto|DIR`` and ``--out``."""
     if resume is None:
         return out, None
     if resume == "auto":
-        run_dir = out or newest_run(command)
+        run_dir = out or newest_run(run_name)
         if run_dir is None or not run_dir.exists():
             warn("--resume auto: no earlier run found; starting fresh")
             return out, None
@@ -118,7 +118,7 @@ def remove_earlier_run(
 def feature_out_dir(out: Path, *, overwrite: bool, is_main: bool) -> Path:
     """extract-features' ``--out``: created, and refused (or, with ``overwrite``, cleared) when it
     holds an earlier cache, whose extra shards a smaller new cache would otherwise leave behind."""
-    directory = make_out_dir(out, "extract-features")
+    directory = make_out_dir(out, "features")
     if overwrite:
         remove_earlier_run(directory, is_main=is_main, outputs=FEATURE_OUTPUTS)
     else:
@@ -140,7 +140,8 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
 
 
 def train_stage(
-    command: str,
+    run_name: str,
+    stage: int,
     build: RecipeBuilder,
     config: RunConfig,
     *,
@@ -150,6 +151,8 @@ def train_stage(
     console: Console,
     overwrite: bool = False,
 ) -> dict[str, Any]:
+    """Train ``stage`` with the recipe ``build`` makes; ``run_name`` names the default output
+    directory (``runs/<run_name>-<time>``), the one ``--resume auto`` looks for, and messages."""
     if overwrite and resume is not None:
         raise UsageError("--overwrite starts afresh and --resume continues a run: give one of them")
     with deterministic_algorithms(config.train.deterministic):
@@ -162,13 +165,13 @@ def train_stage(
                 # soft_wrap: a path in a message stays on one line, whatever the terminal width
                 console.print(message, markup=False, highlight=False, soft_wrap=True)
 
-        out_dir, resume_from = resolve_resume(resume, out, command, report)
-        out_dir = make_out_dir(out_dir, command)
-        # --out given to start a run (the default runs/<command>-<time> is new)
+        out_dir, resume_from = resolve_resume(resume, out, run_name, report)
+        out_dir = make_out_dir(out_dir, run_name)
+        # --out given to start a run (the default runs/<run_name>-<time> is new)
         fresh_in_given_dir = out is not None and resume is None
         if fresh_in_given_dir and not overwrite:
             refuse_earlier_run(out_dir)
-        check_before_loading(command, config, out_dir, resume_from)
+        check_before_loading(stage, run_name, config, out_dir, resume_from)
         if fresh_in_given_dir and overwrite:  # only once the run passed every check
             remove_earlier_run(out_dir, is_main=is_main)
         recipe = build(config, device, ranks, report)
@@ -181,7 +184,7 @@ def train_stage(
         result = trainer.run(resume_from)
         history = result.pop("history")
         if is_main:
-            plot_losses(history, out_dir / "loss.png", f"qformer {command}")
+            plot_losses(history, out_dir / "loss.png", f"qformer {run_name}")
             console.print(summary_table(history))
         last = history[-1] if history else {}
         first = history[0] if history else {}

@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from qformer_cli.errors import UsageError
-from qformer_cli.losses import Ranks
+from qformer_cli.runtime import Ranks
 
 
 def block_classes(llm: nn.Module) -> tuple[type[nn.Module], ...]:

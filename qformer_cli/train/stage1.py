@@ -25,7 +25,6 @@ from qformer_cli.data import BadSampleLog
 from qformer_cli.losses import (
     ItcOutput,
     NegativeMining,
-    Ranks,
     common_width,
     gather_no_grad,
     global_sum,
@@ -40,6 +39,7 @@ from qformer_cli.models.backbones import DEC_TOKEN, load_qformer_tokenizer, reso
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.convert import load_external_weights
 from qformer_cli.models.qformer import ImageKV
+from qformer_cli.runtime import Ranks
 from qformer_cli.train.common import (
     build_train_loader,
     image_features,

@@ -19,7 +19,6 @@ from qformer_cli import checkpoint
 from qformer_cli.config import QFormerConfig, RunConfig
 from qformer_cli.data import BadSampleLog
 from qformer_cli.errors import CheckpointError, UsageError
-from qformer_cli.losses import Ranks
 from qformer_cli.models.backbones import (
     LanguageModel,
     build_language_model,
@@ -29,6 +28,7 @@ from qformer_cli.models.backbones import (
 )
 from qformer_cli.models.blip2 import Stage2Model, soft_prompt_inputs
 from qformer_cli.models.convert import LoadReport, load_external_weights
+from qformer_cli.runtime import PRECISION_DTYPES, Ranks
 from qformer_cli.train.common import (
     build_train_loader,
     image_features,
@@ -37,7 +37,7 @@ from qformer_cli.train.common import (
     read_vqa_training_samples,
     trained_vision,
 )
-from qformer_cli.train.loop import PRECISION_DTYPES, StageRecipe
+from qformer_cli.train.loop import StageRecipe
 from qformer_cli.train.sharding import checkpoint_activations, describe, shard_frozen_lm
 
 

@@ -1,0 +1,101 @@
+"""What training, inference, evaluation and export share at run time: where this process sits
+among the torchrun ranks, its device, autocast, and the output directories it creates.
+
+Nothing here knows a command or a model; ``train/``, ``eval/``, ``export/`` and ``inference/``
+import it, and it imports none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from qformer_cli.errors import UsageError
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits: ``rank`` of ``world_size`` (1 = no process group)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> Ranks:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+
+def init_distributed(device_choice: str) -> tuple[Ranks, torch.device]:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is usable here")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    ranks = Ranks.current()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return ranks, torch.device("cuda", local_rank)
+    return ranks, torch.device("cpu")
+
+
+def leave_distributed() -> None:
+    """Leave the process group after a run every rank finished: the barrier keeps one rank from
+    closing its connections while another still reduces; on an error the ranks do not meet, and
+    torchrun tears them down instead."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
+
+
+# --------------------------------------------------------------------------------------------
+# Output directories
+
+# The output directories (and parents) make_out_dir created in this process: a command refused
+# after creating them removes the ones it left empty (remove_empty_out_dirs, via cli).
+_created_out_dirs: list[Path] = []
+
+
+def make_out_dir(out: Path | None, name: str) -> Path:
+    """``--out`` or ``runs/<name>-<timestamp>``; refuses an unwritable location up front."""
+    directory = out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    missing = [path for path in (directory, *directory.parents) if not path.exists()]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _created_out_dirs.extend(missing)
+        probe = directory / f".write-test-{os.getpid()}"  # one per process: torchrun ranks
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            f"{directory}: output directory is not writable ({exc.strerror})"
+        ) from None
+    return directory
+
+
+def remove_empty_out_dirs() -> None:
+    """Remove the directories make_out_dir created that are still empty (a refused command)."""
+    deepest_first = sorted(set(_created_out_dirs), key=lambda path: len(path.parts), reverse=True)
+    _created_out_dirs.clear()
+    for directory in deepest_first:
+        with contextlib.suppress(OSError):  # not empty (or gone): left as it is
+            directory.rmdir()

@@ -268,9 +268,9 @@ def test_ground_truth_is_gathered_in_image_then_annotation_order(tmp_path: Path)
             [*RESULTS, {"image_id": 8, "caption": "unknown"}],
             r"1 captioned images are not in the ground truth \(first: 8\)",
         ),
-        ([{"image_id": 7}], r'entry 0: missing "caption"'),
-        ([{"image_id": 7, "caption": ["a", "b"]}], r'entry 0: "caption" must be str, got list'),
-        ({"image_id": 7, "caption": "x"}, r"expected a JSON list of results"),
+        ([{"image_id": 7}], r"entry 0: missing field 'caption'"),
+        ([{"image_id": 7, "caption": ["a"]}], r"entry 0: field 'caption' should be str, got list"),
+        ({"image_id": 7, "caption": "x"}, r"expected a JSON list, got dict"),
     ],
 )
 def test_bad_results_name_the_file_and_entries(tmp_path: Path, results: Any, message: str):
@@ -286,11 +286,11 @@ def test_bad_results_name_the_file_and_entries(tmp_path: Path, results: Any, mes
     ("ground_truth", "message"),
     [
         ({"images": [{"id": 1}], "annotations": []}, r"1 images have no reference caption"),
-        ({"images": [{"id": 1}]}, r'with an "annotations" list'),
+        ({"images": [{"id": 1}]}, r"missing field 'annotations'"),
         ({"images": [{"id": 1}, {"id": 1}], "annotations": []}, r"image id 1 is listed twice"),
         (
             {"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": None}]},
-            r'annotations\[0\]: "caption" must be str, got NoneType',
+            r"annotations\[0\]: field 'caption' should be str, got NoneType",
         ),
     ],
 )

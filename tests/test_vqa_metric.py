@@ -414,11 +414,11 @@ def test_missing_questions_are_counted_and_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("results", "message"),
     [
-        ({"question_id": 11}, r"expected a JSON list of entries"),
-        ([{"question_id": 11}], r'entry 0: missing "answer"'),
-        ([{"question_id": 11, "answer": 2}], r'entry 0: "answer" must be str, got int'),
-        ([{"question_id": True, "answer": "x"}], r'entry 0: "question_id" must be int or str'),
-        (["red"], r"entry 0: expected an object, got str"),
+        ({"question_id": 11}, r"expected a JSON list, got dict"),
+        ([{"question_id": 11}], r"entry 0: missing field 'answer'"),
+        ([{"question_id": 11, "answer": 2}], r"entry 0: field 'answer' should be str, got int"),
+        ([{"question_id": True, "answer": "x"}], r"entry 0: field 'question_id' should be int"),
+        (["red"], r"entry 0: expected a JSON object, got str"),
         (
             [{"question_id": q, "answer": "x"} for q in (11, 12, 11)],
             r"1 question ids are answered more than once \(first: 11\)",
@@ -442,7 +442,7 @@ def test_malformed_results_name_the_file_and_entry(
 def test_unreadable_json_is_a_data_error(tmp_path: Path) -> None:
     questions, annotations, results = write_files(tmp_path, [])
     results.write_text("[{")
-    with pytest.raises(DataError, match=r"results.json: cannot read JSON"):
+    with pytest.raises(DataError, match=r"results.json: malformed JSON"):
         evaluate_vqa_files(annotations, results, questions)
 
 
@@ -451,7 +451,7 @@ def test_malformed_annotations_name_the_entry(tmp_path: Path) -> None:
     data = json.loads(annotations.read_text())
     data["annotations"][1]["answers"] = []
     annotations.write_text(json.dumps(data))
-    with pytest.raises(DataError, match=r'annotations.json: entry 1: "answers" is empty'):
+    with pytest.raises(DataError, match=r"annotations.json: entry 1: field 'answers' is empty"):
         evaluate_vqa_files(annotations, results, questions)
 
 

@@ -37,8 +37,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
+from qformer_cli.data.json_files import read_json, require_field, require_list, shown
 from qformer_cli.errors import DataError, QformerError
-from qformer_cli.eval.json_input import entry_field, read_json
 
 ImageId = int | str
 """An image id as it appears in the JSON files; matched by exact value and type."""
@@ -81,15 +81,9 @@ class CaptionScores:
 # ----------------------------------------------------------------------------- file readers
 
 
-def _list_of(path: Path, data: Any, key: str) -> list[Any]:
-    if not isinstance(data, dict) or not isinstance(data.get(key), list):
-        raise DataError(f'{path}: expected a COCO-format JSON object with an "{key}" list')
-    return data[key]
-
-
 def _first_few(ids: Sequence[ImageId], limit: int = 5) -> str:
-    shown = ", ".join(repr(image_id) for image_id in ids[:limit])
-    return shown + (", ..." if len(ids) > limit else "")
+    listed = ", ".join(repr(image_id) for image_id in ids[:limit])
+    return listed + (", ..." if len(ids) > limit else "")
 
 
 def load_caption_ground_truth(path: Path | str) -> dict[ImageId, list[str]]:
@@ -102,15 +96,15 @@ def load_caption_ground_truth(path: Path | str) -> dict[ImageId, list[str]]:
     path = Path(path)
     data = read_json(path)
     references: dict[ImageId, list[str]] = {}
-    for index, image in enumerate(_list_of(path, data, "images")):
-        image_id = entry_field(path, f"images[{index}]", image, "id", (int, str))
+    for index, image in enumerate(require_list(data, path, "images")):
+        image_id = require_field(image, "id", f"{shown(path)}: images[{index}]", (int, str))
         if image_id in references:
             raise DataError(f"{path}: images[{index}]: image id {image_id!r} is listed twice")
         references[image_id] = []
-    for index, annotation in enumerate(_list_of(path, data, "annotations")):
-        where = f"annotations[{index}]"
-        image_id = entry_field(path, where, annotation, "image_id", (int, str))
-        caption = entry_field(path, where, annotation, "caption", (str,))
+    for index, annotation in enumerate(require_list(data, path, "annotations")):
+        where = f"{shown(path)}: annotations[{index}]"
+        image_id = require_field(annotation, "image_id", where, (int, str))
+        caption = require_field(annotation, "caption", where, str)
         if image_id in references:
             references[image_id].append(caption)
     uncaptioned = [image_id for image_id, captions in references.items() if not captions]
@@ -128,16 +122,15 @@ def load_caption_results(path: Path | str) -> dict[ImageId, str]:
     An image captioned twice is an error naming the repeated ids.
     """
     path = Path(path)
-    entries = read_json(path)
-    if not isinstance(entries, list):
-        raise DataError(f"{path}: expected a JSON list of results, got {type(entries).__name__}")
+    entries = require_list(read_json(path), path, None)
     captions: dict[ImageId, str] = {}
     repeated: list[ImageId] = []
     for index, entry in enumerate(entries):
-        image_id = entry_field(path, f"entry {index}", entry, "image_id", (int, str))
+        where = f"{shown(path)}: entry {index}"
+        image_id = require_field(entry, "image_id", where, (int, str))
         if image_id in captions and image_id not in repeated:
             repeated.append(image_id)
-        captions[image_id] = entry_field(path, f"entry {index}", entry, "caption", (str,))
+        captions[image_id] = require_field(entry, "caption", where, str)
     if repeated:
         raise DataError(
             f"{path}: {len(repeated)} images have more than one caption; one hypothesis per "

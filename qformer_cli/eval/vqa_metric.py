@@ -38,8 +38,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from qformer_cli.data.json_files import read_json, require_field, require_list, shown
 from qformer_cli.errors import DataError, UsageError
-from qformer_cli.eval.json_input import entry_field, json_entries, read_json
 
 MetricVariant = Literal["official", "lavis"]
 METRIC_VARIANTS: tuple[str, ...] = get_args(MetricVariant)
@@ -373,11 +373,12 @@ def _unique_ids(path: Path, ids: Sequence[QuestionId]) -> None:
 
 
 def _read_answers(path: Path, index: int, entry: dict[str, Any]) -> tuple[dict[str, Any], ...]:
-    answers = entry_field(path, f"entry {index}", entry, "answers", (list,))
+    where = f"{shown(path)}: entry {index}"
+    answers = require_field(entry, "answers", where, list)
     if not answers:
-        raise DataError(f'{path}: entry {index}: "answers" is empty')
+        raise DataError(f"{where}: field 'answers' is empty")
     for answer in answers:
-        entry_field(path, f"entry {index}", answer, "answer", (str,))
+        require_field(answer, "answer", where, str)
     return tuple(answers)
 
 
@@ -385,12 +386,13 @@ def load_vqa_annotations(path: Path | str) -> list[VqaAnnotation]:
     """Read a VQAv2 annotations file ``{"annotations": [...]}`` in file order."""
     path = Path(path)
     annotations = []
-    for index, entry in enumerate(json_entries(path, read_json(path), "annotations")):
+    for index, entry in enumerate(require_list(read_json(path), path, "annotations")):
+        where = f"{shown(path)}: entry {index}"
         annotations.append(
             VqaAnnotation(
-                question_id=entry_field(path, f"entry {index}", entry, "question_id", (int, str)),
-                question_type=entry_field(path, f"entry {index}", entry, "question_type", (str,)),
-                answer_type=entry_field(path, f"entry {index}", entry, "answer_type", (str,)),
+                question_id=require_field(entry, "question_id", where, (int, str)),
+                question_type=require_field(entry, "question_type", where, str),
+                answer_type=require_field(entry, "answer_type", where, str),
                 answers=_read_answers(path, index, entry),
             )
         )
@@ -401,9 +403,9 @@ def load_vqa_annotations(path: Path | str) -> list[VqaAnnotation]:
 def load_vqa_question_ids(path: Path | str) -> list[QuestionId]:
     """Read the question ids of a VQAv2 questions file ``{"questions": [...]}``."""
     path = Path(path)
-    entries = json_entries(path, read_json(path), "questions")
+    entries = require_list(read_json(path), path, "questions")
     ids = [
-        entry_field(path, f"entry {i}", entry, "question_id", (int, str))
+        require_field(entry, "question_id", f"{shown(path)}: entry {i}", (int, str))
         for i, entry in enumerate(entries)
     ]
     _unique_ids(path, ids)
@@ -418,11 +420,12 @@ def load_vqa_results(path: Path | str) -> dict[QuestionId, str]:
     path = Path(path)
     predictions: dict[QuestionId, str] = {}
     repeated: list[QuestionId] = []
-    for index, entry in enumerate(json_entries(path, read_json(path), None)):
-        question_id = entry_field(path, f"entry {index}", entry, "question_id", (int, str))
+    for index, entry in enumerate(require_list(read_json(path), path, None)):
+        where = f"{shown(path)}: entry {index}"
+        question_id = require_field(entry, "question_id", where, (int, str))
         if question_id in predictions:
             repeated.append(question_id)
-        predictions[question_id] = entry_field(path, f"entry {index}", entry, "answer", (str,))
+        predictions[question_id] = require_field(entry, "answer", where, str)
     if repeated:
         raise DataError(
             f"{path}: {len(repeated)} question ids are answered more than once "

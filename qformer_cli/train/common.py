@@ -66,8 +66,14 @@ def remove_empty_out_dirs() -> None:
             directory.rmdir()
 
 
+# A run directory's resolved config (RunConfig.to_dict(); usable as --config). Runs written
+# before it had this name called it config.json, the name a checkpoint's metadata keeps.
+RUN_CONFIG = "run_config.json"
+LEGACY_RUN_CONFIG = "config.json"
+
+
 def write_resolved_config(out_dir: Path, config: RunConfig) -> None:
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    (out_dir / RUN_CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
 
 
 def data_root(data: DataConfig) -> Path:

@@ -3,7 +3,8 @@
 A checkpoint is a directory ``<run>/checkpoints/step-00000100/``:
 
 * ``model.safetensors`` -- the trainable weights, under this package's parameter names;
-* ``config.json`` -- what is needed to rebuild the model (stage, run config, Q-Former sizes);
+* ``config.json`` -- what is needed to rebuild the model (:class:`CheckpointMeta`: stage, step,
+  Q-Former sizes, the run config it was trained with);
 * ``train_state.pt`` -- optimizer, scheduler, RNG and data position (tensors and plain values
   only, read back with ``torch.load(weights_only=True)``);
 * ``tokenizer/`` -- the Q-Former's tokenizer, when the stage has one;
@@ -21,6 +22,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +30,85 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qformer_cli import faults
-from qformer_cli.errors import CheckpointError
+from qformer_cli.config import QFormerConfig
+from qformer_cli.errors import CheckpointError, UsageError
 
 WEIGHTS = "model.safetensors"
+# A checkpoint's metadata (CheckpointMeta). A run directory's resolved config has its own name,
+# run_config.json (train/common.py RUN_CONFIG): another schema, a RunConfig alone.
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """A checkpoint's ``config.json``: what rebuilds its model without the training run.
+
+    On disk the keys are, in this order: ``stage``, ``qformer``, ``llm_family`` and
+    ``llm_embedding_dim`` (stage 2 only), ``run``, ``step``.
+    """
+
+    stage: int  # 1: Stage1Model (Q-Former with text, heads); 2: Stage2Model (bridge to an LLM)
+    qformer: QFormerConfig  # fitted to the backbones it was trained with
+    # The RunConfig it was trained with, as recorded (RunConfig.to_dict()): kept a plain mapping
+    # so that a checkpoint stays readable when run-config keys change; readers validate the
+    # sections they use (pretrained.py: the whole RunConfig; train.common.trained_vision).
+    run: dict[str, Any]
+    step: int = 0  # the optimizer step it was saved at (the loop sets it: at_step)
+    llm_family: str | None = None  # stage 2: "decoder-only" / "encoder-decoder"
+    llm_embedding_dim: int | None = None  # stage 2: the LLM's token-embedding width
+
+    def at_step(self, step: int) -> CheckpointMeta:
+        return replace(self, step=step)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"stage": self.stage, "qformer": asdict(self.qformer)}
+        if self.stage == 2:
+            data["llm_family"] = self.llm_family
+            data["llm_embedding_dim"] = self.llm_embedding_dim
+        data["run"] = self.run
+        data["step"] = self.step
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, source: Path) -> CheckpointMeta:
+        """Validate a checkpoint's recorded metadata; :class:`CheckpointError` naming ``source``
+        (the file) for a missing key or a value of the wrong type."""
+
+        def refuse(problem: str) -> CheckpointError:
+            return CheckpointError(f"{source}: {problem} (not a checkpoint of this package?)")
+
+        if not isinstance(data, dict):
+            raise refuse("expected a JSON object")
+        stage = _entry(data, "stage", int, refuse)
+        if stage not in (1, 2):
+            raise refuse(f"'stage' must be 1 or 2, got {stage!r}")
+        qformer = _entry(data, "qformer", dict, refuse)
+        try:
+            qformer_config = QFormerConfig(**qformer)
+        except (TypeError, UsageError) as exc:  # TypeError: a key QFormerConfig does not have
+            raise refuse(f"'qformer' is not a Q-Former config ({exc})") from None
+        llm = {}
+        if stage == 2:
+            llm = {
+                "llm_family": _entry(data, "llm_family", str, refuse),
+                "llm_embedding_dim": _entry(data, "llm_embedding_dim", int, refuse),
+            }
+        run = _entry(data, "run", dict, refuse)
+        step = _entry(data, "step", int, refuse)
+        return cls(stage=stage, qformer=qformer_config, run=run, step=step, **llm)
+
+
+def _entry(data: dict[str, Any], key: str, kind: type, refuse: Callable[[str], Exception]) -> Any:
+    if key not in data:
+        raise refuse(f"no '{key}' entry")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise refuse(f"'{key}' must be {kind.__name__}, got {value!r}")
+    return value
 
 
 def checkpoint_name(step: int) -> str:
@@ -75,7 +148,7 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     weights: dict[str, torch.Tensor],
-    config: dict[str, Any],
+    meta: CheckpointMeta,
     train_state: dict[str, Any] | None = None,
     extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
@@ -88,7 +161,7 @@ def save_checkpoint(
         shutil.rmtree(temp)
     temp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(temp / WEIGHTS))
-    (temp / CONFIG).write_text(json.dumps(config, indent=1, default=str))
+    (temp / CONFIG).write_text(json.dumps(meta.to_dict(), indent=1, default=str))
     if train_state is not None:
         torch.save(train_state, temp / TRAIN_STATE)
     if extra_files is not None:
@@ -157,10 +230,16 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_config(directory: Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json`` as written (see :func:`load_meta` for the typed record)."""
     try:
         return json.loads((directory / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{directory / CONFIG}: unreadable ({exc})") from None
+
+
+def load_meta(directory: Path) -> CheckpointMeta:
+    """A checkpoint's metadata, validated."""
+    return CheckpointMeta.from_dict(load_config(directory), directory / CONFIG)
 
 
 def load_train_state(directory: Path) -> dict[str, Any]:

@@ -29,9 +29,13 @@ from qformer_cli.errors import UsageError
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class QFormerConfig:
-    """Every size of the Querying Transformer (defaults: the paper's BERT-base Q-Former)."""
+    """Every size of the Querying Transformer (defaults: the paper's BERT-base Q-Former).
+
+    Frozen: a preset's sizes are fitted to the backbones by :meth:`fitted_to_backbones`, which
+    returns a new config validated again, never by changing fields of a validated one.
+    """
 
     hidden_size: int = 768
     num_layers: int = 12
@@ -61,6 +65,40 @@ class QFormerConfig:
             )
         if self.cross_attention_freq < 1:
             raise UsageError("model.qformer.cross_attention_freq must be >= 1")
+        for name in ("encoder_width", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"model.qformer.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise UsageError(
+                f"model.qformer.pad_token_id {self.pad_token_id} is not a token id of the "
+                f"{self.vocab_size}-token vocabulary"
+            )
+
+    def fitted_to_backbones(
+        self,
+        *,
+        encoder_width: int,
+        vocab_size: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> QFormerConfig:
+        """These sizes fitted to the frozen backbones, as a new validated config.
+
+        ``encoder_width`` is the vision encoder's feature width (what the cross-attention and
+        ``ln_vision`` read); ``vocab_size`` and ``pad_token_id`` the Q-Former tokenizer's, where
+        the model embeds text (stage 1); None keeps the config's own.
+        """
+        fitted = {"encoder_width": encoder_width}
+        if vocab_size is not None:
+            fitted["vocab_size"] = vocab_size
+        if pad_token_id is not None:
+            fitted["pad_token_id"] = pad_token_id
+        try:
+            return dataclasses.replace(self, **fitted)  # runs __post_init__ again
+        except UsageError as exc:
+            described = ", ".join(f"{name} {value}" for name, value in fitted.items())
+            raise UsageError(
+                f"the Q-Former does not fit its backbones ({described}): {exc}"
+            ) from None
 
     def has_cross_attention(self, layer_idx: int) -> bool:
         return layer_idx % self.cross_attention_freq == 0
@@ -474,7 +512,8 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
     path = resolve_config_path(DEFAULT_CONFIG if config is None else config)
     data = load_yaml(path)
     if isinstance(data, dict) and "stage" in data and "run" in data:
-        # A checkpoint's config.json (stage, sizes, and the run config it was trained with).
+        # A checkpoint's config.json (CheckpointMeta: stage, sizes, the run config it was trained
+        # with), not a run's run_config.json.
         raise UsageError(
             f"{path}: the config of a stage-{data['stage']} checkpoint, not a run config "
             "(continue that run with --resume DIR, or start from it with pretrain-stage2 --init)"

@@ -45,8 +45,7 @@ class MetaModels:
 def build_meta_models(config: ModelConfig) -> MetaModels:
     vision = build_vision_encoder(config.vision, meta=True)
     llm = build_language_model(config.llm, meta=True)
-    qformer_config = config.qformer_config()
-    qformer_config.encoder_width = vision.hidden_size
+    qformer_config = config.qformer_config().fitted_to_backbones(encoder_width=vision.hidden_size)
     with torch.device("meta"):
         stage1 = Stage1Model(qformer_config)
         stage2 = Stage2Model(qformer_config, llm.embedding_dim)

@@ -36,12 +36,13 @@ class Stage1Checkpoint:
     directory: Path
 
 
-def _checkpoint_config(directory: Path, stage: int) -> tuple[QFormerConfig, RunConfig]:
-    saved = checkpoint.load_config(directory)
-    if saved.get("stage") != stage:
-        found = saved.get("stage")
-        raise CheckpointError(f"{directory}: a stage-{found} checkpoint; this needs stage {stage}")
-    return QFormerConfig(**saved["qformer"]), from_dict(RunConfig, saved["run"])
+def _checkpoint_meta(directory: Path, stage: int) -> checkpoint.CheckpointMeta:
+    saved = checkpoint.load_meta(directory)
+    if saved.stage != stage:
+        raise CheckpointError(
+            f"{directory}: a stage-{saved.stage} checkpoint; this needs stage {stage}"
+        )
+    return saved
 
 
 def _load_state(model: torch.nn.Module, directory: Path) -> None:
@@ -58,7 +59,7 @@ def load_stage1(path: Path, device: torch.device) -> Stage1Checkpoint:
     model, directory = load_trainable(path)
     if not isinstance(model, Stage1Model):
         raise CheckpointError(f"{directory}: a stage-2 checkpoint; this needs stage 1")
-    _, run_config = _checkpoint_config(directory, stage=1)
+    run_config = from_dict(RunConfig, _checkpoint_meta(directory, stage=1).run)
     tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
     return Stage1Checkpoint(model.to(device).eval(), tokenizer, run_config, directory)
 
@@ -92,11 +93,7 @@ def checkpoint_stage(path: Path) -> int:
     path = Path(path)
     if _is_transformers_blip2(path):
         return 2
-    directory = checkpoint.resolve_checkpoint(path)
-    stage = checkpoint.load_config(directory).get("stage")
-    if stage not in (1, 2):
-        raise CheckpointError(f"{directory}: unknown stage {stage!r}")
-    return int(stage)
+    return checkpoint.load_meta(checkpoint.resolve_checkpoint(path)).stage
 
 
 @dataclass
@@ -126,11 +123,11 @@ def load_stage2(
     if _is_transformers_blip2(path):
         return _load_transformers_blip2(path, device, dtype)
     directory = checkpoint.resolve_checkpoint(path)
-    qformer_config, run_config = _checkpoint_config(directory, stage=2)
-    saved = checkpoint.load_config(directory)
+    saved = _checkpoint_meta(directory, stage=2)
+    run_config = from_dict(RunConfig, saved.run)
     vision = build_vision_encoder(run_config.model.vision, dtype=dtype)
     llm = build_language_model(run_config.model.llm, dtype=dtype)
-    bridge = Stage2Model(qformer_config, saved["llm_embedding_dim"])
+    bridge = Stage2Model(saved.qformer, saved.llm_embedding_dim)
     _load_state(bridge, directory)
     return Stage2Pipeline(
         vision=vision.to(device),
@@ -208,13 +205,10 @@ def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, path: Pa
 def load_trainable(path: Path) -> tuple[Stage1Model | Stage2Model, Path]:
     """The trainable model of a stage-1 or stage-2 checkpoint (no backbones), and its directory."""
     directory = checkpoint.resolve_checkpoint(Path(path))
-    saved = checkpoint.load_config(directory)
-    qformer_config = QFormerConfig(**saved["qformer"])
-    if saved.get("stage") == 1:
-        model: Stage1Model | Stage2Model = Stage1Model(qformer_config)
-    elif saved.get("stage") == 2:
-        model = Stage2Model(qformer_config, saved["llm_embedding_dim"])
+    saved = checkpoint.load_meta(directory)
+    if saved.stage == 1:
+        model: Stage1Model | Stage2Model = Stage1Model(saved.qformer)
     else:
-        raise CheckpointError(f"{directory}: unknown stage {saved.get('stage')!r}")
+        model = Stage2Model(saved.qformer, saved.llm_embedding_dim)
     _load_state(model, directory)
     return model, directory

@@ -298,7 +298,7 @@ def test_stage1_mixed_precision_steps_are_finite_and_learn(precision: str, tmp_p
     assert all(tensor.dtype == torch.float32 for tensor in final.values())
     unchanged = [key for key in final if final[key].equal(middle[key])]
     assert not unchanged, unchanged
-    assert _read(out / "config.json")["train"]["precision"] == precision
+    assert _read(out / "run_config.json")["train"]["precision"] == precision
 
 
 @pytest.mark.slow  # trains the shared stage-1 run

@@ -228,7 +228,7 @@ def test_a_run_records_the_resolved_settings(tmp_path: Path):
         "temperature_clamp": None,
         "head_init": "lavis",
     }
-    assert json.loads((tmp_path / "run/config.json").read_text())["stage1"] == expected
+    assert json.loads((tmp_path / "run/run_config.json").read_text())["stage1"] == expected
     final = Path(json.loads(result.stdout)["final_checkpoint"])
     assert json.loads((final / "config.json").read_text())["run"]["stage1"] == expected
 

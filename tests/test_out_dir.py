@@ -13,6 +13,7 @@ import pytest
 
 from qformer_cli import checkpoint
 from qformer_cli.cli import app
+from qformer_cli.config import QFormerConfig
 from qformer_cli.train import stage1, stage2
 from tests.test_distributed import torchrun
 from tests.tiny_runs import metrics_steps, runner, train_stage1
@@ -26,9 +27,11 @@ def _error_line(result) -> str:
 
 def _earlier_run(run: Path, step: int = 5) -> None:
     """What an earlier run leaves in its --out, and a file of the user's beside it."""
-    saved = checkpoint.save_checkpoint(run, step, {}, {"stage": 1, "run": {}}, {"step": step})
+    meta = checkpoint.CheckpointMeta(stage=1, qformer=QFormerConfig(), run={})
+    saved = checkpoint.save_checkpoint(run, step, {}, meta, {"step": step})
     (run / "metrics.jsonl").write_text(json.dumps({"step": step, "loss": 1.0}) + "\n")
-    (run / "config.json").write_text("{}")
+    (run / "run_config.json").write_text("{}")
+    (run / "config.json").write_text("{}")  # the run config's name before run_config.json
     (run / "notes.txt").write_text("mine")
     assert saved.is_dir()
 
@@ -151,4 +154,4 @@ def test_a_refused_command_removes_only_the_out_dirs_it_created(tmp_path: Path):
         assert result.exit_code == 1
         assert result.stderr.strip().endswith("missing.json: file not found"), result.output
     assert sorted(tmp_path.iterdir()) == [mine]  # new/run and new removed; the user's kept
-    assert list(mine.iterdir()) == []  # and nothing (config.json) written into it
+    assert list(mine.iterdir()) == []  # and nothing (run_config.json) written into it

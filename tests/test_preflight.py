@@ -9,7 +9,7 @@ import pytest
 
 from qformer_cli import checkpoint
 from qformer_cli.cli import app
-from qformer_cli.config import load_config
+from qformer_cli.config import QFormerConfig, load_config
 from qformer_cli.models.backbones import load_qformer_tokenizer, resolve_model_name
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.train import preflight, stage1, stage2
@@ -41,10 +41,15 @@ def refused(command: str, *args: str) -> str:
     return lines[0]
 
 
-def fake_checkpoint(run: Path, stage: int, vocab_size: int = 202, **saved: object) -> Path:
+def fake_checkpoint(
+    run: Path, stage: int, vocab_size: int = 202, llm_embedding_dim: int = 64
+) -> Path:
     """A complete checkpoint directory whose config says ``stage`` (weights are not needed)."""
-    config = {"stage": stage, "qformer": {"vocab_size": vocab_size}, "run": {}, **saved}
-    return checkpoint.save_checkpoint(run, 2, {}, config, {"step": 2})
+    llm = {"llm_family": "decoder-only", "llm_embedding_dim": llm_embedding_dim}
+    meta = checkpoint.CheckpointMeta(
+        stage, QFormerConfig(vocab_size=vocab_size), run={}, **(llm if stage == 2 else {})
+    )
+    return checkpoint.save_checkpoint(run, 2, {}, meta, {"step": 2})
 
 
 def test_unwritable_output_directory(tmp_path: Path):

@@ -33,7 +33,7 @@ def test_training_writes_checkpoint_metrics_and_plot(tmp_path: Path):
     run = tmp_path / "run"
     assert summary["steps"] == 4
     assert (run / "loss.png").stat().st_size > 0
-    assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 8
+    assert json.loads((run / "run_config.json").read_text())["train"]["batch_size"] == 8
     rows = metrics_rows(run)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert {"itc", "itm", "itg", "loss", "lr"} <= set(rows[-1])
@@ -83,7 +83,9 @@ def test_bad_training_data_is_a_one_line_error(tmp_path: Path):
 
 
 def test_resume_from_a_corrupt_checkpoint_is_refused(tmp_path: Path):
-    directory = checkpoint.save_checkpoint(tmp_path, 3, {}, {"stage": 1}, {"step": 3})
+    directory = checkpoint.save_checkpoint(
+        tmp_path, 3, {}, checkpoint.CheckpointMeta(1, QFormerConfig(), run={}), {"step": 3}
+    )
     (directory / checkpoint.WEIGHTS).write_bytes(b"garbage")
     result = _train(tmp_path / "other", "--max-steps", "1", "--resume", str(directory))
     assert result.exit_code == 1

@@ -31,9 +31,14 @@ from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import VisionEncoder, build_vision_encoder, resolve_model_name
 from qformer_cli.runtime import PRECISION_DTYPES, Ranks, autocast
 
+# A run directory's resolved config (RunConfig.to_dict(); usable as --config). Runs written
+# before it had this name called it config.json, the name a checkpoint's metadata keeps.
+RUN_CONFIG = "run_config.json"
+LEGACY_RUN_CONFIG = "config.json"
+
 
 def write_resolved_config(out_dir: Path, config: RunConfig) -> None:
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    (out_dir / RUN_CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
 
 
 def data_root(data: DataConfig) -> Path:

@@ -126,7 +126,7 @@ class StageRecipe:
     trainable: nn.Module  # whose state_dict is the checkpoint's weights
     prepare: Callable[[Any], Any]  # data batch -> objective input
     loader: Any  # iterable of data batches with set_epoch / skip_batches / __len__
-    checkpoint_config: dict[str, Any]
+    checkpoint_meta: checkpoint.CheckpointMeta  # its step is set at each save
     save_extra: Callable[[Path], None] | None = None
     batch_size_of: Callable[[Any], int] = len
     # Gradient accumulation: prepared micro-batches -> the same, carrying what they share
@@ -211,12 +211,11 @@ class Trainer:
         if self.ranks.rank != 0:
             self._barrier()
             return checkpoint.checkpoint_path(self.out_dir, self.state.step)
-        config = dict(self.recipe.checkpoint_config, step=self.state.step)
         path = checkpoint.save_checkpoint(
             self.out_dir,
             self.state.step,
             self.recipe.trainable.state_dict(),
-            config,
+            self.recipe.checkpoint_meta.at_step(self.state.step),
             self._train_state(random_states),
             self.recipe.save_extra,
         )

@@ -67,24 +67,23 @@ def llm_embedding_width(config: RunConfig) -> int:
 def _check_resume_checkpoint(
     run_name: str, stage: int, config: RunConfig, directory: Path, llm_width: int | None
 ) -> None:
-    saved = checkpoint.load_config(directory)
-    if saved.get("stage") != stage:
-        saved_stage = saved.get("stage")
+    saved = checkpoint.load_meta(directory)
+    if saved.stage != stage:
         raise UsageError(
-            f"{directory}: a stage-{saved_stage} checkpoint; {run_name} resumes stage {stage}"
+            f"{directory}: a stage-{saved.stage} checkpoint; {run_name} resumes stage {stage}"
         )
-    _check_resume_vision(directory, config, saved.get("run") or {})
+    _check_resume_vision(directory, config, saved.run)
     if stage == 2:  # the bridge's projection is as wide as the LLM's token embeddings
-        saved_width = saved.get("llm_embedding_dim")
-        if saved_width is not None and llm_width != saved_width:
+        saved_width = saved.llm_embedding_dim
+        if llm_width != saved_width:
             raise UsageError(
                 f"{directory}: trained for an LLM with {saved_width}-wide token embeddings, but "
                 f"model.llm ({config.model.llm.model}) has {llm_width}"
             )
     if stage == 1:  # the stage-1 Q-Former embeds the tokenizer's vocabulary
         vocab = len(load_qformer_tokenizer(resolve_model_name(config.model.bert)))
-        saved_vocab = saved.get("qformer", {}).get("vocab_size")
-        if saved_vocab is not None and vocab != saved_vocab:
+        saved_vocab = saved.qformer.vocab_size
+        if vocab != saved_vocab:
             raise UsageError(
                 f"{directory}: trained with a {saved_vocab}-token vocabulary, but the tokenizer "
                 f"of model.bert ({config.model.bert}) has {vocab} tokens"
@@ -116,8 +115,9 @@ def _check_resume_vision(directory: Path, config: RunConfig, saved_run: dict) ->
 def trainable_parameters(stage: int, config: RunConfig, llm_width: int | None = None) -> int:
     """The stage's trainable parameter count, from shapes alone (meta device, no weights);
     stage 2 builds the LLM for its embedding width unless ``llm_width`` is given."""
-    qformer_config = config.model.qformer_config()
-    qformer_config.encoder_width = build_vision_encoder(config.model.vision, meta=True).hidden_size
+    qformer_config = config.model.qformer_config().fitted_to_backbones(
+        encoder_width=build_vision_encoder(config.model.vision, meta=True).hidden_size
+    )
     with torch.device("meta"):
         if stage == 1:
             model: torch.nn.Module = Stage1Model(qformer_config)

@@ -15,7 +15,7 @@ from qformer_cli import checkpoint
 from qformer_cli.config import RunConfig
 from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.runtime import Ranks, init_distributed, leave_distributed, make_out_dir
-from qformer_cli.train.common import write_resolved_config
+from qformer_cli.train.common import LEGACY_RUN_CONFIG, RUN_CONFIG, write_resolved_config
 from qformer_cli.train.loop import StageRecipe, Trainer
 from qformer_cli.train.preflight import check_before_loading
 from qformer_cli.train.progress import TrainingProgress, plot_losses, summary_table
@@ -56,7 +56,8 @@ RUN_OUTPUTS = (
     *RUN_MARKERS,
     f"{checkpoint.CHECKPOINTS}/.step-*.tmp",  # a checkpoint being written when a run died
     "loss.png",
-    "config.json",
+    RUN_CONFIG,
+    LEGACY_RUN_CONFIG,  # an earlier version's run_config.json
 )
 # The same for a feature cache written by extract-features.
 FEATURE_MARKERS = ("index.json", "shard-*.safetensors")
@@ -175,7 +176,7 @@ def train_stage(
         if fresh_in_given_dir and overwrite:  # only once the run passed every check
             remove_earlier_run(out_dir, is_main=is_main)
         recipe = build(config, device, ranks, report)
-        if is_main:  # after build: a run refused for its data or model leaves no config.json
+        if is_main:  # after build: a run refused for its data or model leaves no run config
             write_resolved_config(out_dir, config)
         progress = TrainingProgress(console, enabled=is_main)
         trainer = Trainer(recipe, config.train, out_dir, device, ranks, progress)

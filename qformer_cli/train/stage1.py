@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qformer_cli.checkpoint import CheckpointMeta
 from qformer_cli.config import QFormerConfig, RunConfig, Stage1Config
 from qformer_cli.data import BadSampleLog
 from qformer_cli.losses import (
@@ -345,11 +346,11 @@ class Stage1Objective(nn.Module):
 
 def stage1_qformer_config(config: RunConfig, vision_width: int, tokenizer) -> QFormerConfig:
     """The preset's sizes, fitted to the backbones: image feature width and vocabulary."""
-    qformer_config = config.model.qformer_config()
-    qformer_config.encoder_width = vision_width
-    qformer_config.vocab_size = len(tokenizer)
-    qformer_config.pad_token_id = tokenizer.pad_token_id or 0
-    return qformer_config
+    return config.model.qformer_config().fitted_to_backbones(
+        encoder_width=vision_width,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
 
 
 def caption_ids(captions: list[str], device: torch.device) -> torch.Tensor:
@@ -419,11 +420,7 @@ def build_stage1_recipe(
         trainable=model,
         prepare=prepare,
         loader=loader,
-        checkpoint_config={
-            "stage": 1,
-            "qformer": asdict(qformer_config),
-            "run": config.to_dict(),
-        },
+        checkpoint_meta=CheckpointMeta(stage=1, qformer=qformer_config, run=config.to_dict()),
         save_extra=save_tokenizer,
         accumulate=objective.accumulate,
         generators={"negatives": generator},

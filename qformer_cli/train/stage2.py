@@ -9,7 +9,7 @@ decoder target, the caption split at a random word (the paper's prefix language 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -204,8 +204,7 @@ def inherit_init_vision(config: RunConfig, init: Path | None, given: set[str]) -
     if init is None or not _is_our_checkpoint(Path(init)):
         return config
     directory = checkpoint.resolve_checkpoint(Path(init))
-    saved_run = checkpoint.load_config(directory).get("run") or {}
-    recorded = trained_vision(saved_run)
+    recorded = trained_vision(checkpoint.load_meta(directory).run)
     if recorded is None:
         return config
     vision, image_size = recorded
@@ -279,8 +278,9 @@ def build_stage2_recipe(
     llm = build_language_model(config.model.llm, dtype=dtype)
     llm.model.to(device)
     tokenizer = load_llm_tokenizer(config.model.llm.model)
-    qformer_config: QFormerConfig = config.model.qformer_config()
-    qformer_config.encoder_width = vision.hidden_size
+    qformer_config: QFormerConfig = config.model.qformer_config().fitted_to_backbones(
+        encoder_width=vision.hidden_size
+    )
     torch.manual_seed(config.train.seed)
     bridge = Stage2Model(qformer_config, llm.embedding_dim, config.model.llm_proj_init_std)
     source = init or Path(resolve_model_name(config.model.bert))
@@ -327,12 +327,12 @@ def build_stage2_recipe(
         trainable=bridge,
         prepare=prepare,
         loader=loader,
-        checkpoint_config={
-            "stage": 2,
-            "qformer": asdict(qformer_config),
-            "llm_family": llm.family,
-            "llm_embedding_dim": llm.embedding_dim,
-            "run": config.to_dict(),
-        },
+        checkpoint_meta=checkpoint.CheckpointMeta(
+            stage=2,
+            qformer=qformer_config,
+            run=config.to_dict(),
+            llm_family=llm.family,
+            llm_embedding_dim=llm.embedding_dim,
+        ),
         generators={"prefix_split": generator},
     )

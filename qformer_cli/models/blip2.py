@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qformer_cli.config import QFormerConfig
+from qformer_cli.models.config import QFormerConfig
 from qformer_cli.models.qformer import QFormer
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from qformer_cli.config import BackboneConfig, DataConfig, RunConfig, from_dict
+from qformer_cli.config import DataConfig, RunConfig, from_dict
 from qformer_cli.data import (
     BadSampleLog,
     Sample,
@@ -33,6 +33,7 @@ from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
 from qformer_cli.losses import Ranks
 from qformer_cli.models.backbones import VisionEncoder, build_vision_encoder, resolve_model_name
+from qformer_cli.models.config import BackboneConfig
 from qformer_cli.train.loop import PRECISION_DTYPES, autocast
 
 # The output directories (and parents) make_out_dir created in this process: a command refused

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qformer_cli.config import QFormerConfig, RunConfig, Stage1Config
+from qformer_cli.config import RunConfig, Stage1Config
 from qformer_cli.data import BadSampleLog
 from qformer_cli.losses import (
     ItcOutput,
@@ -38,6 +38,7 @@ from qformer_cli.losses import (
 )
 from qformer_cli.models.backbones import DEC_TOKEN, load_qformer_tokenizer, resolve_model_name
 from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.config import QFormerConfig
 from qformer_cli.models.convert import load_external_weights
 from qformer_cli.models.qformer import ImageKV
 from qformer_cli.train.common import (

@@ -48,9 +48,10 @@ from bench.common import (
     result_columns,
     timeit_with_rates,
 )
-from qformer_cli.config import TrainConfig, qformer_preset
+from qformer_cli.config import TrainConfig
 from qformer_cli.models.backbones import LanguageModel, VisionEncoder
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
+from qformer_cli.models.config import qformer_preset
 from qformer_cli.runtime import autocast
 from qformer_cli.train.loop import build_optimizer
 from qformer_cli.train.sharding import checkpoint_activations

@@ -41,7 +41,7 @@ from bench.common import (
     result_columns,
     timeit_with_rates,
 )
-from qformer_cli.config import qformer_preset
+from qformer_cli.models.config import qformer_preset
 from qformer_cli.models.convert import import_state_dict
 from qformer_cli.models.qformer import QFormer
 

@@ -42,8 +42,9 @@ from bench.common import (
     result_columns,
     timeit_with_rates,
 )
-from qformer_cli.config import TrainConfig, qformer_preset
+from qformer_cli.config import TrainConfig
 from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.config import qformer_preset
 from qformer_cli.runtime import autocast
 from qformer_cli.train.loop import build_optimizer
 from qformer_cli.train.stage1 import Stage1Batch, Stage1Objective

@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qformer_cli import faults
-from qformer_cli.config import QFormerConfig
 from qformer_cli.errors import CheckpointError, UsageError
+from qformer_cli.models.config import QFormerConfig
 
 WEIGHTS = "model.safetensors"
 # A checkpoint's metadata (CheckpointMeta). A run directory's resolved config has its own name,

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.runtime import Ranks
 
 NegativeMining = Literal["sample", "hardest"]
@@ -142,8 +143,8 @@ def itc_loss(
     else:
         all_image_feats = gather_with_grad(image_feats, ranks)  # (G, Q, D)
         all_text_feat = gather_with_grad(text_feat, ranks)  # (G, D)
-    sim_i2t = torch.einsum("bqd,gd->bgq", image_feats, all_text_feat).amax(dim=-1) / temp
-    sim_t2i = torch.einsum("bd,gqd->bgq", text_feat, all_image_feats).amax(dim=-1) / temp
+    sim_i2t = Stage1Model.similarity(image_feats, all_text_feat) / temp  # (B, G)
+    sim_t2i = Stage1Model.similarity(all_image_feats, text_feat, rows="texts") / temp  # (B, G)
     targets = torch.arange(batch, device=image_feats.device) + ranks.rank * batch
     loss = (
         F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qformer_cli import checkpoint
-from qformer_cli.config import QFormerConfig, RunConfig, from_dict
+from qformer_cli.config import RunConfig, from_dict
 from qformer_cli.errors import CheckpointError
 from qformer_cli.models.backbones import (
     LanguageModel,
@@ -20,6 +20,7 @@ from qformer_cli.models.backbones import (
     resolve_model_name,
 )
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
+from qformer_cli.models.config import QFormerConfig
 from qformer_cli.models.convert import (
     BLIP2_MODEL_TYPES,
     import_state_dict,

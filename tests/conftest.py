@@ -60,7 +60,7 @@ def _seed() -> None:
 
 def our_config(hf_qformer: dict, **extra):
     """Our QFormerConfig with the same sizes as a transformers Blip2QFormerConfig dict."""
-    from qformer_cli.config import QFormerConfig
+    from qformer_cli.models.config import QFormerConfig
 
     return QFormerConfig(
         hidden_size=hf_qformer["hidden_size"],

@@ -33,8 +33,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from qformer_cli.config import Stage1Config, qformer_preset
+from qformer_cli.config import Stage1Config
 from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.config import qformer_preset
 from qformer_cli.runtime import Ranks
 from qformer_cli.train.stage1 import Stage1Batch, Stage1Objective
 

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from qformer_cli import checkpoint
 from qformer_cli.checkpoint import CheckpointMeta
 from qformer_cli.cli import app
-from qformer_cli.config import load_config, qformer_preset
+from qformer_cli.config import load_config
 from qformer_cli.errors import CheckpointError
+from qformer_cli.models.config import qformer_preset
 from tests.tiny_runs import train_stage1
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from qformer_cli.cli import app
-from qformer_cli.config import QFormerConfig, RunConfig, load_config, qformer_preset
+from qformer_cli.config import RunConfig, load_config
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import resolve_model_name
+from qformer_cli.models.config import QFormerConfig, qformer_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"

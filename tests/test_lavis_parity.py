@@ -18,15 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qformer_cli.config import (
-    QFORMER_PRESETS,
-    STAGE1_PRESETS,
-    QFormerConfig,
-    Stage1Config,
-    load_config,
-)
+from qformer_cli.config import STAGE1_PRESETS, Stage1Config, load_config
 from qformer_cli.losses import itc_loss, negative_weights
 from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.config import QFORMER_PRESETS, QFormerConfig
 from qformer_cli.models.convert import external_name, import_state_dict
 from qformer_cli.runtime import Ranks
 from qformer_cli.train.stage1 import GivenNegatives, Stage1Batch, Stage1Objective

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qformer_cli.config import qformer_preset
 from qformer_cli.losses import (
     draw_by_inverse_cdf,
     itc_loss,
@@ -19,6 +18,7 @@ from qformer_cli.losses import (
     negative_weights,
 )
 from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.config import qformer_preset
 from qformer_cli.runtime import Ranks
 from qformer_cli.train.stage1 import Stage1Batch, Stage1Objective
 

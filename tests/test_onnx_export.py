@@ -24,7 +24,7 @@ from qformer_cli.data.sample import load_image
 from qformer_cli.data.sample_data import sample_split_files
 from qformer_cli.errors import QformerError, UsageError
 from qformer_cli.eval.captioning import generate_for_samples
-from qformer_cli.eval.retrieval import itc_scores, itc_similarity, load_retrieval_set
+from qformer_cli.eval.retrieval import itc_similarity, load_retrieval_set
 from qformer_cli.export.onnx_export import check_parity, export_onnx
 from qformer_cli.export.onnx_runtime import (
     OnnxPipeline,
@@ -32,6 +32,7 @@ from qformer_cli.export.onnx_runtime import (
     generate_text_onnx,
 )
 from qformer_cli.generate import GenerationSettings, generate_text, stop_token_ids
+from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline, load_stage1_pipeline, load_stage2
 
 pytestmark = pytest.mark.slow
@@ -431,7 +432,7 @@ def test_stage1_onnx_itc_similarity_matches_torch_retrieval(
     image_embeds = vision.run(None, {"pixel_values": pixels})[0]
     feed = {name: encoded[name] for name in ("input_ids", "attention_mask")}
     text_embeds = text.run(None, feed)[0]
-    got = itc_scores(torch.from_numpy(image_embeds), torch.from_numpy(text_embeds))
+    got = Stage1Model.similarity(torch.from_numpy(image_embeds), torch.from_numpy(text_embeds))
     assert got.shape == expected.shape and expected.shape[0] >= 8
     assert torch.allclose(got, expected, atol=1e-4)
     assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))

@@ -13,7 +13,7 @@ import pytest
 
 from qformer_cli import checkpoint
 from qformer_cli.cli import app
-from qformer_cli.config import QFormerConfig
+from qformer_cli.models.config import QFormerConfig
 from qformer_cli.train import stage1, stage2
 from tests.test_distributed import torchrun
 from tests.tiny_runs import metrics_steps, runner, train_stage1

@@ -9,9 +9,10 @@ import pytest
 
 from qformer_cli import checkpoint
 from qformer_cli.cli import app
-from qformer_cli.config import QFormerConfig, load_config
+from qformer_cli.config import load_config
 from qformer_cli.models.backbones import load_qformer_tokenizer, resolve_model_name
 from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.config import QFormerConfig
 from qformer_cli.train import preflight, stage1, stage2
 from qformer_cli.train.stage1 import stage1_qformer_config
 from tests.tiny_runs import FAST, ROOT, runner

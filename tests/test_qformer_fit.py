@@ -11,9 +11,10 @@ from transformers import AutoConfig
 from typer.testing import CliRunner
 
 from qformer_cli.cli import app
-from qformer_cli.config import QFormerConfig, load_config, qformer_preset
+from qformer_cli.config import load_config
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import load_qformer_tokenizer
+from qformer_cli.models.config import QFormerConfig, qformer_preset
 from qformer_cli.train.stage1 import stage1_qformer_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import torch
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-from qformer_cli.config import QFormerConfig, qformer_preset
+from qformer_cli.models.config import QFormerConfig, qformer_preset
 from qformer_cli.models.convert import import_state_dict
 from qformer_cli.models.qformer import QFormer
 from tests.conftest import TINY_QFORMER, our_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qformer_cli.config import qformer_preset
+from qformer_cli.models.config import qformer_preset
 from qformer_cli.models.qformer import QFormer, self_attention_mask
 
 ATOL = 1e-5

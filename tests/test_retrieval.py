@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from qformer_cli.config import qformer_preset
 from qformer_cli.eval.retrieval import (
     RetrievalSet,
     itc_similarity,
@@ -13,6 +12,7 @@ from qformer_cli.eval.retrieval import (
     rerank,
 )
 from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.config import qformer_preset
 
 
 def test_recall_counts_the_rank_of_the_first_correct_match():

@@ -22,8 +22,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from qformer_cli.config import qformer_preset
 from qformer_cli.data import sample_backbone_dir, sample_data_dir
+from qformer_cli.models.config import qformer_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

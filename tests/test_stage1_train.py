@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from qformer_cli import checkpoint, faults
 from qformer_cli.cli import app
-from qformer_cli.config import QFormerConfig
 from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.config import QFormerConfig
 from qformer_cli.models.convert import load_external_weights
 from tests.tiny_runs import (
     assert_same_weights,

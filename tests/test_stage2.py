@@ -13,10 +13,10 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from qformer_cli.config import qformer_preset
 from qformer_cli.data import sample_backbone_dir
 from qformer_cli.models.backbones import LanguageModel
 from qformer_cli.models.blip2 import Stage2Model
+from qformer_cli.models.config import qformer_preset
 from qformer_cli.train.stage2 import Stage2Batch, Stage2Objective, split_for_prefix_lm
 
 

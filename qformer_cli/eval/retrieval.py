@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from qformer_cli.data import (
     BadSampleLog,
@@ -39,41 +38,21 @@ class RetrievalSet:
     text_to_image: torch.Tensor  # (N_txt,) index of each caption's image
 
 
-def itc_image_features(model: Stage1Model, image_embeds: torch.Tensor) -> torch.Tensor:
-    """Frozen image features (B, N, C) -> L2-normalized ITC query embeddings (B, Q, D)."""
-    return F.normalize(model.vision_proj(model.qformer.query_features(image_embeds)), dim=-1)
-
-
-def itc_text_features(
-    model: Stage1Model, input_ids: torch.Tensor, text_mask: torch.Tensor
-) -> torch.Tensor:
-    """Token ids and mask (B, T) -> L2-normalized ITC text embedding (B, D) of the [CLS] token."""
-    text = model.qformer(
-        input_ids=input_ids, text_mask=text_mask, use_queries=False, pattern="unimodal"
-    )
-    return F.normalize(model.text_proj(text.text_output[:, 0]), dim=-1)
-
-
 @torch.no_grad()
 def itc_similarity(model: Stage1Model, data: RetrievalSet, batch_size: int) -> torch.Tensor:
     """(N_img, N_txt) ITC similarity (no temperature: ranking only)."""
     image_feats = torch.cat(
-        [itc_image_features(model, chunk) for chunk in data.image_embeds.split(batch_size)]
+        [model.image_feats(chunk) for chunk in data.image_embeds.split(batch_size)]
     )  # (N_img, Q, D)
     text_feat = torch.cat(
         [
-            itc_text_features(model, ids, mask)
+            model.text_feat(ids, mask)
             for ids, mask in zip(
                 data.input_ids.split(batch_size), data.text_mask.split(batch_size), strict=True
             )
         ]
     )  # (N_txt, D)
-    return itc_scores(image_feats, text_feat)
-
-
-def itc_scores(image_feats: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
-    """Image (N_img, Q, D) and text (N_txt, D) embeddings -> (N_img, N_txt): max over queries."""
-    return torch.einsum("iqd,td->itq", image_feats, text_feat).amax(dim=-1)
+    return model.similarity(image_feats, text_feat)
 
 
 @torch.no_grad()
@@ -90,13 +69,8 @@ def itm_scores(
         image_index.split(batch_size), text_index.split(batch_size), strict=True
     ):
         image_kv = model.qformer.encode_image(data.image_embeds[images])
-        joint = model.qformer(
-            image_kv=image_kv,
-            input_ids=data.input_ids[texts],
-            text_mask=data.text_mask[texts],
-            pattern="bidirectional",
-        )
-        scores.append(model.itm_head(joint.query_output).mean(dim=1)[:, 1])
+        logits = model.itm_logits(image_kv, data.input_ids[texts], data.text_mask[texts])
+        scores.append(logits[:, 1])  # (P,) the match logit
     return torch.cat(scores)
 
 

@@ -34,9 +34,9 @@ Stage 2 (caption / VQA); all graphs have dynamic batch and sequence axes:
 Stage 1 (retrieval):
 
 - ``vision_itc.onnx``: pixel_values (B, 3, H, W) -> image_embeds (B, Q, E): frozen vision
-  encoder, Q-Former, vision_proj, L2-normalized (``eval.retrieval.itc_image_features``);
+  encoder, Q-Former, vision_proj, L2-normalized (``Stage1Model.image_feats``);
 - ``text_itc.onnx``: input_ids + attention_mask (B, T) -> text_embeds (B, E), the normalized
-  [CLS] projection (``eval.retrieval.itc_text_features``). An image-text similarity is the max
+  [CLS] projection (``Stage1Model.text_feat``). An image-text similarity is the max
   over the Q queries of the dot products.
 
 ``manifest.json`` describes all of them. After writing, every graph is run with onnxruntime on
@@ -61,11 +61,7 @@ from torch import nn
 
 from qformer_cli.data.transforms import blip_image_processor_settings, load_transform_config
 from qformer_cli.errors import QformerError, UsageError
-from qformer_cli.eval.retrieval import (
-    RETRIEVAL_MAX_TEXT_LEN,
-    itc_image_features,
-    itc_text_features,
-)
+from qformer_cli.eval.retrieval import RETRIEVAL_MAX_TEXT_LEN
 from qformer_cli.generate import GenerationSettings, generation_stop_ids
 from qformer_cli.models.backbones import VisionEncoder
 from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline
@@ -165,7 +161,7 @@ class VisionITC(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # load_retrieval_set keeps the frozen features in fp32.
-        return itc_image_features(self.model, self.vision(pixel_values).float())
+        return self.model.image_feats(self.vision(pixel_values).float())
 
 
 class TextITC(nn.Module):
@@ -176,7 +172,7 @@ class TextITC(nn.Module):
         self.model = pipeline.model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return itc_text_features(self.model, input_ids, attention_mask)
+        return self.model.text_feat(input_ids, attention_mask)
 
 
 def _cache_argument(model: nn.Module) -> str:

@@ -16,9 +16,9 @@ import torch
 import transformers
 from torch import nn
 
-from qformer_cli.config import BackboneConfig
 from qformer_cli.embedded import SAMPLE_DATA, resolve_embedded_path
 from qformer_cli.errors import CheckpointError, UsageError, first_line
+from qformer_cli.models.config import BackboneConfig
 from qformer_cli.models.convert import BLIP2_MODEL_TYPES
 
 LLMFamily = Literal["decoder-only", "encoder-decoder"]

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qformer_cli.config import QFormerConfig
-from qformer_cli.models.qformer import QFormer
+from qformer_cli.models.config import QFormerConfig
+from qformer_cli.models.qformer import ImageKV, KeyValue, QFormer
 
 
 class BertLMHead(nn.Module):
@@ -32,6 +32,7 @@ class BertLMHead(nn.Module):
 
 
 HeadInit = Literal["lavis", "normal"]
+SimilarityRows = Literal["images", "texts"]
 
 
 class Stage1Model(nn.Module):
@@ -59,7 +60,83 @@ class Stage1Model(nn.Module):
             nn.init.normal_(head.weight, std=config.initializer_range)
             nn.init.zeros_(head.bias)
 
+    # The stage-1 operations, each the one implementation that training, retrieval and the ONNX
+    # export call. B images or texts, P image-text pairs, Q queries, T tokens, H hidden,
+    # D = embed_dim, V vocabulary.
+
+    def image_feats(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Frozen image features (B, N, C) -> L2-normalized ITC query embeddings (B, Q, D)."""
+        return self.image_feats_from_queries(self.qformer.query_features(image_embeds))
+
+    def image_feats_from_queries(self, query_output: torch.Tensor) -> torch.Tensor:
+        """Query outputs (B, Q, H) of an image pass already run -> ITC embeddings (B, Q, D)."""
+        return F.normalize(self.vision_proj(query_output), dim=-1)
+
+    def text_feat(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids and mask (B, T) -> L2-normalized ITC text embedding (B, D): the [CLS]
+        output of a text-only (unimodal) pass, projected."""
+        text_pass = self.qformer(
+            input_ids=input_ids, text_mask=text_mask, use_queries=False, pattern="unimodal"
+        )
+        return F.normalize(self.text_proj(text_pass.text_output[:, 0]), dim=-1)
+
+    @staticmethod
+    def similarity(
+        image_feats: torch.Tensor, text_feat: torch.Tensor, *, rows: SimilarityRows = "images"
+    ) -> torch.Tensor:
+        """ITC similarity of image (N_img, Q, D) and text (N_txt, D) embeddings: for each pair,
+        the max over the Q queries of the dot products (no temperature).
+
+        ``rows="images"`` gives (N_img, N_txt), ``"texts"`` (N_txt, N_img), each computed in
+        its own orientation (as LAVIS computes sim_i2t and sim_t2i), not as a transpose.
+        """
+        if rows == "images":
+            return torch.einsum("iqd,td->itq", image_feats, text_feat).amax(dim=-1)
+        return torch.einsum("td,iqd->tiq", text_feat, image_feats).amax(dim=-1)
+
+    def itm_logits(
+        self, image_kv: ImageKV, input_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Image K/V and token ids/mask of P pairs -> (P, 2) ITM logits [no match, match]: a
+        joint bidirectional pass, the head on each query output, averaged over the queries."""
+        joint = self.qformer(
+            image_kv=image_kv, input_ids=input_ids, text_mask=text_mask, pattern="bidirectional"
+        )
+        return self.itm_head(joint.query_output).mean(dim=1)
+
+    def itg_logits(
+        self,
+        decoder_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        *,
+        past_query_kv: list[KeyValue] | None = None,
+        image_kv: ImageKV | None = None,
+    ) -> torch.Tensor:
+        """[DEC]-prefixed token ids and mask (B, T) -> (B, T, V) LM logits of a causal pass in
+        which each token sees all queries and the tokens up to itself.
+
+        The queries come from ``past_query_kv`` (per layer (B, h, Q, d), from an image pass
+        already run: the queries never see the text, so their states are the same) or are
+        recomputed from ``image_kv``; give exactly one.
+        """
+        if (past_query_kv is None) == (image_kv is None):
+            raise ValueError("itg_logits: give exactly one of past_query_kv and image_kv")
+        if past_query_kv is not None:
+            text_pass = self.qformer(
+                input_ids=decoder_ids,
+                text_mask=text_mask,
+                use_queries=False,
+                pattern="causal",
+                past_query_kv=past_query_kv,
+            )
+        else:
+            text_pass = self.qformer(
+                image_kv=image_kv, input_ids=decoder_ids, text_mask=text_mask, pattern="causal"
+            )
+        return self.lm_logits(text_pass.text_output)
+
     def lm_logits(self, text_output: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) text outputs -> (B, T, V) logits of the tied LM head."""
         return self.lm_head(text_output, self.qformer.word_embeddings.weight)
 
 

@@ -27,9 +27,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from qformer_cli.config import QFormerConfig
 from qformer_cli.errors import CheckpointError, first_line
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
+from qformer_cli.models.config import QFormerConfig
 from qformer_cli.models.qformer import QFormer
 
 Layout = Literal["transformers", "transformers-qformer", "lavis", "bert"]

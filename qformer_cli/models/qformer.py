@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qformer_cli.config import QFormerConfig
+from qformer_cli.models.config import QFormerConfig
 
 AttentionPattern = Literal["bidirectional", "causal", "unimodal"]
 KeyValue = tuple[torch.Tensor, torch.Tensor]  # each (B, h, L, d)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from qformer_cli.config import BackboneConfig, DataConfig, RunConfig, from_dict
+from qformer_cli.config import DataConfig, RunConfig, from_dict
 from qformer_cli.data import (
     BadSampleLog,
     Sample,
@@ -29,6 +29,7 @@ from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import VisionEncoder, build_vision_encoder, resolve_model_name
+from qformer_cli.models.config import BackboneConfig
 from qformer_cli.runtime import PRECISION_DTYPES, Ranks, autocast
 
 # A run directory's resolved config (RunConfig.to_dict(); usable as --config). Runs written

@@ -17,11 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qformer_cli.checkpoint import CheckpointMeta
-from qformer_cli.config import QFormerConfig, RunConfig, Stage1Config
+from qformer_cli.config import RunConfig, Stage1Config
 from qformer_cli.data import BadSampleLog
 from qformer_cli.losses import (
     ItcOutput,
@@ -38,8 +37,9 @@ from qformer_cli.losses import (
 )
 from qformer_cli.models.backbones import DEC_TOKEN, load_qformer_tokenizer, resolve_model_name
 from qformer_cli.models.blip2 import Stage1Model
+from qformer_cli.models.config import QFormerConfig
 from qformer_cli.models.convert import load_external_weights
-from qformer_cli.models.qformer import ImageKV
+from qformer_cli.models.qformer import ImageKV, KeyValue
 from qformer_cli.runtime import Ranks
 from qformer_cli.train.common import (
     build_train_loader,
@@ -131,8 +131,8 @@ class Stage1Objective(nn.Module):
         qformer = self.model.qformer
         image_kv = qformer.encode_image(batch.image_embeds)
         image_pass = qformer(image_kv=image_kv)  # ITC image side; keeps the queries' K/V
-        image_feats = self._image_feats(image_pass.query_output)
-        text_feat = self._text_feat(batch)
+        image_feats = self.model.image_feats_from_queries(image_pass.query_output)
+        text_feat = self.model.text_feat(batch.input_ids, batch.text_mask)
         if batch.itc_accumulation is None:
             itc = self._itc(image_feats, text_feat, self.model.temp, ranks)
         else:
@@ -161,28 +161,13 @@ class Stage1Objective(nn.Module):
             temperature_clamp=self.settings.temperature_range,
         )
 
-    def _image_feats(self, query_output: torch.Tensor) -> torch.Tensor:
-        """(B, Q, H) query outputs -> (B, Q, D) L2-normalized ITC image embeddings."""
-        return F.normalize(self.model.vision_proj(query_output), dim=-1)
-
-    def _text_feat(self, batch: Stage1Batch) -> torch.Tensor:
-        """(B, D) L2-normalized ITC text embedding: the [CLS] output of a text-only pass."""
-        text_pass = self.model.qformer(
-            input_ids=batch.input_ids,
-            text_mask=batch.text_mask,
-            use_queries=False,
-            pattern="unimodal",
-        )
-        return F.normalize(self.model.text_proj(text_pass.text_output[:, 0]), dim=-1)
-
     @torch.no_grad()
     def accumulate(self, batches: list[Stage1Batch]) -> list[Stage1Batch]:
         """The micro-batches of one step, each carrying every micro-batch's ITC features and
         the ITG normalizer of the whole step (the trainer averages the J micro-batches' losses
         and DDP the R ranks' gradients: J * R losses share the step's target tokens)."""
-        query_features = self.model.qformer.query_features
-        image_feats = [self._image_feats(query_features(b.image_embeds)) for b in batches]
-        text_feats = [self._text_feat(b) for b in batches]
+        image_feats = [self.model.image_feats(b.image_embeds) for b in batches]
+        text_feats = [self.model.text_feat(b.input_ids, b.text_mask) for b in batches]
         ranks = Ranks.current()
         local_targets = torch.stack([itg_targets(b.text_mask) for b in batches]).sum()
         tokens_per_loss = global_sum(local_targets, ranks) / (ranks.world_size * len(batches))
@@ -260,10 +245,7 @@ class Stage1Objective(nn.Module):
         input_ids = torch.cat([local_ids, local_ids, all_ids[negative_text]])
         text_mask = torch.cat([local_mask, local_mask, all_masks[negative_text]])
         pair_kv = self._pair_image_kv(batch, image_kv, negative_image, local, ranks)
-        joint = self.model.qformer(
-            image_kv=pair_kv, input_ids=input_ids, text_mask=text_mask, pattern="bidirectional"
-        )
-        return self.model.itm_head(joint.query_output).mean(dim=1)
+        return self.model.itm_logits(pair_kv, input_ids, text_mask)
 
     def _mine(self, batch: Stage1Batch, positive_index: torch.Tensor, ranks: Ranks):
         all_image_ids = gather_no_grad(batch.image_ids, ranks)
@@ -317,27 +299,14 @@ class Stage1Objective(nn.Module):
         fresh = qformer.encode_image(batch.image_embeds)
         return ImageKV.cat([fresh, negatives, qformer.encode_image(batch.image_embeds)])
 
-    def _itg_logits(self, batch: Stage1Batch, query_kv: list) -> torch.Tensor:
+    def _itg_logits(self, batch: Stage1Batch, query_kv: list[KeyValue]) -> torch.Tensor:
         """(B, T, V) LM logits of the [DEC]-prefixed text, causal, seeing all queries."""
         decoder_ids = batch.input_ids.clone()
         decoder_ids[:, 0] = self.dec_token_id
-        qformer = self.model.qformer
         if self.reuse:
-            text = qformer(
-                input_ids=decoder_ids,
-                text_mask=batch.text_mask,
-                use_queries=False,
-                pattern="causal",
-                past_query_kv=query_kv,
-            )
-        else:
-            text = qformer(
-                image_kv=qformer.encode_image(batch.image_embeds),
-                input_ids=decoder_ids,
-                text_mask=batch.text_mask,
-                pattern="causal",
-            )
-        return self.model.lm_logits(text.text_output)
+            return self.model.itg_logits(decoder_ids, batch.text_mask, past_query_kv=query_kv)
+        image_kv = self.model.qformer.encode_image(batch.image_embeds)
+        return self.model.itg_logits(decoder_ids, batch.text_mask, image_kv=image_kv)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qformer_cli import checkpoint
-from qformer_cli.config import QFormerConfig, RunConfig
+from qformer_cli.config import RunConfig
 from qformer_cli.data import BadSampleLog
 from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.models.backbones import (
@@ -27,6 +27,7 @@ from qformer_cli.models.backbones import (
     same_backbone,
 )
 from qformer_cli.models.blip2 import Stage2Model, soft_prompt_inputs
+from qformer_cli.models.config import QFormerConfig
 from qformer_cli.models.convert import LoadReport, load_external_weights
 from qformer_cli.runtime import PRECISION_DTYPES, Ranks
 from qformer_cli.train.common import (

@@ -20,10 +20,10 @@ from qformer_cli.models.backbones import (
     resolve_model_name,
 )
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
-from qformer_cli.models.config import QFormerConfig
 from qformer_cli.models.convert import (
     BLIP2_MODEL_TYPES,
     import_state_dict,
+    qformer_config_from_transformers,
     read_config_json,
     read_safetensors_dir,
 )
@@ -161,20 +161,7 @@ def _load_transformers_blip2(
     language_model = llm_class.from_config(config.text_config)
     _load_prefixed(language_model, tensors, "language_model.", path)
     language_model.tie_weights()
-    qformer = config.qformer_config
-    qformer_config = QFormerConfig(
-        hidden_size=qformer.hidden_size,
-        num_layers=qformer.num_hidden_layers,
-        num_heads=qformer.num_attention_heads,
-        intermediate_size=qformer.intermediate_size,
-        num_query_tokens=config.num_query_tokens,
-        encoder_width=qformer.encoder_hidden_size,
-        cross_attention_freq=qformer.cross_attention_frequency,
-        vocab_size=qformer.vocab_size,
-        max_position_embeddings=qformer.max_position_embeddings,
-        layer_norm_eps=qformer.layer_norm_eps,
-        vision_layer_norm_eps=config.vision_config.layer_norm_eps,
-    )
+    qformer_config = qformer_config_from_transformers(config)
     llm = LanguageModel(language_model.to(dtype).eval().requires_grad_(False), family)
     bridge = Stage2Model(qformer_config, llm.embedding_dim)
     report = import_state_dict(bridge, tensors, "transformers")

@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file
@@ -377,6 +377,26 @@ def transformers_qformer_config(config: QFormerConfig, *, with_text: bool) -> di
         "encoder_hidden_size": config.encoder_width,
         "use_qformer_text_input": with_text,
     }
+
+
+def qformer_config_from_transformers(blip2_config: Any) -> QFormerConfig:
+    """A transformers ``Blip2Config``'s Q-Former sizes as ours: the inverse of
+    :func:`transformers_qformer_config` (plus the query count and ``ln_vision``'s epsilon, which
+    transformers keeps on the outer config and the vision config)."""
+    qformer = blip2_config.qformer_config
+    return QFormerConfig(
+        hidden_size=qformer.hidden_size,
+        num_layers=qformer.num_hidden_layers,
+        num_heads=qformer.num_attention_heads,
+        intermediate_size=qformer.intermediate_size,
+        num_query_tokens=blip2_config.num_query_tokens,
+        encoder_width=qformer.encoder_hidden_size,
+        cross_attention_freq=qformer.cross_attention_frequency,
+        vocab_size=qformer.vocab_size,
+        max_position_embeddings=qformer.max_position_embeddings,
+        layer_norm_eps=qformer.layer_norm_eps,
+        vision_layer_norm_eps=blip2_config.vision_config.layer_norm_eps,
+    )
 
 
 def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -1,4 +1,5 @@
-"""Typed run configuration: dataclasses, named Q-Former presets, YAML files and dotted overrides.
+"""Typed run configuration: dataclasses (nesting the models' own, :mod:`qformer_cli.models.config`:
+Q-Former sizes, named presets, backbones), YAML files and dotted overrides.
 
 A configuration is built in one direction: preset sizes -> YAML file -> ``--set key=value``
 overrides -> validated dataclasses. Unknown keys and wrong types raise :class:`UsageError`

@@ -45,8 +45,9 @@ from bench.common import (
     throughput_rows,
     timeit_interleaved,
 )
+from qformer_cli.config import GenerationConfig
 from qformer_cli.data import sample_backbone_dir, sample_split_files
-from qformer_cli.generate import GenerationSettings, generate_text, stop_token_ids
+from qformer_cli.inference.generate import generate_text, stop_token_ids
 from qformer_cli.pretrained import load_stage2
 
 NUM_QUERIES = 32
@@ -111,10 +112,15 @@ def generation_table(options: BenchOptions, batch_size: int) -> Table:
         ours = load_stage2(directory, options.device)
         images, questions = inputs(batch_size)
         tasks = {
-            "caption": (["a photo of"] * len(images), GenerationSettings(5, 30, 8)),
+            "caption": (
+                ["a photo of"] * len(images),
+                GenerationConfig(num_beams=5, max_new_tokens=30, min_new_tokens=8),
+            ),
             "vqa": (
                 [f"Question: {q} Answer:" for q in questions],
-                GenerationSettings(5, 10, 1, length_penalty=-1.0),
+                GenerationConfig(
+                    num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0
+                ),
             ),
         }
         rows = []

@@ -43,9 +43,10 @@ from bench.common import (
     timeit_interleaved,
 )
 from bench.generation import build_tiny_blip2, inputs
+from qformer_cli.config import GenerationConfig
 from qformer_cli.export.onnx_export import VisionQFormer, export_onnx
 from qformer_cli.export.onnx_runtime import OnnxPipeline, generate_text_onnx
-from qformer_cli.generate import GenerationSettings, generate_text
+from qformer_cli.inference.generate import generate_text
 from qformer_cli.pretrained import Stage2Pipeline, load_stage2
 
 VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -125,7 +126,7 @@ def _vision_fns(
 
 
 def caption_table(options: BenchOptions) -> Table:
-    settings = GenerationSettings(num_beams=1, max_new_tokens=30, min_new_tokens=8)
+    settings = GenerationConfig(num_beams=1, max_new_tokens=30, min_new_tokens=8)
     with tempfile.TemporaryDirectory() as tmp:
         progress("onnx: exporting the tiny BLIP-2 for end-to-end captioning")
         torch_pipeline, onnx_pipeline = export(Path(tmp), None, None)
@@ -143,7 +144,9 @@ def caption_table(options: BenchOptions) -> Table:
             )  # fmt: skip
 
         def run_onnx() -> list[str]:
-            return generate_text_onnx(onnx_pipeline, pixels.numpy(), prompts, settings)
+            return generate_text_onnx(
+                onnx_pipeline, onnx_pipeline.soft_prompt(pixels.numpy()), prompts, settings
+            )
 
         same = "yes" if run_torch() == run_onnx() else "no"
         timings = timeit_interleaved({TORCH: run_torch, ONNX: run_onnx}, options)

@@ -111,12 +111,31 @@ class TrainConfig:
 
 @dataclass
 class GenerationConfig:
+    """How text is generated: the one set of settings behind ``caption`` (section ``generate``,
+    also the prompt stage 2 trains with), ``eval-vqa`` (section ``vqa``), the onnxruntime
+    backend and the settings an ONNX export records. ``prompt`` is the text after the soft
+    prompt; for VQA a template with ``{}`` for the question, or ``answer`` / ``short-answer``."""
+
     prompt: str = "a photo of"
     num_beams: int = 5
     max_new_tokens: int = 30
     min_new_tokens: int = 8
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
+    do_sample: bool = False
+    top_p: float = 0.9
+    temperature: float = 1.0
+
+    def decoding(self) -> dict[str, Any]:
+        """Every setting but the prompt (what an export records as its decoding settings)."""
+        return {key: value for key, value in asdict(self).items() if key != "prompt"}
+
+
+def vqa_generation() -> GenerationConfig:
+    """BLIP-2's zero-shot VQA decoding (LAVIS): 5 beams, short answers, length penalty -1."""
+    return GenerationConfig(
+        prompt="answer", num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0
+    )
 
 
 FROM_PRESET = "preset"
@@ -197,6 +216,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerationConfig = field(default_factory=GenerationConfig)
+    vqa: GenerationConfig = field(default_factory=vqa_generation)
     stage1: Stage1Config = field(default_factory=Stage1Config)
 
     def __post_init__(self) -> None:

@@ -73,3 +73,32 @@ def our_config(hf_qformer: dict, **extra):
         cross_attention_freq=hf_qformer.get("cross_attention_frequency", 2),
         **extra,
     )
+
+
+# Tiny trained runs shared by every test file that needs one (each costs tens of seconds on
+# the CPU): the embedded default's recipe, small batches, a metrics row per step
+# (tests/tiny_runs.py: TRAINED_STAGE1_STEPS, TRAINED_STAGE2_STEPS, SMALL_RUN).
+
+
+@pytest.fixture(scope="session")
+def trained_stage1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage-1 run of the tiny default, ``TRAINED_STAGE1_STEPS`` steps."""
+    from tests.tiny_runs import SMALL_RUN, TRAINED_STAGE1_STEPS, invoke_json
+
+    out = tmp_path_factory.mktemp("trained") / "stage1"
+    steps = ("--max-steps", str(TRAINED_STAGE1_STEPS))
+    invoke_json("pretrain-stage1", "--out", str(out), *steps, *SMALL_RUN)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_stage2(trained_stage1: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage-2 run (frozen tiny OPT) from ``trained_stage1``, ``TRAINED_STAGE2_STEPS`` steps."""
+    from tests.tiny_runs import SMALL_RUN, TRAINED_STAGE2_STEPS, invoke_json
+
+    out = tmp_path_factory.mktemp("trained") / "stage2"
+    steps = ("--max-steps", str(TRAINED_STAGE2_STEPS))
+    invoke_json(
+        "pretrain-stage2", "--out", str(out), "--init", str(trained_stage1), *steps, *SMALL_RUN
+    )
+    return out

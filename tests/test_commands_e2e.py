@@ -20,8 +20,8 @@ import transformers
 from safetensors.torch import load_file
 
 from qformer_cli import checkpoint
-from qformer_cli.cli import VQA_PROMPTS
 from qformer_cli.eval.retrieval import itc_similarity, load_retrieval_set
+from qformer_cli.inference.vqa import VQA_PROMPTS
 from qformer_cli.pretrained import load_stage1_pipeline
 from tests.tiny_runs import ROOT, invoke_json, metrics_rows
 
@@ -39,18 +39,13 @@ def _read(path: Path) -> dict | list:
 
 
 @pytest.fixture(scope="module")
-def stage1_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("e2e") / "stage1"
-    invoke_json("pretrain-stage1", "--out", str(out), "--max-steps", "30", *SMALL)
-    return out
+def stage1_run(trained_stage1: Path) -> Path:
+    return trained_stage1
 
 
 @pytest.fixture(scope="module")
-def stage2_run(stage1_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("e2e") / "stage2"
-    init = ("--init", str(stage1_run))
-    invoke_json("pretrain-stage2", "--out", str(out), *init, "--max-steps", "30")
-    return out
+def stage2_run(trained_stage2: Path) -> Path:
+    return trained_stage2
 
 
 # ------------------------------------------------------------------------------------------

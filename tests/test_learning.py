@@ -16,13 +16,20 @@ import pytest
 from safetensors.torch import load_file
 
 from qformer_cli import checkpoint
-from tests.tiny_runs import first_and_last_means, invoke_json, metrics_rows
+from tests.tiny_runs import (
+    SMALL_RUN,
+    TRAINED_STAGE1_STEPS,
+    TRAINED_STAGE2_STEPS,
+    first_and_last_means,
+    invoke_json,
+    metrics_rows,
+)
 
 pytestmark = pytest.mark.slow
 
-STAGE1_STEPS = 40
-STAGE2_STEPS = 30
-SMALL = ["--batch-size", "16", "--set", "train.log_every=1"]
+STAGE1_STEPS = TRAINED_STAGE1_STEPS
+STAGE2_STEPS = TRAINED_STAGE2_STEPS
+SMALL = list(SMALL_RUN)
 
 
 def _train(command: str, out: Path, steps: int, *extra: str) -> dict:
@@ -30,10 +37,8 @@ def _train(command: str, out: Path, steps: int, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def stage1_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("learning") / "stage1"
-    _train("pretrain-stage1", out, STAGE1_STEPS)
-    return out
+def stage1_run(trained_stage1: Path) -> Path:
+    return trained_stage1
 
 
 def test_stage1_lowers_itc_and_itg(stage1_run: Path) -> None:
@@ -45,10 +50,10 @@ def test_stage1_lowers_itc_and_itg(stage1_run: Path) -> None:
     assert itc_last < itc_first - 0.2, (itc_first, itc_last)
 
 
-def test_stage2_lowers_the_lm_loss(stage1_run: Path, tmp_path: Path) -> None:
-    out = tmp_path / "stage2"
-    _train("pretrain-stage2", out, STAGE2_STEPS, "--init", str(stage1_run))
-    lm_first, lm_last = first_and_last_means(metrics_rows(out), "lm", 5)
+def test_stage2_lowers_the_lm_loss(trained_stage2: Path) -> None:
+    rows = metrics_rows(trained_stage2)
+    assert len(rows) == STAGE2_STEPS
+    lm_first, lm_last = first_and_last_means(rows, "lm", 5)
     assert lm_last < 0.8 * lm_first, (lm_first, lm_last)
 
 

@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from qformer_cli.cli import app
+from qformer_cli.config import GenerationConfig
 from qformer_cli.data import (
     build_transform,
     load_transform_config,
@@ -23,15 +24,11 @@ from qformer_cli.data import (
 from qformer_cli.data.sample import load_image
 from qformer_cli.data.sample_data import sample_split_files
 from qformer_cli.errors import QformerError, UsageError
-from qformer_cli.eval.captioning import generate_for_samples
 from qformer_cli.eval.retrieval import itc_similarity, load_retrieval_set
 from qformer_cli.export.onnx_export import check_parity, export_onnx
-from qformer_cli.export.onnx_runtime import (
-    OnnxPipeline,
-    generate_for_samples_onnx,
-    generate_text_onnx,
-)
-from qformer_cli.generate import GenerationSettings, generate_text, stop_token_ids
+from qformer_cli.export.onnx_runtime import OnnxPipeline, generate_text_onnx
+from qformer_cli.inference.generate import generate_text, stop_token_ids
+from qformer_cli.inference.generators import OnnxGenerator, TorchGenerator, generate_for_samples
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline, load_stage1_pipeline, load_stage2
 
@@ -90,7 +87,7 @@ def test_manifest_describes_graphs_tokenizer_and_generation(exported, pipeline) 
     assert manifest["llm_family"] == "decoder-only"
     assert manifest["num_query_tokens"] == pipeline.bridge.config.num_query_tokens
     assert manifest["stop_token_ids"] == stop_token_ids(pipeline.tokenizer)
-    assert manifest["generation"]["max_new_tokens"] == GenerationSettings().max_new_tokens
+    assert manifest["generation"]["max_new_tokens"] == GenerationConfig().max_new_tokens
     layers = manifest["num_layers"]
 
     vision = manifest["graphs"]["vision_qformer"]
@@ -134,15 +131,15 @@ def test_onnx_greedy_generation_matches_torch(exported, pipeline) -> None:
     # Prompts of different lengths exercise the left padding.
     prompts = ["a photo of", "", "Question: what is on the left? Answer:"]
     for settings in (
-        GenerationSettings(num_beams=1, max_new_tokens=8, min_new_tokens=0),
-        GenerationSettings(num_beams=1, max_new_tokens=6, min_new_tokens=4),
+        GenerationConfig(num_beams=1, max_new_tokens=8, min_new_tokens=0),
+        GenerationConfig(num_beams=1, max_new_tokens=6, min_new_tokens=4),
     ):
         with torch.no_grad():
             features = pipeline.vision(pixels)
         expected = generate_text(
             pipeline.bridge, pipeline.llm, pipeline.tokenizer, features, prompts, settings
         )
-        got = generate_text_onnx(runtime, pixels.numpy(), prompts, settings)
+        got = generate_text_onnx(runtime, runtime.soft_prompt(pixels.numpy()), prompts, settings)
         assert got == expected
 
 
@@ -150,8 +147,8 @@ def test_beam_search_is_refused(exported) -> None:
     out, _ = exported
     runtime = OnnxPipeline.load(out)
     with pytest.raises(UsageError):
-        pixels = np.zeros((1, 3, 64, 64), np.float32)
-        generate_text_onnx(runtime, pixels, [""], GenerationSettings())
+        soft_prompt = runtime.soft_prompt(np.zeros((1, 3, 64, 64), np.float32))
+        generate_text_onnx(runtime, soft_prompt, [""], GenerationConfig())
 
 
 def test_parity_check_catches_a_changed_weight(exported, pipeline) -> None:
@@ -174,8 +171,9 @@ def test_fp16_export_passes_parity_and_generates(pipeline, tmp_path: Path) -> No
         assert all(0 <= d <= 1e-2 for diffs in per_batch.values() for d in diffs.values())
     runtime = OnnxPipeline.load(tmp_path)
     assert runtime.embed_tokens.dtype == np.float16
-    settings = GenerationSettings(num_beams=1, max_new_tokens=4, min_new_tokens=0)
-    texts = generate_text_onnx(runtime, np.zeros((2, 3, 64, 64), np.float32), ["", "a"], settings)
+    settings = GenerationConfig(num_beams=1, max_new_tokens=4, min_new_tokens=0)
+    soft_prompt = runtime.soft_prompt(np.zeros((2, 3, 64, 64), np.float32))
+    texts = generate_text_onnx(runtime, soft_prompt, ["", "a"], settings)
     assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
 
 
@@ -190,14 +188,14 @@ def test_sample_generation_matches_the_torch_backend(exported, pipeline) -> None
     out, _ = exported
     files = sample_split_files("val")
     samples = read_coco_captions(files.coco_captions, files.image_dir)[:5]
-    settings = GenerationSettings(num_beams=1, max_new_tokens=8, min_new_tokens=0)
+    settings = GenerationConfig(num_beams=1, max_new_tokens=8, min_new_tokens=0)
     expected, _ = generate_for_samples(
-        pipeline, samples, settings, lambda _: pipeline.prompt, batch_size=2, device=CPU
+        TorchGenerator(pipeline), samples, settings, lambda _: pipeline.prompt, batch_size=2
     )
     runtime = OnnxPipeline.load(out)
     assert runtime.prompt == pipeline.prompt
-    got, _ = generate_for_samples_onnx(
-        runtime, samples, settings, lambda _: runtime.prompt, batch_size=2
+    got, _ = generate_for_samples(
+        OnnxGenerator(runtime), samples, settings, lambda _: runtime.prompt, batch_size=2
     )
     assert [text for _, text in got] == [text for _, text in expected]
     assert [s.image_id for s, _ in got] == [s.image_id for s in samples]
@@ -300,14 +298,17 @@ def test_t5_onnx_greedy_generation_matches_torch(t5_exported, t5_pipeline) -> No
     with torch.no_grad():
         features = t5_pipeline.vision(pixels)
     for settings in (
-        GenerationSettings(num_beams=1, max_new_tokens=12, min_new_tokens=0),
-        GenerationSettings(num_beams=1, max_new_tokens=6, min_new_tokens=4),
+        GenerationConfig(num_beams=1, max_new_tokens=12, min_new_tokens=0),
+        GenerationConfig(num_beams=1, max_new_tokens=6, min_new_tokens=4),
     ):
         expected = generate_text(
             t5_pipeline.bridge, t5_pipeline.llm, t5_pipeline.tokenizer, features, prompts, settings
         )
         assert any(expected)  # the comparison below is not between empty strings
-        assert generate_text_onnx(runtime, pixels.numpy(), prompts, settings) == expected
+        assert (
+            generate_text_onnx(runtime, runtime.soft_prompt(pixels.numpy()), prompts, settings)
+            == expected
+        )
 
 
 def _vqa_subset(tmp_path: Path, count: int) -> tuple[Path, Path]:

@@ -35,7 +35,7 @@ from qformer_cli.data import (
     sample_backbone_dir,
     sample_split_files,
 )
-from qformer_cli.generate import stop_token_ids
+from qformer_cli.inference.generate import stop_token_ids
 from tests.conftest import TINY_VISION
 
 runner = CliRunner()

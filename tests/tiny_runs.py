@@ -18,6 +18,11 @@ from qformer_cli.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
+
+# The shared trained runs (conftest: trained_stage1, trained_stage2)
+TRAINED_STAGE1_STEPS = 40
+TRAINED_STAGE2_STEPS = 30
+SMALL_RUN = ("--batch-size", "16", "--set", "train.log_every=1")
 # A small, fast run: 2 layers, batch 8, no dropout (so that runs are comparable step by step).
 FAST = [
     "--batch-size", "8",

@@ -51,7 +51,7 @@ import inspect
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -59,10 +59,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from qformer_cli.config import GenerationConfig
 from qformer_cli.data.transforms import blip_image_processor_settings, load_transform_config
 from qformer_cli.errors import QformerError, UsageError
 from qformer_cli.eval.retrieval import RETRIEVAL_MAX_TEXT_LEN
-from qformer_cli.generate import GenerationSettings, generation_stop_ids
+from qformer_cli.inference.generate import generation_stop_ids
 from qformer_cli.models.backbones import VisionEncoder
 from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline
 
@@ -732,7 +733,7 @@ def _export_stage2(
         "stop_token_ids": generation_stop_ids(pipeline.llm, pipeline.tokenizer),
         "pad_token_id": pipeline.tokenizer.pad_token_id,
         "prompt": pipeline.prompt,
-        "generation": asdict(GenerationSettings()),
+        "generation": GenerationConfig().decoding(),
         "source": str(pipeline.directory),
     }
 

@@ -1,6 +1,6 @@
 """Run a stage-2 ``export_onnx`` directory with onnxruntime and numpy: soft prompt, LLM steps.
 
-Greedy decoding here follows ``qformer_cli.generate.generate_text`` with ``num_beams=1``: the
+Greedy decoding here follows ``inference.generate.generate_text`` with ``num_beams=1``: the
 soft prompt goes before the left-padded prompt tokens; a decoder-only LLM continues that
 sequence (prefill, then one decode step per token), an encoder-decoder LLM encodes it and
 decodes from ``decoder_start_token_id`` (the first decoder step also returns the cross-attention
@@ -12,15 +12,14 @@ done or ``max_new_tokens`` is reached.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qformer_cli.config import GenerationConfig
 from qformer_cli.errors import CheckpointError, UsageError
-from qformer_cli.generate import GenerationSettings
 
 
 def _gpu_usable() -> bool:
@@ -206,11 +205,11 @@ def decode_step(pipeline: OnnxPipeline, state: DecoderState, tokens: np.ndarray)
 
 
 def prompt_inputs(
-    pipeline: OnnxPipeline, pixel_values: np.ndarray, prompts: list[str]
+    pipeline: OnnxPipeline, soft_prompt: np.ndarray, prompts: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """``[soft prompt; left-padded prompt tokens]`` (B, Q + T, D) and its mask (B, Q + T), as
-    ``models.blip2.soft_prompt_inputs`` builds them."""
-    soft_prompt = pipeline.soft_prompt(pixel_values).astype(pipeline.float_dtype)  # (B, Q, D)
+    ``models.blip2.soft_prompt_inputs`` builds them, from the soft prompt (B, Q, D)."""
+    soft_prompt = soft_prompt.astype(pipeline.float_dtype)
     batch, queries = soft_prompt.shape[:2]
     if len(prompts) != batch:
         raise UsageError(f"{len(prompts)} prompts for {batch} images")
@@ -224,16 +223,17 @@ def prompt_inputs(
 
 def generate_text_onnx(
     pipeline: OnnxPipeline,
-    pixel_values: np.ndarray,
+    soft_prompt: np.ndarray,
     prompts: list[str],
-    settings: GenerationSettings,
+    settings: GenerationConfig,
 ) -> list[str]:
-    """One generated text per image (B, 3, H, W) for the prompts (B strings); greedy only."""
+    """One generated text per soft prompt (B, Q, D) (``pipeline.soft_prompt`` of the images)
+    for the prompts (B strings); greedy only."""
     if settings.num_beams != 1 or settings.do_sample:
         raise UsageError("the ONNX backend decodes greedily: use num_beams=1 without sampling")
     if settings.repetition_penalty != 1.0:
         raise UsageError("the ONNX backend does not apply a repetition penalty")
-    embeds, mask = prompt_inputs(pipeline, pixel_values, prompts)
+    embeds, mask = prompt_inputs(pipeline, soft_prompt, prompts)
     stop_ids = np.asarray(pipeline.manifest["stop_token_ids"], dtype=np.int64)
     pad_id = pipeline.manifest.get("pad_token_id")
     pad_id = int(pad_id if pad_id is not None else stop_ids[0])
@@ -255,33 +255,3 @@ def generate_text_onnx(
         scores = decode_step(pipeline, state, tokens)
     texts = pipeline.tokenizer.batch_decode(generated, skip_special_tokens=True)
     return [text.strip() for text in texts]
-
-
-def generate_for_samples_onnx(
-    pipeline: OnnxPipeline,
-    samples: list[Any],
-    settings: GenerationSettings,
-    prompt_for: Callable[[Any], str],
-    *,
-    batch_size: int,
-    skip_bad_samples: bool = False,
-) -> tuple[list[tuple[Any, str]], Any]:
-    """``eval.captioning.generate_for_samples`` for the ONNX backend: one text per sample,
-    batched, in input order; images preprocessed with the exported image processor settings."""
-    from qformer_cli.data import (
-        BadSampleLog,
-        SampleDataset,
-        build_transform,
-        load_transform_config,
-        make_dataloader,
-    )
-
-    bad = BadSampleLog(skip=skip_bad_samples)
-    transform = build_transform(load_transform_config(pipeline.image_processor_source), train=False)
-    dataset = SampleDataset(samples, transform, bad_samples=bad)
-    results: list[tuple[Any, str]] = []
-    for batch in make_dataloader(dataset, batch_size=batch_size):
-        prompts = [prompt_for(sample) for sample in batch.samples]
-        texts = generate_text_onnx(pipeline, batch.images.numpy(), prompts, settings)
-        results.extend(zip(batch.samples, texts, strict=True))
-    return results, bad

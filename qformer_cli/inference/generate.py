@@ -8,24 +8,11 @@ left-padded (pads between the soft prompt and the text, masked out).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from qformer_cli.config import GenerationConfig
 from qformer_cli.models.backbones import LanguageModel
 from qformer_cli.models.blip2 import Stage2Model, soft_prompt_inputs
-
-
-@dataclass
-class GenerationSettings:
-    num_beams: int = 5
-    max_new_tokens: int = 30
-    min_new_tokens: int = 8
-    length_penalty: float = 1.0
-    repetition_penalty: float = 1.0
-    do_sample: bool = False
-    top_p: float = 0.9
-    temperature: float = 1.0
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -56,7 +43,7 @@ def generate_text(
     tokenizer,
     image_embeds: torch.Tensor,
     prompts: list[str],
-    settings: GenerationSettings,
+    settings: GenerationConfig,
 ) -> list[str]:
     """One generated text per image (B, N, C) for the given text prompts (B strings)."""
     soft_prompt = bridge.soft_prompt(image_embeds)  # (B, Q, D)

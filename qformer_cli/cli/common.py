@@ -1,0 +1,218 @@
+"""What every ``qformer`` command shares: the Typer app, the common options, error handling
+and printing.
+
+Conventions shared by every subcommand: ``--config FILE`` and repeatable ``--set key=value``;
+``--json`` prints the final result as one JSON object on stdout (tables and progress go to
+stderr then); ``--debug`` shows tracebacks. Exit codes: 0 success, 1 runtime or data error,
+2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qformer_cli import __version__
+from qformer_cli.errors import QformerError
+
+if TYPE_CHECKING:  # the config module is imported by the commands that need it
+    from qformer_cli.config import RunConfig
+
+app = typer.Typer(
+    name="qformer",
+    help="Train, evaluate and export BLIP-2 Q-Formers.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOption = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="YAML config file, or a shipped config's name (tiny, blip2_vitg_opt2.7b, ...; "
+        "see configs/). Default: tiny, the embedded default.",
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set train.lr=2e-4 (repeatable)."),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+OutOption = Annotated[
+    Path | None,
+    typer.Option("--out", help="Output directory (default: runs/<command>-<timestamp>)."),
+]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto | cpu | cuda (auto: a CUDA GPU when usable).")
+]
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option("--precision", help="fp32 | bf16 | fp16 (autocast; master weights stay fp32)."),
+]
+MaxStepsOption = Annotated[int | None, typer.Option("--max-steps", help="Stop after N steps.")]
+BatchSizeOption = Annotated[
+    int | None, typer.Option("--batch-size", help="Global batch size (all processes).")
+]
+VisionModelOption = Annotated[
+    str | None, typer.Option("--vision-model", help="Frozen vision encoder: hub id or path.")
+]
+TrainDataOption = Annotated[
+    str | None, typer.Option("--data", help="Training captions: Karpathy or COCO JSON.")
+]
+SkipBadOption = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad-samples", help="Skip unreadable samples and report them (else: error)."
+    ),
+]
+FeaturesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--features",
+        help="Train on a feature cache from `qformer extract-features` instead of the images "
+        "(no augmentation; the vision encoder is not loaded).",
+    ),
+]
+CompileOption = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the training step (compiles for minutes once; H100: 1.6x faster "
+        "stage-1 steps, see BENCHMARKS.md).",
+    ),
+]
+MaxNonfiniteOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-nonfinite-steps",
+        help="Stop (exit 1) after this many non-finite steps in a row (0: never; default 5).",
+    ),
+]
+ResumeOption = Annotated[
+    str | None,
+    typer.Option("--resume", help="auto (newest good checkpoint of --out / the latest run) | DIR."),
+]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="--out holds an earlier run: remove its checkpoints and metrics and start afresh "
+        "(without it, such an --out is refused).",
+    ),
+]
+
+
+def _fail(message: str, code: int) -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+def _removing_empty_out_dirs_on_exit(command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``command``; if it raises (a refusal, a failure, an exit), the output directories it
+    created and left empty are removed, so a refused command leaves no ``runs/<command>-<time>``."""
+    try:
+        return command(*args, **kwargs)
+    except BaseException:
+        # Only runtime.make_out_dir creates output directories; not imported means none were
+        # created (and an error path need not import torch to find that out).
+        runtime = sys.modules.get("qformer_cli.runtime")
+        if runtime is not None:
+            runtime.remove_empty_out_dirs()
+        raise
+
+
+def handles_errors(command: F) -> F:
+    """Turn expected errors into one line on stderr and the right exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug", False)
+        try:
+            return _removing_empty_out_dirs_on_exit(command, *args, **kwargs)
+        except typer.Exit:
+            raise
+        except QformerError as exc:
+            if debug:
+                raise
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as exc:
+            if debug:
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            _fail(f"{type(exc).__name__}: {first_line} (rerun with --debug for details)", 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def output_console(as_json: bool) -> Console:
+    """Tables go to stdout, or to stderr when stdout carries the JSON result."""
+    return Console(stderr=as_json)
+
+
+def print_json(result: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(result, default=str) + "\n")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"qformer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show version."),
+    ] = False,
+) -> None:
+    """Train, evaluate and export BLIP-2 Q-Formers."""
+
+
+def flag_overrides(**flags: Any) -> list[str]:
+    """Dedicated flags as ``--set`` overrides (applied after the config file and --set)."""
+    return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+
+
+def finish(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+
+
+def load_run_config(
+    config: str | None, overrides: list[str] | None, flags: dict[str, Any]
+) -> RunConfig:
+    """``--config``, then ``--set``, then the command's dedicated flags."""
+    from qformer_cli.config import load_config
+
+    return load_config(config, [*(overrides or []), *flag_overrides(**flags)])
+
+
+def print_metrics(console: Console, metrics: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for name, value in metrics.items():
+        if isinstance(value, float | int):
+            table.add_row(name, f"{value:.4f}")
+    for name, reason in metrics.get("skipped", {}).items():
+        table.add_row(name, f"skipped: {reason}")
+    console.print(table)

@@ -1,0 +1,114 @@
+"""The commands that write a model in another form: ``export-onnx`` and ``convert``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from qformer_cli.cli.common import (
+    DebugOption,
+    JsonOption,
+    handles_errors,
+    output_console,
+    print_json,
+)
+
+# --------------------------------------------------------------------------------------------
+# qformer export-onnx
+
+
+@handles_errors
+def export_onnx_command(
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", help="Stage-2 (caption/VQA) or stage-1 (ITC retrieval) run or checkpoint."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the graphs and manifest.")],
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16")] = "fp32",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="onnxruntime vs PyTorch parity check.")
+    ] = True,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Export to ONNX. Stage 2: vision+Q-Former and the LLM with KV cache (decoder-only: prefill
+    and decode; encoder-decoder: encoder, first decoder step, decode step), for caption and
+    eval-vqa --backend onnx. Stage 1: ITC image and text embeddings for retrieval. Exits 1 when
+    onnxruntime and PyTorch disagree beyond 1e-4 (fp32) / 1e-2 (fp16)."""
+    import torch
+
+    from qformer_cli.export.onnx_export import export_onnx
+    from qformer_cli.pretrained import checkpoint_stage, load_stage1_pipeline, load_stage2
+    from qformer_cli.runtime import make_out_dir
+
+    cpu = torch.device("cpu")
+    if checkpoint_stage(model) == 1:
+        source: Any = load_stage1_pipeline(model, cpu)
+    else:
+        source = load_stage2(model, cpu)
+    manifest = export_onnx(
+        source, make_out_dir(out, "export-onnx"), precision=precision, opset=opset, check=check
+    )
+    result = {"out": str(out), "graphs": sorted(manifest.get("graphs", {})), **manifest}
+    if as_json:
+        print_json(result)
+        return
+    console = output_console(as_json)
+    parity = manifest.get("parity")
+    if parity:
+        table = Table(title=f"Parity, onnxruntime ({parity['provider']}) vs PyTorch")
+        table.add_column("graph")
+        table.add_column("max abs diff", justify="right")
+        for graph, by_batch in parity["max_abs_diff"].items():
+            worst = max(max(outputs.values()) for outputs in by_batch.values())
+            table.add_row(graph, f"{worst:.2e}")
+        console.print(table)
+    console.print(f"wrote {out}", markup=False, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------
+# qformer convert
+
+
+@handles_errors
+def convert(
+    out: Annotated[
+        Path, typer.Argument(help="Output directory (transformers) or .pth file (lavis).")
+    ],
+    model: Annotated[Path, typer.Option("--model", help="A run or checkpoint directory.")],
+    to: Annotated[str, typer.Option("--to", help="transformers | lavis")] = "transformers",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Write a checkpoint in another layout: a transformers BLIP-2 directory (stage 2) or a
+    LAVIS {"model": state_dict} .pth (stage 1 or 2)."""
+    import torch
+
+    from qformer_cli.errors import UsageError
+
+    if to == "transformers":
+        from qformer_cli.export.transformers_blip2 import export_to_transformers
+        from qformer_cli.pretrained import load_stage2
+
+        pipeline = load_stage2(model, torch.device("cpu"))
+        export_to_transformers(pipeline, out)
+        source = pipeline.directory
+    elif to == "lavis":
+        from qformer_cli.models.convert import save_lavis
+        from qformer_cli.pretrained import load_trainable
+
+        trainable, source = load_trainable(model)
+        save_lavis(trainable, out)
+    else:
+        raise UsageError(f"--to {to!r}: choose transformers or lavis")
+    result = {"model": str(source), "out": str(out), "format": to}
+    if as_json:
+        print_json(result)
+    else:
+        output_console(as_json).print(f"wrote {out} ({to})", markup=False, highlight=False)

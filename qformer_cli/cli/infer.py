@@ -1,0 +1,410 @@
+"""The inference commands: ``caption``, ``eval-caption``, ``eval-vqa``, ``eval-retrieval``.
+
+Each parses its flags into the run config, loads the model once and calls one function of
+:mod:`qformer_cli.inference`; what is printed is decided here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qformer_cli.cli.common import (
+    ConfigOption,
+    DebugOption,
+    DeviceOption,
+    JsonOption,
+    OutOption,
+    SetOption,
+    handles_errors,
+    load_run_config,
+    output_console,
+    print_json,
+    print_metrics,
+)
+
+ModelOption = Annotated[
+    Path,
+    typer.Option(
+        "--model", help="Stage-2 run or checkpoint directory, or a transformers BLIP-2 directory."
+    ),
+]
+ImagesOption = Annotated[
+    Path | None, typer.Option("--images", help="An image file or folder (or the GT's images).")
+]
+AnnotationsOption = Annotated[
+    Path | None, typer.Option("--annotations", help="COCO-format caption ground truth.")
+]
+SplitOption = Annotated[
+    str, typer.Option("--split", help="sample_data split when no --images/--annotations.")
+]
+BackendOption = Annotated[
+    str,
+    typer.Option("--backend", help="torch | onnx (--model is then an export-onnx directory)."),
+]
+BatchOption = Annotated[int, typer.Option("--batch-size")]
+NumBeamsOption = Annotated[
+    int | None, typer.Option("--num-beams", help="Default: the config's (1 with --backend onnx).")
+]
+MaxNewOption = Annotated[int | None, typer.Option("--max-new-tokens")]
+MinNewOption = Annotated[int | None, typer.Option("--min-new-tokens")]
+LengthPenaltyOption = Annotated[float | None, typer.Option("--length-penalty")]
+
+
+def _generator(model: Path, backend: str, device: str) -> Any:
+    """The model behind ``--backend``: torch on ``--device``, or onnxruntime (its provider
+    reported on stderr)."""
+    from qformer_cli.inference.generators import describe, load_generator
+    from qformer_cli.runtime import init_distributed
+
+    torch_device = init_distributed(device)[1] if backend == "torch" else None
+    generator = load_generator(model, backend, torch_device)
+    if backend == "onnx":
+        Console(stderr=True).print(describe(generator), markup=False)
+    return generator
+
+
+def _generation_flags(section: str, backend: str, **flags: Any) -> dict[str, Any]:
+    """Dedicated generation flags as ``section.key`` overrides; the onnxruntime backend decodes
+    greedily, so it takes 1 beam unless told otherwise."""
+    if flags.get("num_beams") is None and backend == "onnx":
+        flags["num_beams"] = 1
+    return {f"{section}.{key}": value for key, value in flags.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# qformer caption / eval-caption
+
+
+def _caption(
+    model: Path,
+    run_config: Any,
+    *,
+    images: Path | None,
+    annotations: Path | None,
+    split: str,
+    prompt_given: bool,
+    batch_size: int,
+    shuffle_images: bool,
+    device: str,
+    out_dir: Path,
+    backend: str = "torch",
+) -> dict[str, Any]:
+    from qformer_cli.inference.caption import caption_inputs, caption_prompt, caption_to_files
+
+    generator = _generator(model, backend, device)
+    samples, ground_truth = caption_inputs(images, annotations, split)
+    settings = run_config.generate
+    result = caption_to_files(
+        generator,
+        samples,
+        ground_truth,
+        settings,
+        caption_prompt(generator, settings, prompt_given),
+        out_dir,
+        batch_size=batch_size,
+        shuffle_images=shuffle_images,
+        skip_bad_samples=run_config.data.skip_bad_samples,
+    )
+    return {"model": str(model), **result}
+
+
+def _print_captions(result: dict[str, Any], as_json: bool, limit: int = 10) -> None:
+    if as_json:
+        print_json(result)
+        return
+    console = output_console(as_json)
+    captions = json.loads(Path(result["captions"]).read_text())
+    table = Table(title=f"Captions ({len(captions)} images, first {min(limit, len(captions))})")
+    table.add_column("image_id")
+    table.add_column("caption")
+    for row in captions[:limit]:
+        table.add_row(str(row["image_id"]), row["caption"])
+    console.print(table)
+    if "metrics" in result:
+        print_metrics(console, result["metrics"], "Caption scores (COCO scale)")
+    console.print(f"wrote {result['captions']}", markup=False, highlight=False)
+
+
+@handles_errors
+def caption(
+    model: ModelOption,
+    images: ImagesOption = None,
+    annotations: AnnotationsOption = None,
+    split: SplitOption = "val",
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="Text prompt (default: the model's own).")
+    ] = None,
+    num_beams: NumBeamsOption = None,
+    max_new_tokens: MaxNewOption = None,
+    min_new_tokens: MinNewOption = None,
+    length_penalty: LengthPenaltyOption = None,
+    repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty")] = None,
+    batch_size: BatchOption = 32,
+    shuffle_images: Annotated[
+        bool,
+        typer.Option("--shuffle-images", help="Grounding check: images shuffled across inputs."),
+    ] = False,
+    backend: BackendOption = "torch",
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Caption images with a stage-2 model; scores them when the ground truth is known."""
+    from qformer_cli.runtime import make_out_dir
+
+    flags = _generation_flags(
+        "generate",
+        backend,
+        prompt=prompt,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        length_penalty=length_penalty,
+        repetition_penalty=repetition_penalty,
+    )
+    run_config = load_run_config(config, overrides, flags)
+    result = _caption(
+        model,
+        run_config,
+        images=images,
+        annotations=annotations,
+        split=split,
+        prompt_given=prompt is not None,
+        batch_size=batch_size,
+        shuffle_images=shuffle_images,
+        device=device,
+        out_dir=make_out_dir(out, "caption"),
+        backend=backend,
+    )
+    _print_captions(result, as_json)
+
+
+@handles_errors
+def eval_caption(
+    predictions: Annotated[
+        Path | None,
+        typer.Option("--predictions", help='Results file [{"image_id", "caption"}]: no model.'),
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Stage-2 model to caption with first.")
+    ] = None,
+    annotations: AnnotationsOption = None,
+    images: ImagesOption = None,
+    split: SplitOption = "val",
+    batch_size: BatchOption = 32,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """COCO caption scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE when available)."""
+    from qformer_cli.data import sample_split_files
+    from qformer_cli.errors import UsageError
+    from qformer_cli.eval.caption_metrics import evaluate_caption_files
+    from qformer_cli.runtime import make_out_dir
+
+    if (predictions is None) == (model is None):
+        raise UsageError("give exactly one of --predictions FILE or --model DIR")
+    out_dir = make_out_dir(out, "eval-caption")
+    if model is not None:
+        result = _caption(
+            model,
+            load_run_config(config, overrides, {}),
+            images=images,
+            annotations=annotations,
+            split=split,
+            prompt_given=False,
+            batch_size=batch_size,
+            shuffle_images=False,
+            device=device,
+            out_dir=out_dir,
+        )
+        metrics = result["metrics"]
+    else:
+        ground_truth = annotations or sample_split_files(split).coco_captions
+        metrics = evaluate_caption_files(ground_truth, predictions).to_dict()
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if as_json:
+        print_json(metrics)
+        return
+    print_metrics(output_console(as_json), metrics, "Caption scores (COCO scale)")
+
+
+# --------------------------------------------------------------------------------------------
+# qformer eval-vqa
+
+
+@handles_errors
+def eval_vqa(
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Stage-2 run/checkpoint or transformers BLIP-2 directory."),
+    ] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option("--predictions", help='Score an existing [{"question_id", "answer"}] file.'),
+    ] = None,
+    split: SplitOption = "val",
+    questions: Annotated[
+        Path | None, typer.Option("--questions", help="VQAv2-format questions JSON.")
+    ] = None,
+    annotations: Annotated[
+        Path | None, typer.Option("--annotations", help="VQAv2-format annotations JSON.")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Folder holding the questions' images.")
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt",
+            help="Template with {} for the question, or 'answer' / 'short-answer' (LAVIS); "
+            "default: the config's vqa.prompt (answer).",
+        ),
+    ] = None,
+    metric: Annotated[
+        str, typer.Option("--metric", help="official (GT-Vision-Lab) | lavis (BLIP-2's numbers).")
+    ] = "official",
+    blind: Annotated[
+        bool, typer.Option("--blind", help="Shuffle images across questions (grounding check).")
+    ] = False,
+    num_beams: NumBeamsOption = None,
+    max_new_tokens: MaxNewOption = None,
+    min_new_tokens: MinNewOption = None,
+    length_penalty: LengthPenaltyOption = None,
+    batch_size: BatchOption = 32,
+    skip_bad_samples: Annotated[bool, typer.Option("--skip-bad-samples")] = False,
+    backend: BackendOption = "torch",
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Zero-shot VQA scored with the VQAv2 accuracy (leave-one-out over 10 answers); decoding
+    settings from the config's vqa section (5 beams, up to 10 tokens, length penalty -1)."""
+    from qformer_cli.data import sample_split_files
+    from qformer_cli.errors import UsageError
+    from qformer_cli.eval.vqa_metric import evaluate_vqa_files
+    from qformer_cli.inference.vqa import answer_to_file, vqa_template
+    from qformer_cli.runtime import make_out_dir
+
+    if (predictions is None) == (model is None):
+        raise UsageError("give exactly one of --predictions FILE or --model DIR")
+    flags = _generation_flags(
+        "vqa",
+        backend,
+        prompt=prompt,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        length_penalty=length_penalty,
+    )
+    settings = load_run_config(config, overrides, flags).vqa
+    files = sample_split_files(split)
+    questions = questions or files.vqa_questions
+    annotations = annotations or files.vqa_annotations
+    out_dir = make_out_dir(out, "eval-vqa")
+    result: dict[str, Any] = {}
+    if model is not None:
+        template = vqa_template(settings.prompt)
+        predictions = out_dir / "vqa_results.json"
+        generator = _generator(model, backend, device)
+        result = answer_to_file(
+            generator,
+            questions,
+            annotations,
+            images or files.image_dir,
+            settings,
+            template,
+            predictions,
+            batch_size=batch_size,
+            blind=blind,
+            skip_bad_samples=skip_bad_samples,
+        )
+        result = {"model": str(model), **result}
+    accuracy = evaluate_vqa_files(annotations, predictions, questions, metric=metric).to_dict()
+    (out_dir / "metrics.json").write_text(json.dumps(accuracy, indent=1))
+    result.update(accuracy, results=str(predictions), blind=blind)
+    if as_json:
+        print_json(result)
+        return
+    _print_vqa(output_console(as_json), accuracy)
+
+
+def _print_vqa(console: Console, accuracy: dict[str, Any]) -> None:
+    table = Table(
+        title=f"VQA accuracy ({accuracy['metric']} metric, {accuracy['num_questions']} questions)"
+    )
+    table.add_column("answer type")
+    table.add_column("accuracy", justify="right")
+    table.add_row("overall", f"{accuracy['overall']:.2f}")
+    for name, value in accuracy["per_answer_type"].items():
+        table.add_row(name, f"{value:.2f}")
+    console.print(table)
+
+
+# --------------------------------------------------------------------------------------------
+# qformer eval-retrieval
+
+
+@handles_errors
+def eval_retrieval(
+    model: Annotated[Path, typer.Option("--model", help="Stage-1 run or checkpoint directory.")],
+    split: Annotated[
+        str, typer.Option("--split", help="sample_data split when no --annotations.")
+    ] = "val",
+    annotations: Annotated[
+        Path | None,
+        typer.Option("--annotations", help="Karpathy val/test JSON or COCO captions JSON."),
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Image root (default: beside the JSON).")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="Candidates re-ranked with ITM.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Image-text retrieval with a stage-1 checkpoint: ITC for all pairs, ITM re-rank of top k."""
+    from qformer_cli.data import sample_split_files
+    from qformer_cli.inference.retrieve import retrieval_to_file
+    from qformer_cli.pretrained import load_stage1_pipeline
+    from qformer_cli.runtime import init_distributed, make_out_dir
+
+    _, torch_device = init_distributed(device)
+    pipeline = load_stage1_pipeline(model, torch_device)
+    annotations = annotations or sample_split_files(split).karpathy
+    out_dir = make_out_dir(out, "eval-retrieval")
+    result = retrieval_to_file(
+        pipeline, annotations, images, out_dir, k=k, batch_size=batch_size, device=torch_device
+    )
+    if as_json:
+        print_json(result)
+        return
+    table = Table(title=f"Retrieval on {annotations} ({result['num_images']} images)")
+    table.add_column("direction")
+    for name in ("R@1", "R@5", "R@10"):
+        table.add_column(name, justify="right")
+    for direction in (
+        "image_to_text",
+        "text_to_image",
+        "image_to_text_itc_only",
+        "text_to_image_itc_only",
+    ):
+        table.add_row(direction, *(f"{v:.2f}" for v in result[direction].values()))
+    output_console(as_json).print(table)

@@ -1,0 +1,271 @@
+"""The training commands: ``pretrain-stage1``, ``pretrain-stage2``, ``extract-features``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+from qformer_cli.cli.common import (
+    BatchSizeOption,
+    CompileOption,
+    ConfigOption,
+    DebugOption,
+    DeviceOption,
+    FeaturesOption,
+    JsonOption,
+    MaxNonfiniteOption,
+    MaxStepsOption,
+    OutOption,
+    OverwriteOption,
+    PrecisionOption,
+    ResumeOption,
+    SeedOption,
+    SetOption,
+    SkipBadOption,
+    TrainDataOption,
+    VisionModelOption,
+    finish,
+    handles_errors,
+    load_run_config,
+    print_json,
+)
+
+if TYPE_CHECKING:
+    from qformer_cli.config import RunConfig
+
+# --------------------------------------------------------------------------------------------
+# qformer pretrain-stage1
+
+
+@handles_errors
+def pretrain_stage1(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    resume: ResumeOption = None,
+    overwrite: OverwriteOption = False,
+    vision_model: VisionModelOption = None,
+    data: TrainDataOption = None,
+    max_steps: MaxStepsOption = None,
+    batch_size: BatchSizeOption = None,
+    precision: PrecisionOption = None,
+    seed: SeedOption = None,
+    max_nonfinite_steps: MaxNonfiniteOption = None,
+    skip_bad_samples: SkipBadOption = False,
+    features: FeaturesOption = None,
+    compile_step: CompileOption = False,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Stage 1: train the Q-Former with ITC + ITM + ITG against a frozen vision encoder."""
+    from qformer_cli.train.stage1 import build_stage1_recipe
+
+    flags = {
+        "model.vision.model": vision_model,
+        "data.train": data,
+        "data.features": str(features) if features else None,
+        "train.compile": compile_step or None,
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "train.precision": precision,
+        "train.seed": seed,
+        "train.max_nonfinite_steps": max_nonfinite_steps,
+        "data.skip_bad_samples": skip_bad_samples or None,
+    }
+    _pretrain(
+        "pretrain-stage1",
+        1,
+        build_stage1_recipe,
+        config,
+        overrides,
+        flags,
+        out,
+        resume,
+        device,
+        as_json,
+        overwrite,
+    )
+
+
+@handles_errors
+def pretrain_stage2(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    resume: ResumeOption = None,
+    overwrite: OverwriteOption = False,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Start from a stage-1 run/checkpoint (or a transformers/LAVIS BLIP-2 file); "
+            "default: BERT init.",
+        ),
+    ] = None,
+    llm: Annotated[
+        str | None, typer.Option("--llm", help="Frozen LLM: hub id or path (causal or seq2seq).")
+    ] = None,
+    vision_model: VisionModelOption = None,
+    data: TrainDataOption = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help='Text prompt before each caption ("a photo of").')
+    ] = None,
+    max_steps: MaxStepsOption = None,
+    batch_size: BatchSizeOption = None,
+    precision: PrecisionOption = None,
+    seed: SeedOption = None,
+    max_nonfinite_steps: MaxNonfiniteOption = None,
+    skip_bad_samples: SkipBadOption = False,
+    compile_step: CompileOption = False,
+    fsdp: Annotated[
+        bool,
+        typer.Option("--fsdp", help="Shard the frozen LLM across the torchrun processes (FSDP2)."),
+    ] = False,
+    activation_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--activation-checkpointing",
+            help="Recompute the LLM's block activations in backward (less memory, more time).",
+        ),
+    ] = False,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Stage 2: teach a frozen LLM to read the Q-Former's queries as a soft visual prompt."""
+    import functools
+
+    from qformer_cli.train.stage2 import build_stage2_recipe, inherit_init_vision
+
+    flags = {
+        "model.llm.model": llm,
+        "model.vision.model": vision_model,
+        "data.train": data,
+        "generate.prompt": prompt,
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "train.precision": precision,
+        "train.seed": seed,
+        "train.max_nonfinite_steps": max_nonfinite_steps,
+        "data.skip_bad_samples": skip_bad_samples or None,
+        "train.compile": compile_step or None,
+        "train.fsdp": fsdp or None,
+        "train.activation_checkpointing": activation_checkpointing or None,
+    }
+    builder = functools.partial(build_stage2_recipe, init=init)
+    given = {text.split("=", 1)[0].strip() for text in overrides or []}
+    given |= {key for key, value in flags.items() if value is not None}
+    _pretrain(
+        "pretrain-stage2",
+        2,
+        builder,
+        config,
+        overrides,
+        flags,
+        out,
+        resume,
+        device,
+        as_json,
+        overwrite,
+        adjust=functools.partial(inherit_init_vision, init=init, given=given),
+    )
+
+
+def _pretrain(
+    command: str,
+    stage: int,
+    builder: Callable[..., Any],
+    config: str | None,
+    overrides: list[str] | None,
+    flags: dict[str, Any],
+    out: Path | None,
+    resume: str | None,
+    device: str,
+    as_json: bool,
+    overwrite: bool,
+    adjust: Callable[[RunConfig], RunConfig] | None = None,
+) -> None:
+    from qformer_cli.train.run import train_stage
+
+    run_config = load_run_config(config, overrides, flags)
+    if adjust is not None:  # settings taken from elsewhere (stage 2: the --init run's encoder)
+        run_config = adjust(run_config)
+    result = train_stage(
+        command,
+        stage,
+        builder,
+        run_config,
+        out=out,
+        resume=resume,
+        device_choice=device,
+        console=Console(stderr=True),
+        overwrite=overwrite,
+    )
+    finish(result, as_json)
+
+
+# --------------------------------------------------------------------------------------------
+# qformer extract-features
+
+
+@handles_errors
+def extract_features(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the feature cache.")],
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="--out holds a feature cache: remove it and extract afresh."
+        ),
+    ] = False,
+    vision_model: VisionModelOption = None,
+    data: TrainDataOption = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Stored precision: bf16 | fp16 | fp32.")
+    ] = "bf16",
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard file.")] = 1024,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 64,
+    skip_bad_samples: SkipBadOption = False,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Run the frozen vision encoder once over the training images and store its outputs, for
+    `pretrain-stage1 --features`."""
+    from qformer_cli.runtime import init_distributed
+    from qformer_cli.train.features import extract_features as run_extraction
+    from qformer_cli.train.run import feature_out_dir
+
+    flags = {
+        "model.vision.model": vision_model,
+        "data.train": data,
+        "data.skip_bad_samples": skip_bad_samples or None,
+    }
+    run_config = load_run_config(config, overrides, flags)
+    ranks, torch_device = init_distributed(device)
+    console = Console(stderr=True)
+    result = run_extraction(
+        run_config,
+        feature_out_dir(out, overwrite=overwrite, is_main=ranks.rank == 0),
+        dtype=dtype,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        device=torch_device,
+        console=console,
+        report=lambda message: console.print(message, markup=False, highlight=False),
+    )
+    if as_json:
+        print_json(result)
+        return
+    console.print(
+        f"{result['num_images']} images -> {result['out_dir']} "
+        f"({result['shards']} shards, {result['dtype']}, {result['images_per_s']} images/s)",
+        markup=False,
+        highlight=False,
+    )

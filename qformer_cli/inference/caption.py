@@ -1,0 +1,114 @@
+"""Captioning: which images, which prompt, the captions, and their COCO scores when the ground
+truth is known. ``caption`` and ``eval-caption --model`` run :func:`caption_to_files`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qformer_cli.config import GenerationConfig
+from qformer_cli.data import (
+    Sample,
+    read_coco_captions,
+    read_image_folder,
+    sample_split_files,
+)
+from qformer_cli.data.sample import image_id_from_name
+from qformer_cli.errors import DataError
+from qformer_cli.inference.generators import Generator, generate_for_samples
+
+
+def caption_inputs(
+    images: Path | None, annotations: Path | None, split: str
+) -> tuple[list[Sample], Path | None]:
+    """The images to caption and, when known, the COCO ground truth to score against.
+
+    ``images`` FILE|DIR alone: those files (ids from their names). ``annotations``: the images
+    it lists (in ``images`` DIR, default beside it). Neither: the sample_data split.
+    """
+    if annotations is not None:
+        return read_coco_captions(annotations, images), annotations
+    if images is not None:
+        if images.is_dir():
+            return read_image_folder(images), None
+        if not images.is_file():
+            raise DataError(f"{images}: no such image file or folder")
+        return [Sample(image=images, image_id=image_id_from_name(images), origin=str(images))], None
+    files = sample_split_files(split)
+    if files.coco_captions is None:
+        raise DataError(f"split '{split}' has no caption ground truth; use --images")
+    return read_coco_captions(files.coco_captions, files.image_dir), files.coco_captions
+
+
+def caption_prompt(generator: Generator, settings: GenerationConfig, given: bool) -> str:
+    """The prompt: ``settings.prompt`` when the user gave one, else the one the model was
+    trained with (a model that records none takes ``settings.prompt``)."""
+    return settings.prompt if given or not generator.prompt else generator.prompt
+
+
+def caption_samples(
+    generator: Generator,
+    samples: list[Sample],
+    settings: GenerationConfig,
+    prompt: str,
+    *,
+    batch_size: int = 32,
+    shuffle_images: bool = False,
+    skip_bad_samples: bool = False,
+) -> tuple[list[dict[str, Any]], Any]:
+    """``[{"image_id", "caption"}]`` in input order (the COCO results format), and the log of
+    samples skipped as bad."""
+    generated, bad = generate_for_samples(
+        generator,
+        samples,
+        settings,
+        lambda _: prompt,
+        batch_size=batch_size,
+        shuffle_images=shuffle_images,
+        skip_bad_samples=skip_bad_samples,
+    )
+    return [{"image_id": s.image_id, "caption": text} for s, text in generated], bad
+
+
+def caption_to_files(
+    generator: Generator,
+    samples: list[Sample],
+    ground_truth: Path | None,
+    settings: GenerationConfig,
+    prompt: str,
+    out_dir: Path,
+    *,
+    batch_size: int,
+    shuffle_images: bool,
+    skip_bad_samples: bool,
+) -> dict[str, Any]:
+    """Caption ``samples`` into ``out_dir/captions.json`` and, with ``ground_truth``, score them
+    into ``out_dir/metrics.json``; the command's result."""
+    from qformer_cli.eval.caption_metrics import evaluate_caption_files
+
+    captions, bad = caption_samples(
+        generator,
+        samples,
+        settings,
+        prompt,
+        batch_size=batch_size,
+        shuffle_images=shuffle_images,
+        skip_bad_samples=skip_bad_samples,
+    )
+    results_path = out_dir / "captions.json"
+    results_path.write_text(json.dumps(captions, indent=1))
+    result: dict[str, Any] = {
+        "backend": generator.backend,
+        "prompt": prompt,
+        "num_images": len(captions),
+        "captions": str(results_path),
+        "shuffled_images": shuffle_images,
+    }
+    if bad.total:
+        result["bad_samples"] = bad.summary()
+    if ground_truth is not None:
+        scores = evaluate_caption_files(ground_truth, results_path).to_dict()
+        (out_dir / "metrics.json").write_text(json.dumps(scores, indent=1))
+        result["metrics"] = scores
+    return result

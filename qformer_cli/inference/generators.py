@@ -1,0 +1,158 @@
+"""Text generation from images behind one interface, with one batched loop over samples.
+
+A :class:`Generator` turns preprocessed images into a per-image representation
+(``encode_images``) and continues prompts from it (``generate``). :class:`TorchGenerator` runs a
+stage-2 pipeline with transformers' ``generate`` (beam search, sampling); :class:`OnnxGenerator`
+runs an ``export-onnx`` directory with onnxruntime (greedy). :func:`generate_for_samples` is the
+loop both use: load and preprocess images in batches, optionally shuffle the encoded images
+across the batch (the grounding check), build each sample's prompt, generate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from qformer_cli.config import GenerationConfig
+from qformer_cli.data import (
+    BadSampleLog,
+    Sample,
+    SampleDataset,
+    build_transform,
+    load_transform_config,
+    make_dataloader,
+)
+from qformer_cli.errors import UsageError
+from qformer_cli.export.onnx_runtime import generate_text_onnx
+from qformer_cli.inference.generate import generate_text
+
+Encoded = torch.Tensor | np.ndarray  # (B, ...) one row per image
+
+
+class Generator(Protocol):
+    backend: str  # "torch" | "onnx"
+    image_processor_source: str  # where the image transform's settings are read
+    prompt: str  # the prompt the model was trained with ("" when unknown)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> Encoded:
+        """Preprocessed images (B, 3, H, W) -> what ``generate`` reads, one row per image."""
+        ...
+
+    def generate(
+        self, encoded: Encoded, prompts: list[str], settings: GenerationConfig
+    ) -> list[str]:
+        """One text per encoded image, continuing its prompt."""
+        ...
+
+
+class TorchGenerator:
+    """A stage-2 pipeline (frozen vision, bridge, frozen LLM): transformers' ``generate``."""
+
+    backend = "torch"
+
+    def __init__(self, pipeline: Any) -> None:  # pretrained.Stage2Pipeline
+        self.pipeline = pipeline
+        self.image_processor_source = pipeline.image_processor_source
+        self.prompt = pipeline.prompt
+        self.device = next(pipeline.bridge.parameters()).device
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> frozen vision features (B, N, C)."""
+        vision = self.pipeline.vision
+        dtype = next(vision.parameters()).dtype
+        with torch.no_grad():
+            return vision(pixel_values.to(device=self.device, dtype=dtype))
+
+    def generate(
+        self, encoded: Encoded, prompts: list[str], settings: GenerationConfig
+    ) -> list[str]:
+        pipeline = self.pipeline
+        features = torch.as_tensor(encoded).float()
+        return generate_text(
+            pipeline.bridge, pipeline.llm, pipeline.tokenizer, features, prompts, settings
+        )
+
+
+class OnnxGenerator:
+    """An ``export-onnx`` directory run by onnxruntime: greedy decoding with the KV cache."""
+
+    backend = "onnx"
+
+    def __init__(self, pipeline: Any) -> None:  # export.onnx_runtime.OnnxPipeline
+        self.pipeline = pipeline
+        self.image_processor_source = pipeline.image_processor_source
+        self.prompt = pipeline.prompt
+
+    def encode_images(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) -> the vision + Q-Former graph's soft prompt (B, Q, D)."""
+        return self.pipeline.soft_prompt(pixel_values.numpy())
+
+    def generate(
+        self, encoded: Encoded, prompts: list[str], settings: GenerationConfig
+    ) -> list[str]:
+        return generate_text_onnx(self.pipeline, np.asarray(encoded), prompts, settings)
+
+
+def load_generator(
+    model: Path, backend: str = "torch", device: torch.device | None = None
+) -> Generator:
+    """``backend`` torch: a stage-2 run/checkpoint or transformers BLIP-2 directory on
+    ``device`` (default CPU); onnx: an ``export-onnx`` directory."""
+    if backend == "onnx":
+        from qformer_cli.export.onnx_runtime import OnnxPipeline
+
+        return OnnxGenerator(OnnxPipeline.load(model))
+    if backend != "torch":
+        raise UsageError(f"--backend {backend!r}: choose torch or onnx")
+    from qformer_cli.pretrained import load_stage2
+
+    return TorchGenerator(load_stage2(model, device or torch.device("cpu")))
+
+
+def describe(generator: Generator) -> str:
+    """Where a generator runs, for messages: the device, or the onnxruntime provider."""
+    if isinstance(generator, OnnxGenerator):
+        return f"onnxruntime provider: {generator.pipeline.provider}"
+    return f"device: {getattr(generator, 'device', 'cpu')}"
+
+
+def shuffled(encoded: Encoded, seed: int) -> Encoded:
+    """The images permuted across the batch (a derangement where possible): the grounding
+    check. The same permutation for either backend's representation."""
+    count = encoded.shape[0]
+    if count < 2:
+        return encoded
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    order = torch.where(order == torch.arange(count), (order + 1) % count, order)
+    return encoded[order] if isinstance(encoded, torch.Tensor) else encoded[order.numpy()]
+
+
+def generate_for_samples(
+    generator: Generator,
+    samples: list[Sample],
+    settings: GenerationConfig,
+    prompt_for: Callable[[Sample], str],
+    *,
+    batch_size: int,
+    shuffle_images: bool = False,
+    skip_bad_samples: bool = False,
+) -> tuple[list[tuple[Sample, str]], BadSampleLog]:
+    """One generated text per sample (its image + its prompt), batched, in input order; with
+    ``shuffle_images`` each batch's images are deranged first (batch ``i`` with seed ``i``)."""
+    bad = BadSampleLog(skip=skip_bad_samples)
+    transform_settings = load_transform_config(generator.image_processor_source)
+    transform = build_transform(transform_settings, train=False)
+    dataset = SampleDataset(samples, transform, bad_samples=bad)
+    results: list[tuple[Sample, str]] = []
+    for index, batch in enumerate(make_dataloader(dataset, batch_size=batch_size)):
+        encoded = generator.encode_images(batch.images)
+        if shuffle_images:
+            encoded = shuffled(encoded, seed=index)
+        prompts = [prompt_for(sample) for sample in batch.samples]
+        texts = generator.generate(encoded, prompts, settings)
+        results.extend(zip(batch.samples, texts, strict=True))
+    return results, bad

@@ -1,0 +1,93 @@
+"""Image-text retrieval with a stage-1 model: ``eval-retrieval``'s run, and ranking any images
+against any texts (ITC similarity, optionally re-ranked by ITM) for the Python API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qformer_cli.eval.retrieval import (
+    RETRIEVAL_MAX_TEXT_LEN,
+    RetrievalSet,
+    evaluate_retrieval,
+    itc_similarity,
+    load_retrieval_set,
+    rerank,
+)
+
+
+def retrieval_to_file(
+    pipeline: Any,  # pretrained.Stage1Pipeline
+    annotations: Path,
+    images: Path | None,
+    out_dir: Path,
+    *,
+    k: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Recall@K both ways on a Karpathy or COCO caption file into ``out_dir/metrics.json``;
+    the command's result."""
+    data = load_retrieval_set(
+        annotations,
+        images,
+        pipeline.vision,
+        pipeline.image_processor_source,
+        pipeline.tokenizer,
+        device,
+        batch_size,
+    )
+    metrics = evaluate_retrieval(pipeline.model, data, k=k, batch_size=batch_size)
+    result = {
+        "checkpoint": str(pipeline.directory),
+        "annotations": str(annotations),
+        "num_images": int(data.image_embeds.shape[0]),
+        "num_texts": int(data.input_ids.shape[0]),
+        "k": k,
+        **metrics,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+@torch.no_grad()
+def image_text_scores(
+    pipeline: Any,  # pretrained.Stage1Pipeline
+    pixel_values: torch.Tensor,
+    texts: list[str],
+    *,
+    k: int = 0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """(N_img, N_txt) scores of preprocessed images (N_img, 3, H, W) against ``texts``: the ITC
+    similarity, or with ``k > 0`` each image's top ``k`` texts re-ranked by ITM logit + ITC
+    (the others -inf), as ``eval-retrieval`` ranks image -> text."""
+    model = pipeline.model.eval()
+    device = next(model.parameters()).device
+    vision_dtype = next(pipeline.vision.parameters()).dtype
+    features = torch.cat(
+        [
+            pipeline.vision(chunk.to(device=device, dtype=vision_dtype)).float()
+            for chunk in pixel_values.split(batch_size)
+        ]
+    )  # (N_img, N, C)
+    encoded = pipeline.tokenizer(
+        texts,
+        padding="longest",
+        truncation=True,
+        max_length=RETRIEVAL_MAX_TEXT_LEN,
+        return_tensors="pt",
+    )
+    data = RetrievalSet(
+        image_embeds=features,
+        input_ids=encoded["input_ids"].to(device),
+        text_mask=encoded["attention_mask"].to(device),
+        text_to_image=torch.full((len(texts),), -1),
+    )
+    similarity = itc_similarity(model, data, batch_size)  # (N_img, N_txt)
+    if k <= 0:
+        return similarity
+    return rerank(model, data, similarity, rows_are_images=True, k=k, batch_size=batch_size)

@@ -141,7 +141,8 @@ def vqa_generation() -> GenerationConfig:
 FROM_PRESET = "preset"
 
 # Stage 1's objective as LAVIS 1.0.2's Blip2Qformer: with these the losses and gradients equal
-# LAVIS's on the same weights and inputs (README "Stage 1 as LAVIS", tests/test_lavis_parity.py).
+# LAVIS's on the same weights and inputs (README "Stage 1 as LAVIS",
+# tests/train/test_lavis_parity.py).
 LAVIS_STAGE1: dict[str, Any] = {
     "itc_gradient": "lavis",
     "itm_negatives": "lavis",

@@ -1,5 +1,5 @@
 """Measurements of the sample backbones, shared by ``train_backbones.py`` (which records them in
-``training_summary.json``) and ``tests/test_sample_backbones.py`` (which asserts on them).
+``training_summary.json``) and ``tests/models/test_sample_backbones.py`` (which asserts on them).
 
 - ``probe_report``: linear probes on frozen vision features (scene attributes, well above chance
   when the features encode them), for the trained encoder and an untrained one of the same shape.

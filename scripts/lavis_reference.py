@@ -9,7 +9,7 @@ where float32 rounding alone moves it by ~1e-4 relative; in float64 a real diffe
 Writes ``tests/fixtures/lavis_stage1.{safetensors,json}``: LAVIS's state dict under LAVIS's
 names, the inputs (image features, token ids, attention masks), the ITM negatives LAVIS drew and
 the weights it drew them from, the losses and every parameter's gradient.
-``tests/test_lavis_parity.py`` replays it on our model (no LAVIS needed there).
+``tests/train/test_lavis_parity.py`` replays it on our model (no LAVIS needed there).
 
 Needs a venv with salesforce-lavis 1.0.2 and its pins (README "Stage 1 as LAVIS"); CI never runs
 this script. Only this process is adapted, no installed file is edited:

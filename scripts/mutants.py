@@ -51,14 +51,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "optimizer_step_removed",
         "qformer_cli/train/loop.py",
         (("            self.scaler.step(self.optimizer)\n", "            pass\n"),),
-        ("tests/test_learning.py::test_stage1_lowers_itc_and_itg",),
+        ("tests/train/test_learning.py::test_stage1_lowers_itc_and_itg",),
         "the trainer never applies its gradients",
     ),
     Mutant(
         "itg_label_smoothing_changed",
         "qformer_cli/losses.py",
         (("        label_smoothing=LABEL_SMOOTHING,\n", "        label_smoothing=0.0,\n"),),
-        ("tests/test_lavis_parity.py::test_blip2_settings_give_lavis_losses_and_gradients",),
+        ("tests/train/test_lavis_parity.py::test_blip2_settings_give_lavis_losses_and_gradients",),
         "ITG cross-entropy without BLIP-2's label smoothing 0.1",
     ),
     Mutant(
@@ -70,7 +70,7 @@ MUTANTS: tuple[Mutant, ...] = (
                 "        text_sees_text = text_sees_text\n",
             ),
         ),
-        ("tests/test_qformer_patterns.py", "tests/test_lavis_parity.py"),
+        ("tests/models/test_qformer_patterns.py", "tests/train/test_lavis_parity.py"),
         "ITG text tokens see the tokens after them",
     ),
     Mutant(
@@ -110,7 +110,7 @@ MUTANTS: tuple[Mutant, ...] = (
                 "            outputs.append(query_hidden)\n",
             ),
         ),
-        ("tests/test_qformer_parity.py",),
+        ("tests/models/test_qformer_parity.py",),
         "the queries skip their feed-forward branch",
     ),
     Mutant(
@@ -118,7 +118,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "qformer_cli/train/loop.py",
         (('        torch.set_rng_state(own["torch_rng"])\n', ""),),
         (
-            "tests/test_faults.py::"
+            "tests/train/test_faults.py::"
             "test_crash_mid_step_keeps_the_last_checkpoint_and_resumes_exactly",
         ),
         "a resumed run continues with a fresh torch RNG (dropout differs from a straight run)",
@@ -134,7 +134,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         (
-            "tests/test_faults.py::"
+            "tests/train/test_faults.py::"
             "test_crash_mid_step_keeps_the_last_checkpoint_and_resumes_exactly",
         ),
         "a resumed run draws different ITM negatives than a straight run",
@@ -149,7 +149,7 @@ MUTANTS: tuple[Mutant, ...] = (
                 '        name.replace("present.", "past.", 1): value[:, :, -1:]\n',
             ),
         ),
-        ("tests/test_onnx_export.py::test_onnx_greedy_generation_matches_torch",),
+        ("tests/export/test_onnx_export.py::test_onnx_greedy_generation_matches_torch",),
         "the ONNX decode loop keeps only the last token of the KV cache",
     ),
     Mutant(
@@ -162,7 +162,7 @@ MUTANTS: tuple[Mutant, ...] = (
                 "    return clean_whitespace(text)\n",
             ),
         ),
-        ("tests/test_vqa_metric.py",),
+        ("tests/eval/test_vqa_metric.py",),
         "VQA answers are compared without punctuation/number/article normalization",
     ),
     Mutant(
@@ -180,7 +180,9 @@ MUTANTS: tuple[Mutant, ...] = (
                 "",
             ),
         ),
-        ("tests/test_faults.py::test_crash_before_the_rename_leaves_the_previous_checkpoint",),
+        (
+            "tests/train/test_faults.py::test_crash_before_the_rename_leaves_the_previous_checkpoint",
+        ),
         "a checkpoint is written straight under its final name, no temporary + rename",
     ),
 )

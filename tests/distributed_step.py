@@ -20,7 +20,7 @@ tokenizer does, so ranks hold different widths and numbers of ITG target tokens.
 are drawn with the default ``sample`` mining from a generator seeded alike on every rank.
 After one forward + backward (through DDP when distributed), rank 0 writes the losses
 (averaged over ranks) and every parameter's gradient (DDP-averaged) to OUT with
-``safetensors``. ``tests/test_distributed.py`` compares the runs.
+``safetensors``. ``tests/train/test_distributed.py`` compares the runs.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Run under torchrun as ``tests/fsdp_probe.py REPORT_DIR <qformer arguments>``: each rank writes
 ``REPORT_DIR/rank<r>.json`` with, for every parameter of the sharded module, whether it is a
 DTensor, its placements, its global shape and the shape of the shard this rank holds. Then the
-command runs on as usual. A test helper (tests/test_fsdp.py); nothing in the package knows of it.
+command runs on as usual. A test helper (tests/train/test_fsdp.py); nothing in the package
+knows of it.
 """
 
 from __future__ import annotations

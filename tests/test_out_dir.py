@@ -15,8 +15,8 @@ from qformer_cli import checkpoint
 from qformer_cli.cli import app
 from qformer_cli.models.config import QFormerConfig
 from qformer_cli.train import stage1, stage2
-from tests.test_distributed import torchrun
 from tests.tiny_runs import metrics_steps, runner, train_stage1
+from tests.train.test_distributed import torchrun
 
 
 def _error_line(result) -> str:

@@ -25,7 +25,7 @@ from transformers import (
 from qformer_cli.data import sample_backbone_dir, sample_data_dir
 from qformer_cli.models.config import qformer_preset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import backbone_metrics  # noqa: E402

@@ -21,8 +21,8 @@ from transformers.models.opt.modeling_opt import OPTDecoderLayer
 from typer.testing import CliRunner
 
 from qformer_cli.cli import app
-from tests.test_distributed import REPO_ROOT, torchrun
 from tests.tiny_runs import metrics_rows
+from tests.train.test_distributed import REPO_ROOT, torchrun
 
 runner = CliRunner()
 FAST = [

@@ -17,7 +17,7 @@ from qformer_cli.models.backbones import load_qformer_tokenizer
 from qformer_cli.models.config import QFormerConfig, qformer_preset
 from qformer_cli.train.stage1 import stage1_qformer_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

@@ -27,8 +27,8 @@ from qformer_cli.runtime import Ranks
 from qformer_cli.train.stage1 import GivenNegatives, Stage1Batch, Stage1Objective
 from tests.tiny_runs import train_stage1
 
-FIXTURES = Path(__file__).parent / "fixtures"
-REPO = Path(__file__).parent.parent
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+REPO = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_distinct_negatives_drop_a_word_for_word_identical_caption(lavis):
 def test_lavis_itc_gradient_on_two_ranks_matches_one_process(tmp_path: Path):
     """With R ranks LAVIS scores each rank's rows against the gathered (constant) other side and
     DDP averages: the same step as one process over the whole batch, with accumulation too."""
-    from tests.test_distributed import (
+    from tests.train.test_distributed import (
         LOSS_KEYS,
         STEP_SCRIPT,
         assert_same_step,

@@ -23,7 +23,7 @@ from qformer_cli.data import (
 )
 from qformer_cli.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_sample_data  # noqa: E402

@@ -22,7 +22,6 @@ from click.testing import Result
 from safetensors.torch import load_file
 
 from qformer_cli import checkpoint, faults
-from tests.test_distributed import REPO_ROOT, step_env, torchrun, torchrun_command
 from tests.tiny_runs import (
     FAST,
     assert_same_weights,
@@ -35,6 +34,7 @@ from tests.tiny_runs import (
     subprocess_env,
     train_stage1,
 )
+from tests.train.test_distributed import REPO_ROOT, step_env, torchrun, torchrun_command
 
 pytestmark = pytest.mark.slow
 STEPS = ["--max-steps", "6", "--set", "train.save_every=2", "--set", "train.keep_last=3"]

@@ -36,7 +36,7 @@ def scenes(split: str) -> dict[int, dict]:
 
 def test_sample_paths_point_at_the_shipped_files() -> None:
     root = sample_data_dir()
-    assert root == Path(__file__).resolve().parents[1] / "sample_data"
+    assert root == Path(__file__).resolve().parents[2] / "sample_data"
     val = sample_split_files("val")
     assert val.coco_captions == root / "captions_val.json"
     assert val.vqa_annotations == root / "vqa_val_annotations.json"

@@ -34,7 +34,7 @@ from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline, load_stage1_p
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

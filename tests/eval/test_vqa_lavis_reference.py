@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 
 from qformer_cli.cli import app
 from qformer_cli.eval.vqa_metric import evaluate_vqa_files
-from tests.test_vqa_metric import TRICKY_TOKENS, answer_entry_lists, answer_text
+from tests.eval.test_vqa_metric import TRICKY_TOKENS, answer_entry_lists, answer_text
 
 LAVIS_WHEEL_REQUIREMENT = "salesforce-lavis==1.0.2"
 VQA_TOOLS = "lavis/common/vqa_tools"

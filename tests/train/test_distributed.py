@@ -31,7 +31,7 @@ from qformer_cli.models.backbones import load_qformer_tokenizer
 from qformer_cli.train.common import read_caption_samples
 from tests.tiny_runs import FAST, assert_weights_moved, metrics_rows, train_stage1
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STEP_SCRIPT = REPO_ROOT / "tests" / "distributed_step.py"
 TIMEOUT_S = 120
 LOSS_KEYS = ("loss.itc", "loss.itm", "loss.itg", "loss.total")

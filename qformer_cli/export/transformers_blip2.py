@@ -31,15 +31,16 @@ def _make_room_for_image_token(language_model: torch.nn.Module, token_id: int, p
     """transformers' BLIP-2 marks the soft prompt's slots with an ``<image>`` token id, which
     must be a row of the LLM's embeddings. A new row copies the pad row, so the (tied) output
     layer never prefers it over pad."""
-    embeddings = language_model.get_input_embeddings()
-    if token_id < embeddings.num_embeddings:
+    # Counted before resizing: transformers may resize the embedding module in place.
+    old_count = language_model.get_input_embeddings().num_embeddings
+    if token_id < old_count:
         return
     language_model.resize_token_embeddings(token_id + 1, mean_resizing=False)
     weight = language_model.get_input_embeddings().weight
-    weight[embeddings.num_embeddings :] = weight[pad_id]
+    weight[old_count:] = weight[pad_id]
     output = language_model.get_output_embeddings()
     if output is not None and output.weight is not weight:
-        output.weight[embeddings.num_embeddings :] = output.weight[pad_id]
+        output.weight[old_count:] = output.weight[pad_id]
 
 
 def export_to_transformers(pipeline: Stage2Pipeline, out: Path) -> Path:

@@ -121,13 +121,15 @@ def describe(generator: Generator) -> str:
 
 
 def shuffled(encoded: Encoded, seed: int) -> Encoded:
-    """The images permuted across the batch (a derangement where possible): the grounding
-    check. The same permutation for either backend's representation."""
+    """The images permuted across the batch so that none stays with its own text (a random
+    derangement: one cycle through a random order), the grounding check; the same permutation
+    for either backend's representation."""
     count = encoded.shape[0]
     if count < 2:
         return encoded
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    order = torch.where(order == torch.arange(count), (order + 1) % count, order)
+    cycle = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    order = torch.empty_like(cycle)
+    order[cycle] = cycle.roll(-1)  # position cycle[i] shows image cycle[i + 1]
     return encoded[order] if isinstance(encoded, torch.Tensor) else encoded[order.numpy()]
 
 

@@ -85,14 +85,20 @@ def test_caption_equals_the_caption_command(
     ]
 
 
+@pytest.fixture(scope="module")
+def onnx_dir(trained_stage2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "export"
+    invoke_json("export-onnx", "--model", str(trained_stage2), "--out", str(out))
+    return out
+
+
 def test_every_kind_of_model_directory_captions_alike(
-    trained_stage2: Path, few_images: Path, tmp_path: Path
+    trained_stage2: Path, onnx_dir: Path, few_images: Path, tmp_path: Path
 ) -> None:
     """A run, one of its checkpoints, its transformers BLIP-2 conversion and its ONNX export
     give the same greedy captions."""
-    transformers_dir, onnx_dir = tmp_path / "hf", tmp_path / "onnx"
+    transformers_dir = tmp_path / "hf"
     invoke_json("convert", "--model", str(trained_stage2), str(transformers_dir))
-    invoke_json("export-onnx", "--model", str(trained_stage2), "--out", str(onnx_dir))
     sources = {
         "run": trained_stage2,
         "checkpoint": checkpoint.resolve_checkpoint(trained_stage2),
@@ -109,15 +115,22 @@ def test_every_kind_of_model_directory_captions_alike(
     assert all(texts == captions["run"] for texts in captions.values()), captions
 
 
-def test_answer_equals_eval_vqa(trained_stage2: Path, tmp_path: Path) -> None:
+def vqa_subset(directory: Path, count: int, asking: str | None = None) -> tuple[Path, Path]:
+    """The first ``count`` val questions (those ``asking`` it, if given) and their
+    annotations, as VQAv2 files."""
     questions = json.loads((SAMPLE / "vqa_val_questions.json").read_text())
     annotations = json.loads((SAMPLE / "vqa_val_annotations.json").read_text())
-    kept = questions["questions"][:6]
+    kept = [q for q in questions["questions"] if asking in (None, q["question"])][:count]
     ids = {q["question_id"] for q in kept}
-    questions_path, annotations_path = tmp_path / "questions.json", tmp_path / "annotations.json"
+    questions_path, annotations_path = directory / "questions.json", directory / "annotations.json"
     questions_path.write_text(json.dumps(dict(questions, questions=kept)))
     kept_annotations = [a for a in annotations["annotations"] if a["question_id"] in ids]
     annotations_path.write_text(json.dumps(dict(annotations, annotations=kept_annotations)))
+    return questions_path, annotations_path
+
+
+def test_answer_equals_eval_vqa(trained_stage2: Path, tmp_path: Path) -> None:
+    questions_path, annotations_path = vqa_subset(tmp_path, 6)
     files = ["--questions", str(questions_path), "--annotations", str(annotations_path)]
     out = tmp_path / "vqa"
     args = ["--model", str(trained_stage2), *files, "--images", str(VAL_IMAGES)]
@@ -168,3 +181,41 @@ def test_wrong_stage_and_unknown_settings_are_refused(
         qf.caption(stage2, image, beams=3)
     with pytest.raises(UsageError, match="2 images for 3 questions"):
         qf.answer(stage2, [image, image], ["a?", "b?", "c?"])
+
+
+def test_blind_vqa_runs_on_onnx_as_on_torch(
+    trained_stage2: Path, onnx_dir: Path, tmp_path: Path
+) -> None:
+    """--blind through the command on the onnxruntime backend (refused before the one loop):
+    the same answers as torch's greedy --blind. (That the two backends shuffle alike is
+    checked exactly in test_generators.py; this tiny model's answers barely depend on it.)"""
+    questions, annotations = vqa_subset(tmp_path, 12)
+    files = ["--questions", str(questions), "--annotations", str(annotations)]
+    files += ["--images", str(VAL_IMAGES)]
+
+    def answers(model: Path, name: str, *extra: str) -> list[dict]:
+        out = ("--out", str(tmp_path / name))
+        printed = invoke_json("eval-vqa", "--model", str(model), *files, *out, *extra)
+        assert printed["blind"]
+        return json.loads((tmp_path / name / "vqa_results.json").read_text())
+
+    onnx_blind = answers(onnx_dir, "onnx", "--backend", "onnx", "--blind")
+    assert onnx_blind == answers(trained_stage2, "torch", "--num-beams", "1", "--blind")
+
+
+def test_eval_vqa_reads_its_settings_from_the_config(trained_stage2: Path, tmp_path: Path) -> None:
+    """The vqa section: from --config, then --set, then the dedicated flags."""
+    questions, annotations = vqa_subset(tmp_path, 4)
+    files = ["--questions", str(questions), "--annotations", str(annotations)]
+    files += ["--images", str(VAL_IMAGES), "--model", str(trained_stage2)]
+    config = tmp_path / "vqa.yaml"
+    config.write_text('vqa:\n  prompt: "Q: {} A:"\n  num_beams: 1\n')
+
+    def prompt_used(name: str, *extra: str) -> str:
+        return invoke_json("eval-vqa", *files, "--out", str(tmp_path / name), *extra)["prompt"]
+
+    assert prompt_used("default") == "Question: {} Answer:"
+    assert prompt_used("file", "--config", str(config)) == "Q: {} A:"
+    assert prompt_used("set", "--set", "vqa.prompt=short-answer") == "Question: {} Short answer:"
+    flag = ("--config", str(config), "--prompt", "answer")
+    assert prompt_used("flag", *flag) == "Question: {} Answer:"

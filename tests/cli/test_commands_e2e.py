@@ -211,15 +211,17 @@ def vqa_subset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def vqa_model(stage1_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One stage-2 step on the shared stage-1 run. The shared stage-2 run already answers each
-    question with its prior (all "purple"); here the answers still vary with the image (through
-    the fresh projection), which is what --blind's permutation needs to be seen. It checks the
-    mechanism, not grounding quality."""
-    out = tmp_path_factory.mktemp("e2e") / "vqa-model"
-    args = ["--init", str(stage1_run), "--max-steps", "1", "--batch-size", "8"]
-    invoke_json("pretrain-stage2", "--out", str(out), *args)
-    return out
+def vqa_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One stage-2 step on a 30-step stage-1 run. A trained stage-2 run answers each question
+    with its prior (all "purple"), and so does one step on the shared 40-step stage-1 run (all
+    "yellow"); here the answers still vary with the image (through the fresh projection),
+    which is what --blind's permutation needs to be seen. It checks the mechanism, not
+    grounding quality."""
+    out = tmp_path_factory.mktemp("e2e")
+    invoke_json("pretrain-stage1", "--out", str(out / "stage1"), "--max-steps", "30", *SMALL)
+    args = ["--init", str(out / "stage1"), "--max-steps", "1", "--batch-size", "8"]
+    invoke_json("pretrain-stage2", "--out", str(out / "vqa-model"), *args)
+    return out / "vqa-model"
 
 
 def _vqa(stage2_run: Path, subset: tuple[Path, Path], out: Path, *extra: str) -> dict:

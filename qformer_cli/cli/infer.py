@@ -257,10 +257,15 @@ def eval_vqa(
     ] = None,
     split: SplitOption = "val",
     questions: Annotated[
-        Path | None, typer.Option("--questions", help="VQAv2-format questions JSON.")
+        Path | None,
+        typer.Option("--questions", help="VQAv2-format questions JSON (default: --split's)."),
     ] = None,
     annotations: Annotated[
-        Path | None, typer.Option("--annotations", help="VQAv2-format annotations JSON.")
+        Path | None,
+        typer.Option(
+            "--annotations",
+            help="VQAv2-format annotations JSON; without it, --questions are answered, not scored.",
+        ),
     ] = None,
     images: Annotated[
         Path | None, typer.Option("--images", help="Folder holding the questions' images.")
@@ -314,8 +319,10 @@ def eval_vqa(
     )
     settings = load_run_config(config, overrides, flags).vqa
     files = sample_split_files(split)
-    questions = questions or files.vqa_questions
-    annotations = annotations or files.vqa_annotations
+    if questions is None:  # the sample split's questions, with their ground truth
+        questions, annotations = files.vqa_questions, annotations or files.vqa_annotations
+    if annotations is None and predictions is not None:
+        raise UsageError("--predictions is scored against --annotations: give the annotations")
     out_dir = make_out_dir(out, "eval-vqa")
     result: dict[str, Any] = {}
     if model is not None:
@@ -335,9 +342,20 @@ def eval_vqa(
             skip_bad_samples=skip_bad_samples,
         )
         result = {"model": str(model), **result}
+    if annotations is None:  # questions without ground truth (e.g. VQAv2 test-dev): no score
+        result.update(results=str(predictions), blind=blind, scored=False)
+        if as_json:
+            print_json(result)
+            return
+        output_console(as_json).print(
+            f"wrote {predictions} (no --annotations: answers only, not scored)",
+            markup=False,
+            highlight=False,
+        )
+        return
     accuracy = evaluate_vqa_files(annotations, predictions, questions, metric=metric).to_dict()
     (out_dir / "metrics.json").write_text(json.dumps(accuracy, indent=1))
-    result.update(accuracy, results=str(predictions), blind=blind)
+    result.update(accuracy, results=str(predictions), blind=blind, scored=True)
     if as_json:
         print_json(result)
         return

@@ -334,3 +334,21 @@ def test_info_counts_equal_the_backbones_and_a_trained_checkpoint(tmp_path: Path
     for stage, run in (("stage1", stage1), ("stage2", stage2)):
         saved = load_file(str(checkpoint.resolve_checkpoint(run) / checkpoint.WEIGHTS))
         assert totals[stage]["trainable"] == sum(t.numel() for t in saved.values()), stage
+
+
+@pytest.mark.slow  # uses the shared stage-2 run
+def test_eval_vqa_answers_questions_without_ground_truth(stage2_run: Path, tmp_path: Path):
+    """VQAv2 test-dev has no annotations: --questions alone is answered in the official results
+    format and not scored (not silently paired with the sample split's annotations)."""
+    questions = _read(SAMPLE / "vqa_val_questions.json")
+    subset = tmp_path / "test-dev.json"
+    subset.write_text(json.dumps(dict(questions, questions=questions["questions"][:5])))
+    out = tmp_path / "vqa"
+    args = ["--model", str(stage2_run), "--questions", str(subset), "--images", str(VAL_IMAGES)]
+    printed = invoke_json("eval-vqa", *args, "--out", str(out))
+    assert printed["scored"] is False and "overall" not in printed
+    results = _read(out / "vqa_results.json")
+    assert [row["question_id"] for row in results] == [
+        q["question_id"] for q in questions["questions"][:5]
+    ]
+    assert not (out / "metrics.json").exists()

@@ -83,3 +83,16 @@ def test_caption_predictions_mode_writes_coco_metrics(tmp_path: Path):
     assert metrics["BLEU_1"] > 0.9  # each prediction is one of its own references
     assert "SPICE" in metrics.get("skipped", {}) or "SPICE" in metrics
     assert json.loads((out / "metrics.json").read_text())["CIDEr"] == metrics["CIDEr"]
+
+
+def test_vqa_predictions_without_annotations_are_refused(tmp_path: Path) -> None:
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 1}]}))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"question_id": 1, "answer": "yes"}]))
+    args = ["eval-vqa", "--predictions", str(results), "--questions", str(questions)]
+    outcome = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert outcome.exit_code == 2
+    assert outcome.output.strip().splitlines() == [
+        "error: --predictions is scored against --annotations: give the annotations"
+    ]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from qformer_cli.config import GenerationConfig, vqa_generation
+from qformer_cli.config import GenerationConfig, check_ranges, vqa_generation
 from qformer_cli.data import Sample, build_transform, load_image, load_transform_config
 from qformer_cli.data.folder import read_image_folder
 from qformer_cli.data.sample import image_id_from_name
@@ -141,7 +141,9 @@ def _settings(base: GenerationConfig, model: Model, overrides: dict[str, Any]) -
         raise UsageError(f"unknown generation settings {unknown} (known: {sorted(known)})")
     if model.backend == "onnx":
         overrides = {"num_beams": 1, **overrides}
-    return dataclasses.replace(base, **overrides)
+    settings = dataclasses.replace(base, **overrides)
+    check_ranges(settings, "settings")
+    return settings
 
 
 def _samples(images: Images) -> list[Sample]:

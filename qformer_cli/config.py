@@ -211,6 +211,72 @@ class Stage1Config:
         return None if clamp is None else (clamp[0], clamp[1])
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: ``low``/``high`` inclusive (None: unbounded);
+    ``above`` a bound the value must exceed."""
+
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+
+    def admits(self, value: float) -> bool:
+        return (
+            (self.low is None or value >= self.low)
+            and (self.high is None or value <= self.high)
+            and (self.above is None or value > self.above)
+        )
+
+    def __str__(self) -> str:
+        parts = [f">= {self.low:g}"] if self.low is not None else []
+        parts += [f"> {self.above:g}"] if self.above is not None else []
+        parts += [f"<= {self.high:g}"] if self.high is not None else []
+        return " and ".join(parts)
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(low=0), Range(low=1), Range(above=0)
+# Checked whenever a config is built (file, --set, the commands' flags), before any model loads.
+RANGES: dict[type, dict[str, Range]] = {
+    TrainConfig: {
+        "lr": POSITIVE,
+        "min_lr": AT_LEAST_0,
+        "weight_decay": AT_LEAST_0,
+        "warmup_steps": AT_LEAST_0,
+        "warmup_start_lr": AT_LEAST_0,
+        "max_steps": AT_LEAST_0,
+        "epochs": AT_LEAST_1,
+        "batch_size": AT_LEAST_1,
+        "grad_accum": AT_LEAST_1,
+        "log_every": AT_LEAST_1,
+        "save_every": AT_LEAST_0,
+        "keep_last": AT_LEAST_1,
+        "max_nonfinite_steps": AT_LEAST_0,
+    },
+    GenerationConfig: {
+        "num_beams": AT_LEAST_1,
+        "max_new_tokens": AT_LEAST_1,
+        "min_new_tokens": AT_LEAST_0,
+        "repetition_penalty": POSITIVE,
+        "top_p": Range(high=1, above=0),
+        "temperature": POSITIVE,
+    },
+}
+
+
+def check_ranges(settings: Any, prefix: str) -> None:
+    """Refuse a numeric setting of ``settings`` outside its :data:`RANGES` entry, naming its key
+    (``prefix.name``); for generation also ``min_new_tokens <= max_new_tokens``."""
+    for name, allowed in RANGES.get(type(settings), {}).items():
+        value = getattr(settings, name)
+        if not allowed.admits(value):
+            raise UsageError(f"{prefix}.{name} = {value!r}: must be {allowed}")
+    if isinstance(settings, GenerationConfig) and settings.min_new_tokens > settings.max_new_tokens:
+        raise UsageError(
+            f"{prefix}.min_new_tokens = {settings.min_new_tokens}: more than "
+            f"{prefix}.max_new_tokens = {settings.max_new_tokens}"
+        )
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -316,7 +382,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             values[name] = from_dict(hint, _merged(_field_default(fields[name]), value), key)
         else:
             values[name] = _check_value(value, hint, key)
-    return cls(**values)
+    built = cls(**values)
+    check_ranges(built, prefix)
+    return built
 
 
 def _field_default(spec: dataclasses.Field) -> dict[str, Any]:

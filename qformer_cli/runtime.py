@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from qformer_cli.errors import UsageError
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -38,6 +39,8 @@ class Ranks:
 
 def init_distributed(device_choice: str) -> tuple[Ranks, torch.device]:
     """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    if device_choice not in DEVICE_CHOICES:
+        raise UsageError(f"--device {device_choice}: choose {' | '.join(DEVICE_CHOICES)}")
     use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
     if device_choice == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is usable here")

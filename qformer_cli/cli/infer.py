@@ -47,7 +47,7 @@ BackendOption = Annotated[
     str,
     typer.Option("--backend", help="torch | onnx (--model is then an export-onnx directory)."),
 ]
-BatchOption = Annotated[int, typer.Option("--batch-size")]
+BatchOption = Annotated[int, typer.Option("--batch-size", min=1)]
 NumBeamsOption = Annotated[
     int | None, typer.Option("--num-beams", help="Default: the config's (1 with --backend onnx).")
 ]
@@ -391,8 +391,8 @@ def eval_retrieval(
     images: Annotated[
         Path | None, typer.Option("--images", help="Image root (default: beside the JSON).")
     ] = None,
-    k: Annotated[int, typer.Option("--k", help="Candidates re-ranked with ITM.")] = 128,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    k: Annotated[int, typer.Option("--k", min=1, help="Candidates re-ranked with ITM.")] = 128,
+    batch_size: BatchOption = 64,
     out: OutOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,

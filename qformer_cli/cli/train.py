@@ -229,8 +229,12 @@ def extract_features(
     dtype: Annotated[
         str, typer.Option("--dtype", help="Stored precision: bf16 | fp16 | fp32.")
     ] = "bf16",
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard file.")] = 1024,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 64,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", min=1, help="Images per shard file.")
+    ] = 1024,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Images per encoder batch.")
+    ] = 64,
     skip_bad_samples: SkipBadOption = False,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,

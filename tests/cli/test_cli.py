@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from qformer_cli.cli import app
@@ -96,3 +97,52 @@ def test_version_and_module_entry_point():
         check=True,
     )
     assert completed.stdout.startswith("qformer ")
+
+
+MODEL = str(ROOT / "no-model-needed")  # refused before any model is looked for
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["pretrain-stage1", "--max-steps", "-5"], "train.max_steps = -5: must be >= 0"),
+        (["pretrain-stage1", "--batch-size", "0"], "train.batch_size = 0: must be >= 1"),
+        (["pretrain-stage2", "--set", "train.lr=-1"], "train.lr = -1.0: must be > 0"),
+        (["pretrain-stage1", "--device", "tpu"], "--device tpu: choose auto | cpu | cuda"),
+        (["caption", "--model", MODEL, "--num-beams", "0"], "generate.num_beams = 0: must be >= 1"),
+        (
+            ["eval-vqa", "--model", MODEL, "--max-new-tokens", "-1"],
+            "vqa.max_new_tokens = -1: must be >= 1",
+        ),
+        (
+            ["eval-vqa", "--model", MODEL, "--set", "vqa.top_p=2"],
+            "vqa.top_p = 2.0: must be > 0 and <= 1",
+        ),
+        (
+            ["caption", "--model", MODEL, "--min-new-tokens", "50"],
+            "generate.min_new_tokens = 50: more than generate.max_new_tokens = 30",
+        ),
+    ],
+)
+def test_out_of_range_settings_are_refused_before_anything_loads(
+    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a default runs/<command>-<time> would land here
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"error: {message}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["caption", "--model", MODEL, "--batch-size", "0"],
+        ["eval-retrieval", "--model", MODEL, "--k", "0"],
+        ["extract-features", "--out", "x", "--shard-size", "0"],
+    ],
+)
+def test_counts_below_one_are_usage_errors(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "Invalid value" in result.output and args[-2] in result.output

@@ -146,3 +146,10 @@ def test_counts_below_one_are_usage_errors(args: list[str]) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "Invalid value" in result.output and args[-2] in result.output
+
+
+@pytest.mark.parametrize("command", [[], ["caption"], ["pretrain-stage1"], ["eval-vqa"]])
+def test_dash_h_is_help(command: list[str]) -> None:
+    short, long = runner.invoke(app, [*command, "-h"]), runner.invoke(app, [*command, "--help"])
+    assert short.exit_code == long.exit_code == 0
+    assert short.output == long.output and "Usage:" in short.output

@@ -145,6 +145,15 @@ def caption(
     min_new_tokens: MinNewOption = None,
     length_penalty: LengthPenaltyOption = None,
     repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty")] = None,
+    do_sample: Annotated[
+        bool, typer.Option("--do-sample", help="Sample instead of searching (torch backend).")
+    ] = False,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="Nucleus mass with --do-sample (0.9).")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="With --do-sample (1.0).")
+    ] = None,
     batch_size: BatchOption = 32,
     shuffle_images: Annotated[
         bool,
@@ -170,6 +179,9 @@ def caption(
         min_new_tokens=min_new_tokens,
         length_penalty=length_penalty,
         repetition_penalty=repetition_penalty,
+        do_sample=do_sample or None,
+        top_p=top_p,
+        temperature=temperature,
     )
     run_config = load_run_config(config, overrides, flags)
     result = _caption(

@@ -172,6 +172,23 @@ def test_caption_writes_one_caption_per_image_and_coco_scores(
     assert _read(out / "metrics.json") == scored == metrics
 
 
+@pytest.mark.slow  # uses the shared stage-2 run
+def test_sampling_flags_reach_generation(
+    stage2_run: Path, caption_ground_truth: Path, tmp_path: Path
+) -> None:
+    """--do-sample with a vanishing --top-p keeps only the likeliest token: greedy's captions;
+    with a high --temperature and the full nucleus the captions change."""
+    greedy = tmp_path / "greedy"
+    _caption(stage2_run, caption_ground_truth, greedy, "--num-beams", "1")
+    narrow = tmp_path / "narrow"
+    sampled = ("--num-beams", "1", "--do-sample")
+    _caption(stage2_run, caption_ground_truth, narrow, *sampled, "--top-p", "1e-9")
+    assert _read(narrow / "captions.json") == _read(greedy / "captions.json")
+    wide = tmp_path / "wide"
+    _caption(stage2_run, caption_ground_truth, wide, *sampled, "--temperature", "5")
+    assert _read(wide / "captions.json") != _read(greedy / "captions.json")
+
+
 @pytest.mark.slow  # trains the shared stage-1 and stage-2 runs
 def test_shuffle_images_captions_each_image_with_another_images_features(
     stage2_run: Path, caption_ground_truth: Path, plain_captions: tuple[dict, Path], tmp_path: Path

@@ -38,6 +38,7 @@ class VqaAnswers:
     majority: str | None
     answer_type: str | None
     question_type: str | None
+    image_id: int | str | None = None  # the image the annotation names, when it names one
 
 
 def read_vqa(
@@ -70,6 +71,8 @@ def read_vqa(
 def _reason(message: str) -> str:
     if "no image" in message:
         return "missing image"
+    if "names image_id" in message:
+        return "annotation for another image"
     return "missing annotation" if "no annotation" in message else "missing field"
 
 
@@ -86,6 +89,11 @@ def _vqa_sample(
     known = answers.get(question_id) if answers is not None else None
     if answers is not None and known is None:
         raise DataError(f"{where}: no annotation in {shown(annotations_path or '')}")
+    if known is not None and known.image_id is not None and known.image_id != image_id:
+        raise DataError(
+            f"{where}: image_id {image_id!r}, but its annotation in "
+            f"{shown(annotations_path or '')} names image_id {known.image_id!r}"
+        )
     return Sample(
         image=find_image(image_id, where),
         image_id=image_id,
@@ -127,6 +135,9 @@ def _parse_answers(entry: dict[str, Any], where: str) -> VqaAnswers:
         majority=_optional_str(entry, "multiple_choice_answer", where),
         answer_type=_optional_str(entry, "answer_type", where),
         question_type=_optional_str(entry, "question_type", where),
+        image_id=require_field(entry, "image_id", where, (int, str))
+        if "image_id" in entry
+        else None,
     )
 
 

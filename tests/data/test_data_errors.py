@@ -218,6 +218,32 @@ def test_duplicate_vqa_question_id(world: Path, file: str) -> None:
     )
 
 
+def test_a_vqa_annotation_for_another_image_is_refused(world: Path) -> None:
+    """An annotation matched to its question by question_id must name the question's image:
+    otherwise the score would grade answers about one image against another's ground truth."""
+    questions = json.loads((world / "vqa_val_questions.json").read_text())["questions"]
+    asked = questions[3]
+    other = next(q["image_id"] for q in questions if q["image_id"] != asked["image_id"])
+
+    def point_elsewhere(payload: dict) -> None:
+        for annotation in payload["annotations"]:
+            if annotation["question_id"] == asked["question_id"]:
+                annotation["image_id"] = other
+
+    edit_json(world / "vqa_val_annotations.json", point_elsewhere)
+    with pytest.raises(DataError) as error:
+        read_vqa(
+            world / "vqa_val_questions.json",
+            world / "vqa_val_annotations.json",
+            world / "images/val",
+        )
+    assert one_line(error) == (
+        f"data/vqa_val_questions.json: question 3 (question_id {asked['question_id']}): "
+        f"image_id {asked['image_id']!r}, but its annotation in data/vqa_val_annotations.json "
+        f"names image_id {other!r}"
+    )
+
+
 @pytest.mark.parametrize("caption", ["", "   "])
 def test_empty_captions_are_bad_samples(world: Path, caption: str) -> None:
     edit_json(world / "karpathy_val.json", lambda p: p[1].update(caption=["a circle", caption]))

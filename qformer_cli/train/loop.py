@@ -383,7 +383,9 @@ class Trainer:
                 signal.signal(signum, handler)
 
     def _run(self) -> dict[str, Any]:
-        self.started = time.perf_counter()
+        # elapsed_s goes on from where a resumed run's metrics left off
+        resumed_after = self.history[-1].get("elapsed_s", 0.0) if self.history else 0.0
+        self.started = time.perf_counter() - resumed_after
         batches = self._batches()
         self.recipe.objective.train()
         self.progress.start(self.total_steps, self.state.step)

@@ -71,6 +71,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path: Path):
     assert_same_weights(final_weights(straight), final_weights(resumed))
     assert metrics_steps(tmp_path / "resumed") == [1, 2, 3, 4, 5]
     assert_weights_moved(tmp_path / "resumed")  # step 2 -> step 5
+    elapsed = [row["elapsed_s"] for row in metrics_rows(tmp_path / "resumed")]
+    assert elapsed == sorted(elapsed) and elapsed[2] > elapsed[1], elapsed  # goes on at resume
 
 
 def test_bad_training_data_is_a_one_line_error(tmp_path: Path):

@@ -74,7 +74,10 @@ VisionModelOption = Annotated[
     str | None, typer.Option("--vision-model", help="Frozen vision encoder: hub id or path.")
 ]
 TrainDataOption = Annotated[
-    str | None, typer.Option("--data", help="Training captions: Karpathy or COCO JSON.")
+    str | None,
+    typer.Option(
+        "--data", help="Training captions: COCO JSON, a LAVIS Karpathy list or dataset_coco.json."
+    ),
 ]
 SkipBadOption = Annotated[
     bool,

@@ -398,7 +398,10 @@ def eval_retrieval(
     ] = "val",
     annotations: Annotated[
         Path | None,
-        typer.Option("--annotations", help="Karpathy val/test JSON or COCO captions JSON."),
+        typer.Option(
+            "--annotations",
+            help="COCO captions JSON, a LAVIS Karpathy val/test list, or dataset_coco.json (test).",
+        ),
     ] = None,
     images: Annotated[
         Path | None, typer.Option("--images", help="Image root (default: beside the JSON).")

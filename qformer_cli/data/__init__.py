@@ -12,6 +12,7 @@ Typical use::
     print(bad.summary())
 """
 
+from qformer_cli.data.caption_files import read_caption_file
 from qformer_cli.data.coco import read_coco_captions
 from qformer_cli.data.folder import read_image_folder
 from qformer_cli.data.hf import (
@@ -87,6 +88,7 @@ __all__ = [
     "make_dataloader",
     "one_caption_per_sample",
     "open_hf_dataset",
+    "read_caption_file",
     "read_coco_captions",
     "read_hf_dataset",
     "read_image_folder",

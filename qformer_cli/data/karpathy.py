@@ -1,9 +1,17 @@
-"""Karpathy-split JSON as LAVIS ships it for COCO and Flickr30k.
+"""Karpathy-split caption JSON, in both layouts people have.
+
+As LAVIS ships it for COCO and Flickr30k (lists, one file per split):
 
 - train: ``[{"caption": str, "image": "val2014/COCO_val2014_...jpg", "image_id": ...}]``, one
   entry per caption;
 - val / test: ``[{"image": ..., "caption": [str, ...]}]``, one entry per image (the image id is
   then the number at the end of the file name, as LAVIS derives it).
+
+As Karpathy published it (``dataset_coco.json``, ``dataset_flickr30k.json``: one file, every
+split): ``{"images": [{"filepath": "val2014", "filename": ..., "split": "train" | "restval" |
+"val" | "test", "sentences": [{"raw": str, ...}], "cocoid": int}], "dataset": ...}``; the
+image id is ``cocoid`` (Flickr30k: the file name's number). Training reads the ``train`` and
+``restval`` splits (as LAVIS's COCO training set), evaluation the ``test`` split.
 """
 
 from __future__ import annotations
@@ -30,6 +38,62 @@ def read_karpathy(
         except DataError as error:
             raise_or_skip(bad, error, "missing field")
     return samples
+
+
+TRAINING_SPLITS = ("train", "restval")
+EVALUATION_SPLITS = ("test",)
+
+
+def is_original_karpathy(payload: object) -> bool:
+    """Karpathy's own layout: an object whose ``images`` carry ``sentences`` (COCO captions
+    JSON has ``annotations`` instead)."""
+    if not isinstance(payload, dict) or "annotations" in payload:
+        return False
+    images = payload.get("images")
+    return isinstance(images, list) and any(
+        isinstance(image, dict) and "sentences" in image for image in images[:10]
+    )
+
+
+def read_original_karpathy(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    *,
+    splits: tuple[str, ...],
+    bad: BadSampleLog | None = None,
+) -> list[Sample]:
+    """One sample per image of ``splits`` with all its ``sentences[].raw`` captions; image files
+    at ``image_root/filepath/filename`` (default root: the JSON file's folder)."""
+    images = require_list(read_json(path), path, "images")
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    samples = []
+    for index, entry in enumerate(images):
+        where = entry_label(path, "image", index, entry, "cocoid")
+        try:
+            if require_field(entry, "split", where, str) in splits:
+                samples.append(_original_sample(entry, where, root))
+        except DataError as error:
+            raise_or_skip(bad, error, "missing field")
+    if not samples:
+        raise DataError(f"{path}: no images in the {' / '.join(splits)} split")
+    return samples
+
+
+def _original_sample(entry: dict, where: str, root: Path) -> Sample:
+    name = require_field(entry, "filename", where, str)
+    folder = entry.get("filepath", "")
+    sentences = require_field(entry, "sentences", where, list)
+    captions = tuple(
+        require_field(sentence, "raw", f"{where}: sentence {k}", str).strip()
+        for k, sentence in enumerate(sentences)
+    )
+    if not captions or not all(captions):
+        raise DataError(f"{where}: an empty caption")
+    image_id = entry.get("cocoid")
+    if not isinstance(image_id, int) or isinstance(image_id, bool):
+        image_id = image_id_from_name(name)
+    path = root / folder / name if isinstance(folder, str) else root / name
+    return Sample(image=path, image_id=image_id, captions=captions, origin=where)
 
 
 def _karpathy_sample(entry: object, where: str, root: Path) -> Sample:

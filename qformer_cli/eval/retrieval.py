@@ -19,10 +19,9 @@ from qformer_cli.data import (
     build_transform,
     load_transform_config,
     make_dataloader,
-    read_coco_captions,
-    read_karpathy,
+    read_caption_file,
 )
-from qformer_cli.data.json_files import read_json
+from qformer_cli.data.karpathy import EVALUATION_SPLITS
 from qformer_cli.errors import DataError
 from qformer_cli.models.backbones import VisionEncoder
 from qformer_cli.models.blip2 import Stage1Model
@@ -140,12 +139,10 @@ def load_retrieval_set(
     device: torch.device,
     batch_size: int,
 ) -> RetrievalSet:
-    """Images and their captions from Karpathy val/test JSON or COCO captions JSON."""
+    """Images and their captions from COCO captions JSON, LAVIS's Karpathy val/test list, or
+    Karpathy's ``dataset_*.json`` (its test images)."""
     bad = BadSampleLog()
-    if isinstance(read_json(annotations), dict):
-        samples = read_coco_captions(annotations, image_root, bad=bad)
-    else:
-        samples = read_karpathy(annotations, image_root, bad=bad)
+    samples = read_caption_file(annotations, image_root, karpathy_splits=EVALUATION_SPLITS, bad=bad)
     samples = [s for s in samples if s.captions]
     if not samples:
         raise DataError(f"{annotations}: no images with captions")

@@ -17,14 +17,13 @@ from qformer_cli.data import (
     load_transform_config,
     make_dataloader,
     one_caption_per_sample,
-    read_coco_captions,
-    read_karpathy,
+    read_caption_file,
     read_vqa,
     sample_data_dir,
     sample_split_files,
 )
 from qformer_cli.data.features import FeatureDataset, FeatureIndex
-from qformer_cli.data.json_files import read_json
+from qformer_cli.data.karpathy import TRAINING_SPLITS
 from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
@@ -47,16 +46,14 @@ def data_root(data: DataConfig) -> Path:
 
 
 def read_caption_samples(data: DataConfig, bad: BadSampleLog) -> list[Sample]:
-    """Training captions, one sample per caption: Karpathy train JSON (a list) or COCO JSON."""
+    """Training captions, one sample per caption: COCO captions JSON, LAVIS's Karpathy train
+    list, or Karpathy's ``dataset_*.json`` (its train + restval images)."""
     if data.train:
         path = resolve_embedded_path(data.train)
     else:
         path = sample_split_files("train", data_root(data)).karpathy
     image_root = resolve_embedded_path(data.image_root) if data.image_root else None
-    if isinstance(read_json(path), dict):
-        samples = read_coco_captions(path, image_root, bad=bad)
-    else:
-        samples = read_karpathy(path, image_root, bad=bad)
+    samples = read_caption_file(path, image_root, karpathy_splits=TRAINING_SPLITS, bad=bad)
     samples = one_caption_per_sample(samples)
     if not samples:
         raise UsageError(f"{path}: no training captions")

@@ -369,3 +369,52 @@ def test_eval_vqa_answers_questions_without_ground_truth(stage2_run: Path, tmp_p
         q["question_id"] for q in questions["questions"][:5]
     ]
     assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow  # uses the shared stage-1 run
+def test_karpathys_dataset_file_works_for_retrieval_and_training(
+    stage1_run: Path, tmp_path: Path
+) -> None:
+    """Karpathy's own dataset_coco.json (every split in one file): eval-retrieval reads its test
+    images and scores exactly as on the same images in LAVIS's list layout; training reads its
+    train + restval images."""
+    from tests.data.test_data_formats import write_karpathy_dataset
+
+    dataset = tmp_path / "dataset_coco.json"
+    payload = write_karpathy_dataset(dataset, test_images=20)
+    test_images = [image for image in payload["images"] if image["split"] == "test"]
+    lavis_list = tmp_path / "karpathy_test.json"
+    lavis_list.write_text(
+        json.dumps(
+            [
+                {
+                    "image": f"{image['filepath']}/{image['filename']}",
+                    "caption": [sentence["raw"] for sentence in image["sentences"]],
+                }
+                for image in test_images
+            ]
+        )
+    )
+    scores = {}
+    for name, caption_file in (("original", dataset), ("lavis", lavis_list)):
+        args = ["--model", str(stage1_run), "--annotations", str(caption_file)]
+        out = ("--images", str(SAMPLE), "--k", "4", "--out", str(tmp_path / name))
+        printed = invoke_json("eval-retrieval", *args, *out)
+        scores[name] = {k: v for k, v in printed.items() if k != "annotations"}
+    assert scores["original"]["num_images"] == 20
+    assert scores["original"] == scores["lavis"]
+
+    trained = invoke_json(
+        "pretrain-stage1",
+        "--data",
+        str(dataset),
+        "--set",
+        f"data.image_root={SAMPLE}",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "train"),
+    )
+    assert trained["steps"] == 1

@@ -14,6 +14,7 @@ from qformer_cli.data import (
     image_id_from_name,
     load_image,
     one_caption_per_sample,
+    read_caption_file,
     read_coco_captions,
     read_image_folder,
     read_karpathy,
@@ -24,6 +25,7 @@ from qformer_cli.data import (
 )
 from qformer_cli.errors import UsageError
 
+SAMPLE = sample_data_dir()
 IMAGES = {"train": 3000, "val": 300, "test": 300}
 FIRST_ID = {"train": 100000, "val": 200000, "test": 300000}
 QUESTIONS_PER_IMAGE = {"train": 3, "val": 4, "test": 4}
@@ -160,3 +162,56 @@ def test_one_caption_per_sample() -> None:
 )
 def test_image_id_from_name(name: str, expected: int | str) -> None:
     assert image_id_from_name(name) == expected
+
+
+def write_karpathy_dataset(path: Path, test_images: int = 20) -> dict:
+    """sample_data's val captions in the layout of Karpathy's ``dataset_coco.json`` (what
+    ``json.dump`` of his release holds: ``images[]`` with filepath, filename, imgid, split,
+    sentences[] of tokens / raw / imgid / sentid, cocoid; a ``dataset`` name), splits assigned
+    test, train, restval, val in turn after the first ``test_images`` test images."""
+    coco = json.loads((SAMPLE / "captions_val.json").read_text())
+    captions: dict[int, list[str]] = {}
+    for annotation in coco["annotations"]:
+        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    images, sentence_id = [], 0
+    for index, image in enumerate(coco["images"]):
+        split = "test" if index < test_images else ("train", "restval", "val")[index % 3]
+        sentences = []
+        for raw in captions[image["id"]]:
+            tokens = raw.lower().replace(",", "").split()
+            sentences.append({"tokens": tokens, "raw": raw, "imgid": index, "sentid": sentence_id})
+            sentence_id += 1
+        images.append(
+            {
+                "filepath": "images/val",
+                "sentids": [s["sentid"] for s in sentences],
+                "filename": image["file_name"],
+                "imgid": index,
+                "split": split,
+                "sentences": sentences,
+                "cocoid": image["id"],
+            }
+        )
+    payload = {"images": images, "dataset": "coco"}
+    path.write_text(json.dumps(payload))
+    return payload
+
+
+def test_karpathys_own_dataset_file_reads_by_split(tmp_path: Path) -> None:
+    path = tmp_path / "dataset_coco.json"
+    payload = write_karpathy_dataset(path)
+    test = read_caption_file(path, SAMPLE, karpathy_splits=("test",))
+    train = read_caption_file(path, SAMPLE, karpathy_splits=("train", "restval"))
+    expected_test = [image for image in payload["images"] if image["split"] == "test"]
+    assert [s.image_id for s in test] == [image["cocoid"] for image in expected_test]
+    assert [list(s.captions) for s in test] == [
+        [sentence["raw"] for sentence in image["sentences"]] for image in expected_test
+    ]
+    assert all(Path(s.image).is_file() for s in test + train)
+    splits = {image["cocoid"]: image["split"] for image in payload["images"]}
+    assert {splits[s.image_id] for s in train} == {"train", "restval"}
+    # the same images as COCO captions JSON gives, for the same ids
+    coco_file, images = SAMPLE / "captions_val.json", SAMPLE / "images" / "val"
+    coco = {s.image_id: s for s in read_coco_captions(coco_file, images)}
+    assert all(coco[s.image_id].captions == s.captions for s in test)
+    assert all(Path(coco[s.image_id].image) == Path(s.image) for s in test)

@@ -130,7 +130,7 @@ def test_overwrite_under_torchrun_clears_once_then_trains(tmp_path: Path):
     "arguments",
     [
         ["pretrain-stage1", "--set", "train.lr=abc"],  # refused while reading the config
-        ["pretrain-stage1", "--data", "missing.json", "--max-steps", "1"],  # refused in build
+        ["pretrain-stage1", "--data", "missing.json", "--max-steps", "1"],  # refused in preflight
         ["eval-vqa", "--predictions", "missing.json"],  # refused while scoring
     ],
     ids=["bad-setting", "missing-training-data", "missing-predictions"],
@@ -151,7 +151,7 @@ def test_a_refused_command_removes_only_the_out_dirs_it_created(tmp_path: Path):
     for out in (tmp_path / "new" / "run", mine):
         arguments = ["--data", str(tmp_path / "missing.json"), "--out", str(out)]
         result = runner.invoke(app, ["pretrain-stage1", *arguments, "--max-steps", "1"])
-        assert result.exit_code == 1
-        assert result.stderr.strip().endswith("missing.json: file not found"), result.output
+        assert result.exit_code == 2
+        assert result.stderr.strip().endswith("missing.json: no such file"), result.output
     assert sorted(tmp_path.iterdir()) == [mine]  # new/run and new removed; the user's kept
     assert list(mine.iterdir()) == []  # and nothing (run_config.json) written into it

@@ -201,6 +201,16 @@ def finish(result: dict[str, Any], as_json: bool) -> None:
         print_json(result)
 
 
+def require_inputs(**paths: Path | None) -> None:
+    """Refuse a path option naming nothing (exit 2), before any work: ``caption_file=PATH``
+    checks ``--caption-file``."""
+    from qformer_cli.errors import UsageError
+
+    for name, path in paths.items():
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"--{name.replace('_', '-')} {path}: no such file or folder")
+
+
 def load_run_config(
     config: str | None, overrides: list[str] | None, flags: dict[str, Any]
 ) -> RunConfig:

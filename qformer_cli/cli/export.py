@@ -14,6 +14,7 @@ from qformer_cli.cli.common import (
     handles_errors,
     output_console,
     print_json,
+    require_inputs,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -47,6 +48,7 @@ def export_onnx_command(
     from qformer_cli.pretrained import checkpoint_stage, load_stage1_pipeline, load_stage2
     from qformer_cli.runtime import make_out_dir
 
+    require_inputs(model=model)
     cpu = torch.device("cpu")
     if checkpoint_stage(model) == 1:
         source: Any = load_stage1_pipeline(model, cpu)
@@ -92,6 +94,7 @@ def convert(
 
     from qformer_cli.errors import UsageError
 
+    require_inputs(model=model)
     if to == "transformers":
         from qformer_cli.export.transformers_blip2 import export_to_transformers
         from qformer_cli.pretrained import load_stage2

@@ -26,6 +26,7 @@ from qformer_cli.cli.common import (
     output_console,
     print_json,
     print_metrics,
+    require_inputs,
 )
 
 ModelOption = Annotated[
@@ -170,6 +171,7 @@ def caption(
     """Caption images with a stage-2 model; scores them when the ground truth is known."""
     from qformer_cli.runtime import make_out_dir
 
+    require_inputs(model=model, images=images, annotations=annotations)
     flags = _generation_flags(
         "generate",
         backend,
@@ -228,6 +230,7 @@ def eval_caption(
 
     if (predictions is None) == (model is None):
         raise UsageError("give exactly one of --predictions FILE or --model DIR")
+    require_inputs(predictions=predictions, model=model, annotations=annotations, images=images)
     out_dir = make_out_dir(out, "eval-caption")
     if model is not None:
         result = _caption(
@@ -320,6 +323,13 @@ def eval_vqa(
 
     if (predictions is None) == (model is None):
         raise UsageError("give exactly one of --predictions FILE or --model DIR")
+    require_inputs(
+        model=model,
+        predictions=predictions,
+        questions=questions,
+        annotations=annotations,
+        images=images,
+    )
     flags = _generation_flags(
         "vqa",
         backend,
@@ -419,6 +429,7 @@ def eval_retrieval(
     from qformer_cli.pretrained import load_stage1_pipeline
     from qformer_cli.runtime import init_distributed, make_out_dir
 
+    require_inputs(model=model, annotations=annotations, images=images)
     _, torch_device = init_distributed(device)
     pipeline = load_stage1_pipeline(model, torch_device)
     annotations = annotations or sample_split_files(split).karpathy

@@ -32,6 +32,7 @@ from qformer_cli.cli.common import (
     handles_errors,
     load_run_config,
     print_json,
+    require_inputs,
 )
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ def pretrain_stage2(
 
     from qformer_cli.train.stage2 import build_stage2_recipe, inherit_init_vision
 
+    require_inputs(init=init)
     flags = {
         "model.llm.model": llm,
         "model.vision.model": vision_model,

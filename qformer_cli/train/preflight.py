@@ -14,6 +14,7 @@ import torch
 
 from qformer_cli import checkpoint
 from qformer_cli.config import RunConfig
+from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import (
     build_language_model,
@@ -35,6 +36,7 @@ def check_before_loading(
     """Refuse, before any weights load, a run that would fail later; ``run_name`` names the run
     in messages."""
     _check_stage_options(stage, config)
+    _check_data_files(config)
     _check_backbones(stage, config)
     # built once on the meta device, read by both the resume and the free-disk checks
     llm_width = llm_embedding_width(config) if stage == 2 else None
@@ -50,6 +52,23 @@ def _check_stage_options(stage: int, config: RunConfig) -> None:
         raise UsageError("train.fsdp (--fsdp) shards stage 2's frozen LLM: a stage-2 option")
     if config.train.fsdp and not torch.distributed.is_initialized():
         raise UsageError("--fsdp needs several processes: launch with torchrun")
+
+
+def _check_data_files(config: RunConfig) -> None:
+    """Every data file the config names exists: a missing one is a usage error (exit 2)."""
+    data = config.data
+    named = {
+        "data.train (--data)": data.train,
+        "data.vqa_questions": data.vqa_questions,
+        "data.vqa_annotations": data.vqa_annotations,
+    }
+    for key, value in named.items():
+        if value and not resolve_embedded_path(value).is_file():
+            raise UsageError(f"{key} {value}: no such file")
+    folders = {"data.image_root": data.image_root, "data.features (--features)": data.features}
+    for key, value in folders.items():
+        if value and not resolve_embedded_path(value).is_dir():
+            raise UsageError(f"{key} {value}: no such folder")
 
 
 def _check_backbones(stage: int, config: RunConfig) -> None:

@@ -99,7 +99,7 @@ def test_version_and_module_entry_point():
     assert completed.stdout.startswith("qformer ")
 
 
-MODEL = str(ROOT / "no-model-needed")  # refused before any model is looked for
+MODEL = str(ROOT)  # exists; the settings are refused before any model is looked for
 
 
 @pytest.mark.parametrize(
@@ -153,3 +153,31 @@ def test_dash_h_is_help(command: list[str]) -> None:
     short, long = runner.invoke(app, [*command, "-h"]), runner.invoke(app, [*command, "--help"])
     assert short.exit_code == long.exit_code == 0
     assert short.output == long.output and "Usage:" in short.output
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["caption", "--model", "{missing}"], "--model"),
+        (["caption", "--model", ".", "--images", "{missing}"], "--images"),
+        (["eval-caption", "--predictions", "{missing}"], "--predictions"),
+        (["eval-vqa", "--model", ".", "--questions", "{missing}"], "--questions"),
+        (["eval-vqa", "--predictions", ".", "--annotations", "{missing}"], "--annotations"),
+        (["eval-retrieval", "--model", "{missing}"], "--model"),
+        (["export-onnx", "--model", "{missing}", "--out", "o"], "--model"),
+        (["convert", "out", "--model", "{missing}"], "--model"),
+        (["pretrain-stage2", "--init", "{missing}"], "--init"),
+        (["pretrain-stage1", "--data", "{missing}"], "data.train (--data)"),
+        (["pretrain-stage1", "--features", "{missing}"], "data.features (--features)"),
+    ],
+)
+def test_a_missing_input_is_a_usage_error_naming_its_option(
+    args: list[str], option: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "nothing-here.json")
+    result = runner.invoke(app, [arg.replace("{missing}", missing) for arg in args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {option} {missing}: no such"), lines
+    assert list(tmp_path.iterdir()) == []

@@ -43,6 +43,8 @@ def resolve_resume(
         if found is None:
             warn(f"--resume auto: no complete checkpoint in {run_dir}; starting fresh")
         return run_dir, found
+    if not Path(resume).exists():
+        raise UsageError(f"--resume {resume}: no such folder (or give --resume auto)")
     found = checkpoint.resolve_checkpoint(Path(resume))
     if not (found / checkpoint.TRAIN_STATE).is_file():
         raise CheckpointError(f"{found}: has no training state to resume from")

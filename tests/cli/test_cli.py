@@ -169,6 +169,7 @@ def test_dash_h_is_help(command: list[str]) -> None:
         (["pretrain-stage2", "--init", "{missing}"], "--init"),
         (["pretrain-stage1", "--data", "{missing}"], "data.train (--data)"),
         (["pretrain-stage1", "--features", "{missing}"], "data.features (--features)"),
+        (["pretrain-stage1", "--resume", "{missing}"], "--resume"),
     ],
 )
 def test_a_missing_input_is_a_usage_error_naming_its_option(

@@ -28,7 +28,7 @@ from qformer_cli.data import Sample, build_transform, load_image, load_transform
 from qformer_cli.data.folder import read_image_folder
 from qformer_cli.data.sample import image_id_from_name
 from qformer_cli.errors import UsageError
-from qformer_cli.inference.caption import caption_samples
+from qformer_cli.inference.caption import caption_prompt, caption_samples
 from qformer_cli.inference.generators import Generator, load_generator
 from qformer_cli.inference.vqa import answer_samples, vqa_template
 
@@ -76,7 +76,9 @@ def caption(
     generator = _generator(model)
     config = _settings(GenerationConfig(), model, settings)
     samples = _samples(images)
-    chosen = prompt if prompt is not None else (generator.prompt or config.prompt)
+    if prompt is not None:
+        config = dataclasses.replace(config, prompt=prompt)
+    chosen = caption_prompt(generator, config, given=prompt is not None)
     captions, _ = caption_samples(generator, samples, config, chosen, batch_size=batch_size)
     return [
         {"image": sample.origin, "caption": row["caption"]}

@@ -156,16 +156,25 @@ def load_retrieval_set(
             features.append(vision(batch.images.to(device)).float())
     captions = [caption for sample in samples for caption in sample.captions]
     owners = [i for i, sample in enumerate(samples) for _ in sample.captions]
+    input_ids, text_mask = tokenize_texts(tokenizer, captions, device)
+    return RetrievalSet(
+        image_embeds=torch.cat(features),
+        input_ids=input_ids,
+        text_mask=text_mask,
+        text_to_image=torch.tensor(owners),
+    )
+
+
+def tokenize_texts(
+    tokenizer, texts: list[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask (N, T) of ``texts`` as BLIP-2's retrieval reads them: padded to the
+    longest, cut at ``RETRIEVAL_MAX_TEXT_LEN``."""
     encoded = tokenizer(
-        captions,
+        texts,
         padding="longest",
         truncation=True,
         max_length=RETRIEVAL_MAX_TEXT_LEN,
         return_tensors="pt",
     )
-    return RetrievalSet(
-        image_embeds=torch.cat(features),
-        input_ids=encoded["input_ids"].to(device),
-        text_mask=encoded["attention_mask"].to(device),
-        text_to_image=torch.tensor(owners),
-    )
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)

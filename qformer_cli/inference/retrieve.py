@@ -10,12 +10,12 @@ from typing import Any
 import torch
 
 from qformer_cli.eval.retrieval import (
-    RETRIEVAL_MAX_TEXT_LEN,
     RetrievalSet,
     evaluate_retrieval,
     itc_similarity,
     load_retrieval_set,
     rerank,
+    tokenize_texts,
 )
 
 
@@ -74,17 +74,11 @@ def image_text_scores(
             for chunk in pixel_values.split(batch_size)
         ]
     )  # (N_img, N, C)
-    encoded = pipeline.tokenizer(
-        texts,
-        padding="longest",
-        truncation=True,
-        max_length=RETRIEVAL_MAX_TEXT_LEN,
-        return_tensors="pt",
-    )
+    input_ids, text_mask = tokenize_texts(pipeline.tokenizer, texts, device)
     data = RetrievalSet(
         image_embeds=features,
-        input_ids=encoded["input_ids"].to(device),
-        text_mask=encoded["attention_mask"].to(device),
+        input_ids=input_ids,
+        text_mask=text_mask,
         text_to_image=torch.full((len(texts),), -1),
     )
     similarity = itc_similarity(model, data, batch_size)  # (N_img, N_txt)

@@ -110,7 +110,7 @@ def answer(
         for index, (sample, question) in enumerate(zip(samples, questions, strict=True))
     ]
     template = vqa_template(prompt if prompt is not None else config.prompt)
-    answers, _ = answer_samples(generator, asked, config, template, batch_size=batch_size)
+    answers = answer_samples(generator, asked, config, template, batch_size=batch_size)
     return [row["answer"] for row in answers]
 
 
@@ -159,7 +159,8 @@ def _samples(images: Images) -> list[Sample]:
             samples.extend(read_image_folder(item))
         else:
             path = Path(item)
-            samples.append(Sample(image=path, image_id=image_id_from_name(path), origin=str(path)))
+            image_id = image_id_from_name(path)
+            samples.append(Sample(image=path, image_id=image_id, origin=str(path), file=str(path)))
     if not samples:
         raise UsageError("no images given")
     return samples

@@ -77,6 +77,9 @@ class DataConfig:
     hflip: bool = True  # part of augment; off where captions name left/right
     num_workers: int = 0
     skip_bad_samples: bool = False
+    # decompression-bomb guard: images declaring more pixels are bad samples; large photos
+    # below it are decoded reduced (qformer_cli.data.sample.REDUCE_ABOVE_PIXELS)
+    max_image_pixels: int = 256_000_000  # a 108 MP phone photo passes
 
 
 @dataclass
@@ -125,6 +128,7 @@ class GenerationConfig:
     do_sample: bool = False
     top_p: float = 0.9
     temperature: float = 1.0
+    seed: int | None = None  # with do_sample: the same samples every run (None: fresh ones)
 
     def decoding(self) -> dict[str, Any]:
         """Every setting but the prompt (what an export records as its decoding settings)."""
@@ -252,6 +256,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "keep_last": AT_LEAST_1,
         "max_nonfinite_steps": AT_LEAST_0,
     },
+    DataConfig: {"num_workers": AT_LEAST_0, "max_image_pixels": AT_LEAST_1},
     GenerationConfig: {
         "num_beams": AT_LEAST_1,
         "max_new_tokens": AT_LEAST_1,

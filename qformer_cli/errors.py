@@ -11,6 +11,7 @@ class QformerError(Exception):
     """Base class: an expected failure with a message meant for the user."""
 
     exit_code = 1
+    label = "error"  # how the CLI's one line starts
 
 
 class UsageError(QformerError):
@@ -23,6 +24,13 @@ class DataError(QformerError):
     """Unreadable or malformed input data; the message names the file and the entry: exit code 1."""
 
     exit_code = 1
+
+
+class Interrupted(QformerError):
+    """Stopped by the user (Ctrl-C) or a signal, after saving what there was to save: exit 130."""
+
+    exit_code = 130
+    label = "stopped"
 
 
 class CheckpointError(QformerError):

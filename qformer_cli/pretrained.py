@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,11 @@ class Stage1Pipeline:
 
 
 def load_stage1_pipeline(path: Path, device: torch.device) -> Stage1Pipeline:
-    """``load_stage1`` plus the frozen vision encoder named in its run config."""
+    """``load_stage1`` plus the frozen vision encoder named in its run config; or a
+    transformers ``Blip2ForImageTextRetrieval`` directory."""
+    path = Path(path)
+    if _is_transformers_blip2(path):
+        return _load_transformers_retrieval(path, device)
     loaded = load_stage1(path, device)
     vision_spec = loaded.run_config.model.vision
     return Stage1Pipeline(
@@ -90,11 +95,50 @@ def load_stage1_pipeline(path: Path, device: torch.device) -> Stage1Pipeline:
 
 
 def checkpoint_stage(path: Path) -> int:
-    """1 or 2: the stage of a run/checkpoint directory (a transformers BLIP-2 directory is 2)."""
+    """1 or 2: the stage of a run/checkpoint directory, or of a transformers BLIP-2 directory
+    (``Blip2ForImageTextRetrieval``: 1; ``Blip2ForConditionalGeneration``: 2)."""
     path = Path(path)
     if _is_transformers_blip2(path):
-        return 2
+        return 1 if _is_retrieval_model(path) else 2
     return checkpoint.load_meta(checkpoint.resolve_checkpoint(path)).stage
+
+
+def _is_retrieval_model(path: Path) -> bool:
+    architectures = read_config_json(path).get("architectures") or []
+    return any("ImageTextRetrieval" in name for name in architectures)
+
+
+def _load_transformers_retrieval(path: Path, device: torch.device) -> Stage1Pipeline:
+    """A transformers ``Blip2ForImageTextRetrieval`` directory (with its BERT tokenizer and
+    image processor, as ``convert --to transformers`` writes it), split into our parts."""
+    from transformers import Blip2Config, Blip2VisionModel
+
+    if not _is_retrieval_model(path):
+        raise CheckpointError(
+            f"{path}: a transformers BLIP-2 generation model; retrieval and matching need "
+            "Blip2ForImageTextRetrieval (a stage-1 model)"
+        )
+    config = Blip2Config.from_pretrained(path)
+    tensors = read_safetensors_dir(path)
+    vision_model = Blip2VisionModel(config.vision_config)
+    _load_prefixed(vision_model, tensors, "vision_model.", path)
+    qformer_config = dataclasses.replace(
+        qformer_config_from_transformers(config), embed_dim=config.image_text_hidden_size
+    )
+    model = Stage1Model(qformer_config)
+    report = import_state_dict(model, tensors, "transformers")
+    # transformers' retrieval model has no ITG head and no ITC temperature: neither is used by
+    # retrieval or matching, so they keep their initial values here
+    needed = [key for key in report.missing if not key.startswith(("lm_head.", "temp"))]
+    if needed:
+        raise CheckpointError(f"{path}: missing BLIP-2 retrieval weights: {needed[:5]}")
+    return Stage1Pipeline(
+        model=model.to(device).eval(),
+        vision=VisionEncoder(vision_model).to(device),
+        tokenizer=AutoTokenizer.from_pretrained(path),
+        image_processor_source=str(path),
+        directory=path,
+    )
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The ``qformer`` command line: parse options, build the config, call one function, print.
 
-One module per family of commands: training (``train``), inference and evaluation
-(``infer``), export and conversion (``export``), ``info``; ``COMMANDS`` below registers them on
-the one Typer ``app``, in the order ``--help`` lists them. The work itself happens in the
+One module per family of commands: training (``train``), inference and evaluation over
+files (``infer``), one image at a time (``ask``), export and conversion (``export``),
+``info``; ``COMMANDS`` below registers them on the one Typer ``app``, in the order ``--help``
+lists them. The work itself happens in the
 library: ``qformer_cli.train``, ``qformer_cli.inference``, ``qformer_cli.export``.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from qformer_cli.cli import export, infer, info, train
+from qformer_cli.cli import ask, export, infer, info, train
 from qformer_cli.cli.common import app
 
 __all__ = ["app", "main"]
@@ -23,6 +24,8 @@ COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("caption", infer.caption),
     ("eval-caption", infer.eval_caption),
     ("eval-vqa", infer.eval_vqa),
+    ("ask", ask.ask),
+    ("match", ask.match),
     ("export-onnx", export.export_onnx_command),
     ("convert", export.convert),
     ("eval-retrieval", infer.eval_retrieval),

@@ -82,7 +82,9 @@ TrainDataOption = Annotated[
 SkipBadOption = Annotated[
     bool,
     typer.Option(
-        "--skip-bad-samples", help="Skip unreadable samples and report them (else: error)."
+        "--skip-bad-samples",
+        help="Skip unreadable or missing images and malformed entries, count them and list them "
+        "in <out>/skipped.json (default: stop at the first, naming it).",
     ),
 ]
 FeaturesOption = Annotated[
@@ -108,6 +110,9 @@ MaxNonfiniteOption = Annotated[
         help="Stop (exit 1) after this many non-finite steps in a row (0: never; default 5).",
     ),
 ]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress lines (errors and results only).")
+]
 ResumeOption = Annotated[
     str | None,
     typer.Option("--resume", help="auto (newest good checkpoint of --out / the latest run) | DIR."),
@@ -122,8 +127,8 @@ OverwriteOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int) -> None:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", markup=False)
+def _fail(message: str, code: int, label: str = "error") -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"{label}: {message}", markup=False)
     raise typer.Exit(code)
 
 
@@ -154,9 +159,9 @@ def handles_errors(command: F) -> F:
         except QformerError as exc:
             if debug:
                 raise
-            _fail(str(exc), exc.exit_code)
+            _fail(str(exc), exc.exit_code, exc.label)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail("interrupted", 130, "stopped")
         except Exception as exc:
             if debug:
                 raise
@@ -218,6 +223,14 @@ def load_run_config(
     from qformer_cli.config import load_config
 
     return load_config(config, [*(overrides or []), *flag_overrides(**flags)])
+
+
+def progress_report(label: str, quiet: bool) -> Any:
+    """A :class:`~qformer_cli.progress.ProgressReport` on stderr for a job of unknown size yet
+    (the inference loops pass (done, total) to its ``counter``)."""
+    from qformer_cli.progress import ProgressReport
+
+    return ProgressReport(Console(stderr=True), label, 0, quiet=quiet)
 
 
 def print_metrics(console: Console, metrics: dict[str, Any], title: str) -> None:

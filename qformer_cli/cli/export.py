@@ -88,7 +88,8 @@ def convert(
     as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Write a checkpoint in another layout: a transformers BLIP-2 directory (stage 2) or a
+    """Write a checkpoint in another layout: a transformers BLIP-2 directory
+    (Blip2ForImageTextRetrieval for stage 1, Blip2ForConditionalGeneration for stage 2) or a
     LAVIS {"model": state_dict} .pth (stage 1 or 2)."""
     import torch
 
@@ -96,12 +97,17 @@ def convert(
 
     require_inputs(model=model)
     if to == "transformers":
-        from qformer_cli.export.transformers_blip2 import export_to_transformers
-        from qformer_cli.pretrained import load_stage2
+        from qformer_cli.export import transformers_blip2 as export
+        from qformer_cli.pretrained import checkpoint_stage, load_stage1_pipeline, load_stage2
 
-        pipeline = load_stage2(model, torch.device("cpu"))
-        export_to_transformers(pipeline, out)
-        source = pipeline.directory
+        if checkpoint_stage(model) == 1:
+            retrieval = load_stage1_pipeline(model, torch.device("cpu"))
+            export.export_stage1_to_transformers(retrieval, out)
+            source = retrieval.directory
+        else:
+            pipeline = load_stage2(model, torch.device("cpu"))
+            export.export_to_transformers(pipeline, out)
+            source = pipeline.directory
     elif to == "lavis":
         from qformer_cli.models.convert import save_lavis
         from qformer_cli.pretrained import load_trainable

@@ -20,12 +20,15 @@ from qformer_cli.cli.common import (
     DeviceOption,
     JsonOption,
     OutOption,
+    QuietOption,
     SetOption,
+    SkipBadOption,
     handles_errors,
     load_run_config,
     output_console,
     print_json,
     print_metrics,
+    progress_report,
     require_inputs,
 )
 
@@ -55,9 +58,18 @@ NumBeamsOption = Annotated[
 MaxNewOption = Annotated[int | None, typer.Option("--max-new-tokens")]
 MinNewOption = Annotated[int | None, typer.Option("--min-new-tokens")]
 LengthPenaltyOption = Annotated[float | None, typer.Option("--length-penalty")]
+ShuffleOption = Annotated[
+    bool,
+    typer.Option(
+        "--shuffle-images",
+        "--blind",
+        help="Grounding check: each image is shown with another input's text (a derangement); "
+        "a grounded model then scores far lower.",
+    ),
+]
 
 
-def _generator(model: Path, backend: str, device: str) -> Any:
+def load_generator_for(model: Path, backend: str, device: str) -> Any:
     """The model behind ``--backend``: torch on ``--device``, or onnxruntime (its provider
     reported on stderr)."""
     from qformer_cli.inference.generators import describe, load_generator
@@ -70,7 +82,7 @@ def _generator(model: Path, backend: str, device: str) -> Any:
     return generator
 
 
-def _generation_flags(section: str, backend: str, **flags: Any) -> dict[str, Any]:
+def generation_flags(section: str, backend: str, **flags: Any) -> dict[str, Any]:
     """Dedicated generation flags as ``section.key`` overrides; the onnxruntime backend decodes
     greedily, so it takes 1 beam unless told otherwise."""
     if flags.get("num_beams") is None and backend == "onnx":
@@ -95,23 +107,29 @@ def _caption(
     device: str,
     out_dir: Path,
     backend: str = "torch",
+    quiet: bool = False,
 ) -> dict[str, Any]:
+    from qformer_cli.data import BadSampleLog
     from qformer_cli.inference.caption import caption_inputs, caption_prompt, caption_to_files
 
-    generator = _generator(model, backend, device)
-    samples, ground_truth = caption_inputs(images, annotations, split)
+    bad = BadSampleLog(skip=run_config.data.skip_bad_samples)
+    samples, ground_truth = caption_inputs(images, annotations, split)  # read before the model
+    generator = load_generator_for(model, backend, device)
     settings = run_config.generate
-    result = caption_to_files(
-        generator,
-        samples,
-        ground_truth,
-        settings,
-        caption_prompt(generator, settings, prompt_given),
-        out_dir,
-        batch_size=batch_size,
-        shuffle_images=shuffle_images,
-        skip_bad_samples=run_config.data.skip_bad_samples,
-    )
+    with progress_report("caption", quiet) as progress:
+        result = caption_to_files(
+            generator,
+            samples,
+            ground_truth,
+            settings,
+            caption_prompt(generator, settings, prompt_given),
+            out_dir,
+            batch_size=batch_size,
+            shuffle_images=shuffle_images,
+            bad=bad,
+            max_image_pixels=run_config.data.max_image_pixels,
+            progress=progress.counter,
+        )
     return {"model": str(model), **result}
 
 
@@ -124,12 +142,21 @@ def _print_captions(result: dict[str, Any], as_json: bool, limit: int = 10) -> N
     table = Table(title=f"Captions ({len(captions)} images, first {min(limit, len(captions))})")
     table.add_column("image_id")
     table.add_column("caption")
+    table.add_column("file")
     for row in captions[:limit]:
-        table.add_row(str(row["image_id"]), row["caption"])
+        table.add_row(str(row["image_id"]), row["caption"], row.get("file", ""))
     console.print(table)
     if "metrics" in result:
         print_metrics(console, result["metrics"], "Caption scores (COCO scale)")
     console.print(f"wrote {result['captions']}", markup=False, highlight=False)
+    _print_skipped(console, result)
+
+
+def _print_skipped(console: Console, result: dict[str, Any]) -> None:
+    if result.get("bad_samples"):
+        reasons = ", ".join(f"{n} {why}" for why, n in result["bad_sample_reasons"].items())
+        line = f"skipped {result['bad_samples']} bad samples ({reasons}): {result['skipped']}"
+        console.print(line, markup=False, highlight=False)
 
 
 @handles_errors
@@ -156,15 +183,14 @@ def caption(
         float | None, typer.Option("--temperature", help="With --do-sample (1.0).")
     ] = None,
     batch_size: BatchOption = 32,
-    shuffle_images: Annotated[
-        bool,
-        typer.Option("--shuffle-images", help="Grounding check: images shuffled across inputs."),
-    ] = False,
+    shuffle_images: ShuffleOption = False,
+    skip_bad_samples: SkipBadOption = False,
     backend: BackendOption = "torch",
     config: ConfigOption = None,
     overrides: SetOption = None,
     out: OutOption = None,
     device: DeviceOption = "auto",
+    quiet: QuietOption = False,
     as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -172,7 +198,7 @@ def caption(
     from qformer_cli.runtime import make_out_dir
 
     require_inputs(model=model, images=images, annotations=annotations)
-    flags = _generation_flags(
+    flags = generation_flags(
         "generate",
         backend,
         prompt=prompt,
@@ -185,6 +211,7 @@ def caption(
         top_p=top_p,
         temperature=temperature,
     )
+    flags["data.skip_bad_samples"] = skip_bad_samples or None
     run_config = load_run_config(config, overrides, flags)
     result = _caption(
         model,
@@ -198,6 +225,7 @@ def caption(
         device=device,
         out_dir=make_out_dir(out, "caption"),
         backend=backend,
+        quiet=quiet,
     )
     _print_captions(result, as_json)
 
@@ -215,10 +243,12 @@ def eval_caption(
     images: ImagesOption = None,
     split: SplitOption = "val",
     batch_size: BatchOption = 32,
+    skip_bad_samples: SkipBadOption = False,
     config: ConfigOption = None,
     overrides: SetOption = None,
     out: OutOption = None,
     device: DeviceOption = "auto",
+    quiet: QuietOption = False,
     as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -235,7 +265,7 @@ def eval_caption(
     if model is not None:
         result = _caption(
             model,
-            load_run_config(config, overrides, {}),
+            load_run_config(config, overrides, {"data.skip_bad_samples": skip_bad_samples or None}),
             images=images,
             annotations=annotations,
             split=split,
@@ -244,8 +274,9 @@ def eval_caption(
             shuffle_images=False,
             device=device,
             out_dir=out_dir,
+            quiet=quiet,
         )
-        metrics = result["metrics"]
+        metrics = {**result["metrics"], **_skip_fields(result)}
     else:
         ground_truth = annotations or sample_split_files(split).coco_captions
         metrics = evaluate_caption_files(ground_truth, predictions).to_dict()
@@ -254,6 +285,14 @@ def eval_caption(
         print_json(metrics)
         return
     print_metrics(output_console(as_json), metrics, "Caption scores (COCO scale)")
+
+
+def _skip_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """What was skipped, when anything was (else the scores alone, as ``--predictions``)."""
+    if not result.get("bad_samples"):
+        return {}
+    keys = ("bad_samples", "bad_sample_reasons", "skipped")
+    return {key: result[key] for key in keys if key in result}
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,29 +335,27 @@ def eval_vqa(
     metric: Annotated[
         str, typer.Option("--metric", help="official (GT-Vision-Lab) | lavis (BLIP-2's numbers).")
     ] = "official",
-    blind: Annotated[
-        bool, typer.Option("--blind", help="Shuffle images across questions (grounding check).")
-    ] = False,
+    blind: ShuffleOption = False,
     num_beams: NumBeamsOption = None,
     max_new_tokens: MaxNewOption = None,
     min_new_tokens: MinNewOption = None,
     length_penalty: LengthPenaltyOption = None,
     batch_size: BatchOption = 32,
-    skip_bad_samples: Annotated[bool, typer.Option("--skip-bad-samples")] = False,
+    skip_bad_samples: SkipBadOption = False,
     backend: BackendOption = "torch",
     config: ConfigOption = None,
     overrides: SetOption = None,
     out: OutOption = None,
     device: DeviceOption = "auto",
+    quiet: QuietOption = False,
     as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Zero-shot VQA scored with the VQAv2 accuracy (leave-one-out over 10 answers); decoding
     settings from the config's vqa section (5 beams, up to 10 tokens, length penalty -1)."""
-    from qformer_cli.data import sample_split_files
+    from qformer_cli.data import BadSampleLog, sample_split_files
     from qformer_cli.errors import UsageError
-    from qformer_cli.eval.vqa_metric import evaluate_vqa_files
-    from qformer_cli.inference.vqa import answer_to_file, vqa_template
+    from qformer_cli.inference.vqa import answer_to_file, score_to_file, vqa_template
     from qformer_cli.runtime import make_out_dir
 
     if (predictions is None) == (model is None):
@@ -330,7 +367,7 @@ def eval_vqa(
         annotations=annotations,
         images=images,
     )
-    flags = _generation_flags(
+    flags = generation_flags(
         "vqa",
         backend,
         prompt=prompt,
@@ -339,49 +376,60 @@ def eval_vqa(
         min_new_tokens=min_new_tokens,
         length_penalty=length_penalty,
     )
-    settings = load_run_config(config, overrides, flags).vqa
+    flags["data.skip_bad_samples"] = skip_bad_samples or None
+    run_config = load_run_config(config, overrides, flags)
+    settings = run_config.vqa
     files = sample_split_files(split)
     if questions is None:  # the sample split's questions, with their ground truth
         questions, annotations = files.vqa_questions, annotations or files.vqa_annotations
     if annotations is None and predictions is not None:
         raise UsageError("--predictions is scored against --annotations: give the annotations")
     out_dir = make_out_dir(out, "eval-vqa")
-    result: dict[str, Any] = {}
+    bad = BadSampleLog(skip=run_config.data.skip_bad_samples)
+    result: dict[str, Any] = {"results": str(predictions), "shuffled_images": blind, "blind": blind}
     if model is not None:
         template = vqa_template(settings.prompt)
-        predictions = out_dir / "vqa_results.json"
-        generator = _generator(model, backend, device)
-        result = answer_to_file(
-            generator,
-            questions,
-            annotations,
-            images or files.image_dir,
-            settings,
-            template,
-            predictions,
-            batch_size=batch_size,
-            blind=blind,
-            skip_bad_samples=skip_bad_samples,
-        )
-        result = {"model": str(model), **result}
+        generator = load_generator_for(model, backend, device)
+        with progress_report("answer", quiet) as progress:
+            result.update(
+                answer_to_file(
+                    generator,
+                    questions,
+                    annotations,
+                    images or files.image_dir,
+                    settings,
+                    template,
+                    out_dir,
+                    batch_size=batch_size,
+                    blind=blind,
+                    bad=bad,
+                    max_image_pixels=run_config.data.max_image_pixels,
+                    progress=progress.counter,
+                ),
+                model=str(model),
+            )
+        predictions = Path(result["results"])
     if annotations is None:  # questions without ground truth (e.g. VQAv2 test-dev): no score
-        result.update(results=str(predictions), blind=blind, scored=False)
+        result.update(scored=False)
         if as_json:
             print_json(result)
             return
-        output_console(as_json).print(
+        console = output_console(as_json)
+        console.print(
             f"wrote {predictions} (no --annotations: answers only, not scored)",
             markup=False,
             highlight=False,
         )
+        _print_skipped(console, result)
         return
-    accuracy = evaluate_vqa_files(annotations, predictions, questions, metric=metric).to_dict()
-    (out_dir / "metrics.json").write_text(json.dumps(accuracy, indent=1))
-    result.update(accuracy, results=str(predictions), blind=blind, scored=True)
+    skipped = bad.skipped_ids("question_id")
+    accuracy = score_to_file(annotations, predictions, questions, metric, out_dir, skipped)
+    result.update(accuracy, scored=True)
     if as_json:
         print_json(result)
         return
     _print_vqa(output_console(as_json), accuracy)
+    _print_skipped(output_console(as_json), result)
 
 
 def _print_vqa(console: Console, accuracy: dict[str, Any]) -> None:
@@ -418,25 +466,41 @@ def eval_retrieval(
     ] = None,
     k: Annotated[int, typer.Option("--k", min=1, help="Candidates re-ranked with ITM.")] = 128,
     batch_size: BatchOption = 64,
+    skip_bad_samples: SkipBadOption = False,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
     out: OutOption = None,
     device: DeviceOption = "auto",
+    quiet: QuietOption = False,
     as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Image-text retrieval with a stage-1 checkpoint: ITC for all pairs, ITM re-rank of top k."""
-    from qformer_cli.data import sample_split_files
+    from qformer_cli.data import BadSampleLog, sample_split_files
     from qformer_cli.inference.retrieve import retrieval_to_file
     from qformer_cli.pretrained import load_stage1_pipeline
     from qformer_cli.runtime import init_distributed, make_out_dir
 
     require_inputs(model=model, annotations=annotations, images=images)
+    flags = {"data.skip_bad_samples": skip_bad_samples or None}
+    data_config = load_run_config(config, overrides, flags).data
     _, torch_device = init_distributed(device)
     pipeline = load_stage1_pipeline(model, torch_device)
     annotations = annotations or sample_split_files(split).karpathy
     out_dir = make_out_dir(out, "eval-retrieval")
-    result = retrieval_to_file(
-        pipeline, annotations, images, out_dir, k=k, batch_size=batch_size, device=torch_device
-    )
+    with progress_report("encode", quiet) as progress:
+        result = retrieval_to_file(
+            pipeline,
+            annotations,
+            images,
+            out_dir,
+            k=k,
+            batch_size=batch_size,
+            device=torch_device,
+            bad=BadSampleLog(skip=data_config.skip_bad_samples),
+            max_image_pixels=data_config.max_image_pixels,
+            progress=progress.counter,
+        )
     if as_json:
         print_json(result)
         return
@@ -452,3 +516,4 @@ def eval_retrieval(
     ):
         table.add_row(direction, *(f"{v:.2f}" for v in result[direction].values()))
     output_console(as_json).print(table)
+    _print_skipped(output_console(as_json), result)

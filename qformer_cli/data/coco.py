@@ -30,7 +30,7 @@ def read_coco_captions(
     image_dir = Path(image_dir) if image_dir is not None else Path(path).parent
     images = require_list(payload, path, "images")
     annotations = require_list(payload, path, "annotations")
-    files: dict[int | str, tuple[Path, str]] = {}
+    files: dict[int | str, tuple[str, str]] = {}  # image id -> (file_name, entry label)
     seen: dict[object, str] = {}
     for index, entry in enumerate(images):
         where = entry_label(path, "image", index, entry, "id")
@@ -41,20 +41,24 @@ def read_coco_captions(
         except DataError as error:
             raise_or_skip(bad, error, "missing field")
             continue
-        files[image_id] = (image_dir / file_name, where)
+        files[image_id] = (file_name, where)
     captions = _captions_by_image(path, annotations, files, bad)
     return [
         Sample(
-            image=file, image_id=image_id, captions=tuple(captions.get(image_id, [])), origin=where
+            image=image_dir / file_name,
+            image_id=image_id,
+            captions=tuple(captions.get(image_id, [])),
+            origin=where,
+            file=file_name,
         )
-        for image_id, (file, where) in files.items()
+        for image_id, (file_name, where) in files.items()
     ]
 
 
 def _captions_by_image(
     path: str | Path,
     annotations: list[object],
-    files: dict[int | str, tuple[Path, str]],
+    files: dict[int | str, tuple[str, str]],
     bad: BadSampleLog | None,
 ) -> dict[int | str, list[str]]:
     captions: dict[int | str, list[str]] = {}

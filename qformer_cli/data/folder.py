@@ -26,6 +26,6 @@ def read_image_folder(folder: str | Path, *, recursive: bool = True) -> list[Sam
     numbered = all(isinstance(n, int) for n in numbers) and len(set(numbers)) == len(numbers)
     ids = numbers if numbered else relative
     return [
-        Sample(image=path, image_id=image_id, origin=f"{shown(folder)}: {name}")
+        Sample(image=path, image_id=image_id, origin=f"{shown(folder)}: {name}", file=name)
         for path, image_id, name in zip(files, ids, relative, strict=True)
     ]

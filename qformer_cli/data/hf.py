@@ -169,8 +169,10 @@ def record_to_sample(
     caption_column = _pick(record, columns.caption, CAPTION_COLUMNS)
     question = record.get(columns.question) if columns.question else None
     answers = record.get(columns.answers) if columns.answers else None
+    image = _image_source(record[image_column], where)
     return Sample(
-        image=_image_source(record[image_column], where),
+        image=image,
+        file=str(image) if isinstance(image, Path) else "",
         image_id=record[id_column] if id_column else fallback_id,
         captions=_texts(record.get(caption_column) if caption_column else None, where),
         question=question if isinstance(question, str) else None,

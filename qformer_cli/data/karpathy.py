@@ -92,8 +92,8 @@ def _original_sample(entry: dict, where: str, root: Path) -> Sample:
     image_id = entry.get("cocoid")
     if not isinstance(image_id, int) or isinstance(image_id, bool):
         image_id = image_id_from_name(name)
-    path = root / folder / name if isinstance(folder, str) else root / name
-    return Sample(image=path, image_id=image_id, captions=captions, origin=where)
+    file = f"{folder}/{name}" if isinstance(folder, str) and folder else name
+    return Sample(image=root / file, image_id=image_id, captions=captions, origin=where, file=file)
 
 
 def _karpathy_sample(entry: object, where: str, root: Path) -> Sample:
@@ -108,4 +108,6 @@ def _karpathy_sample(entry: object, where: str, root: Path) -> Sample:
     image_id = entry.get("image_id")
     if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
         image_id = image_id_from_name(image)
-    return Sample(image=root / image, image_id=image_id, captions=captions, origin=where)
+    return Sample(
+        image=root / image, image_id=image_id, captions=captions, origin=where, file=image
+    )

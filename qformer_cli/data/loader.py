@@ -27,6 +27,7 @@ class BadSample:
 
     message: str
     reason: str
+    sample: Sample | None = None  # None: the entry did not even make a sample
 
 
 @dataclass(frozen=True)
@@ -35,18 +36,21 @@ class LoadedSample:
     image: torch.Tensor  # (3, H, W) pixel values, or (N, C) features from a feature cache
 
 
-def load_sample(sample: Sample, transform: ImageTransform) -> LoadedSample | BadSample:
+def load_sample(
+    sample: Sample, transform: ImageTransform, max_pixels: int | None = None
+) -> LoadedSample | BadSample:
     try:
-        return LoadedSample(sample, transform(load_image(sample)))
+        return LoadedSample(sample, transform(load_image(sample, max_pixels)))
     except ImageError as error:
-        return BadSample(str(error), error.reason)
+        return BadSample(str(error), error.reason, sample)
 
 
 class SampleDataset(Dataset[LoadedSample | BadSample]):
     """Map-style dataset: item ``i`` is sample ``i`` with its transformed image.
 
     ``bad_samples`` is the policy for bad images (default: raise); pass the same log to the
-    readers so entry errors and image errors are counted together.
+    readers so entry errors and image errors are counted together. Images declaring more than
+    ``max_image_pixels`` are bad (``data.max_image_pixels``).
     """
 
     def __init__(
@@ -56,16 +60,18 @@ class SampleDataset(Dataset[LoadedSample | BadSample]):
         *,
         skip_bad_samples: bool = False,
         bad_samples: BadSampleLog | None = None,
+        max_image_pixels: int | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.bad_samples = bad_samples or BadSampleLog(skip=skip_bad_samples)
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> LoadedSample | BadSample:
-        return load_sample(self.samples[index], self.transform)
+        return load_sample(self.samples[index], self.transform, self.max_image_pixels)
 
 
 class StreamingSampleDataset(IterableDataset[LoadedSample | BadSample]):
@@ -227,7 +233,7 @@ class SampleLoader:
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
             for bad in batch.skipped:
-                self.bad_samples.handle(bad.message, bad.reason)
+                self.bad_samples.handle(bad.message, bad.reason, bad.sample)
             if len(batch):
                 yield batch
 

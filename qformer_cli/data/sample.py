@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import warnings
 from collections import Counter
@@ -12,15 +13,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from qformer_cli.config import DataConfig
 from qformer_cli.data.json_files import shown
 from qformer_cli.errors import DataError
 
 # Where a sample's pixels come from: a file, encoded bytes, or an already decoded image.
 ImageSource = Path | bytes | Image.Image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# Decompression-bomb guard: a header promising more pixels than this is refused before decoding
-# (a 10 kB PNG can declare 40000 x 40000). Below PIL's own warning threshold, so ours speaks first.
-MAX_IMAGE_PIXELS = 64_000_000
+# Decompression-bomb guard (``data.max_image_pixels``): a header promising more pixels than this
+# is refused before decoding (a 10 kB PNG can declare 40000 x 40000). PIL's own guard is set to
+# ours while we decode.
+MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
+# Images above this many pixels are reduced while decoding (JPEG: draft mode, decoding at 1/2,
+# 1/4 or 1/8 scale) or right after it, keeping the shorter side at least REDUCED_SHORT_SIDE:
+# every model input (224-490 px) is far smaller, and a 100 MP photo then costs ~1/16 the memory.
+REDUCE_ABOVE_PIXELS = 4096 * 4096
+REDUCED_SHORT_SIDE = 2048
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
 
 
@@ -31,7 +39,8 @@ class Sample:
     Caption datasets fill ``captions`` (one entry per caption for training files, all of an
     image's captions for evaluation files); VQA datasets fill ``question`` and, when the
     annotations are known, ``answers`` (the ten human answers) and ``answer`` (the majority).
-    ``origin`` names the file and the entry, for error messages.
+    ``origin`` names the file and the entry, for error messages; ``file`` is the image's path
+    as its source names it (relative to the image root), written next to the id in results.
     """
 
     image: ImageSource
@@ -44,6 +53,7 @@ class Sample:
     answer_type: str | None = None
     question_type: str | None = None
     origin: str = ""
+    file: str = ""
 
 
 def one_caption_per_sample(samples: list[Sample]) -> list[Sample]:
@@ -70,17 +80,20 @@ class ImageError(DataError):
         self.reason = reason
 
 
-def load_image(sample: Sample) -> Image.Image:
-    """Decode a sample's image as RGB; a missing or unreadable image raises :class:`ImageError`
-    (a :class:`DataError`) naming the entry and the file."""
+def load_image(sample: Sample, max_pixels: int | None = None) -> Image.Image:
+    """Decode a sample's image as RGB, reduced when it is very large (see REDUCE_ABOVE_PIXELS);
+    a missing or unreadable image, or one declaring more than ``max_pixels`` (default
+    :data:`MAX_IMAGE_PIXELS`), raises :class:`ImageError` (a :class:`DataError`) naming the
+    entry and the file."""
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     source = sample.image
     if isinstance(source, Image.Image):
         return upright_rgb(source)
     if isinstance(source, bytes):
-        return _decode(io.BytesIO(source), sample, "image bytes")
+        return _decode(io.BytesIO(source), sample, "image bytes", max_pixels)
     if not source.is_file():
         raise ImageError(f"{sample.origin}: image not found: {shown(source)}", "missing image")
-    return _decode(source, sample, shown(source))
+    return _decode(source, sample, shown(source), max_pixels)
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
@@ -96,23 +109,43 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(source: Path | io.BytesIO, sample: Sample, name: str) -> Image.Image:
+def _reduction(width: int, height: int) -> int:
+    """The integer factor a ``width`` x ``height`` image is reduced by (1: kept as it is)."""
+    if width * height <= REDUCE_ABOVE_PIXELS:
+        return 1
+    return max(1, min(width, height) // REDUCED_SHORT_SIDE)
+
+
+def _decode_reduced(image: Image.Image) -> Image.Image:
+    """Decode ``image`` (opened, header read) as upright RGB, reduced by :func:`_reduction`."""
+    factor = _reduction(image.width, image.height)
+    if factor > 1 and image.format == "JPEG":  # the decoder itself skips the detail
+        image.draft("RGB", (image.width // factor, image.height // factor))
+    image = upright_rgb(image)
+    factor = _reduction(image.width, image.height)  # what draft mode left to do
+    return image.reduce(factor) if factor > 1 else image
+
+
+def _decode(source: Path | io.BytesIO, sample: Sample, name: str, max_pixels: int) -> Image.Image:
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL raises only above twice this: ours speaks first
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is below
             with Image.open(source) as image:  # reads the header only
                 pixels = image.width * image.height
-                if pixels > MAX_IMAGE_PIXELS:
-                    raise _too_large(
-                        sample, name, f"{pixels} pixels; the limit is {MAX_IMAGE_PIXELS}"
-                    )
-                return upright_rgb(image)  # forces the full decode inside the try
+                if pixels > max_pixels:
+                    detail = f"{pixels} pixels; the limit is data.max_image_pixels={max_pixels}"
+                    raise _too_large(sample, name, detail)
+                return _decode_reduced(image)  # the full decode, inside the try
     except Image.DecompressionBombError as error:  # far over: PIL refuses inside open()
         raise _too_large(sample, name, str(error).splitlines()[0]) from None
     except (OSError, UnidentifiedImageError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         message = f"{sample.origin}: unreadable image {name} ({reason})"
         raise ImageError(message, "unreadable image") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def _too_large(sample: Sample, name: str, detail: str) -> ImageError:
@@ -122,7 +155,7 @@ def _too_large(sample: Sample, name: str, detail: str) -> ImageError:
 @dataclass
 class BadSampleLog:
     """What to do with a bad sample: raise its :class:`DataError` (the default), or, with
-    ``skip=True`` (``--skip-bad-samples``), count it by reason and go on.
+    ``skip=True`` (``--skip-bad-samples``), count it by reason, keep a record and go on.
 
     Readers call :meth:`handle` for bad entries; the data loader calls it in the main process
     for images that fail to load in a worker, so the counts are complete.
@@ -130,19 +163,42 @@ class BadSampleLog:
 
     skip: bool = False
     counts: Counter[str] = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)  # the first few messages, for the report
-    max_examples: int = 5
+    # one row per skipped sample (``skipped.json``); the first max_records only, so that a
+    # web-scale run with a bad shard keeps a bounded log
+    records: list[dict[str, object]] = field(default_factory=list)
+    max_records: int = 100_000
 
-    def handle(self, message: str, reason: str) -> None:
+    def handle(
+        self,
+        message: str,
+        reason: str,
+        sample: Sample | None = None,
+        *,
+        question_id: object = None,
+    ) -> None:
+        """Raise, or count and record: the sample's ids and file when there is a sample, else
+        the ``question_id`` of a VQA entry that could not become one."""
         if not self.skip:
             raise DataError(message)
         self.counts[reason] += 1
-        if len(self.examples) < self.max_examples:
-            self.examples.append(message)
+        if len(self.records) >= self.max_records:
+            return
+        record: dict[str, object] = {"reason": reason, "error": message}
+        if sample is not None:
+            record = {"image_id": sample.image_id, "file": sample.file, **record}
+            question_id = sample.question_id
+        if question_id is not None:
+            record = {"question_id": question_id, **record}
+        self.records.append(record)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def examples(self) -> list[str]:
+        """The first few messages, for a report."""
+        return [str(record["error"]) for record in self.records[:5]]
 
     def summary(self) -> str:
         """E.g. "skipped 3 bad samples: 2 unreadable image, 1 missing field"."""
@@ -152,9 +208,27 @@ class BadSampleLog:
         plural = "s" if self.total != 1 else ""
         return f"skipped {self.total} bad sample{plural}: {reasons}"
 
+    def result_fields(self) -> dict[str, object]:
+        """The counts as a command's JSON result has them: ``bad_samples`` (a number) and
+        ``bad_sample_reasons`` ({reason: count})."""
+        return {"bad_samples": self.total, "bad_sample_reasons": dict(sorted(self.counts.items()))}
 
-def raise_or_skip(bad: BadSampleLog | None, error: DataError, reason: str) -> None:
-    """Raise ``error`` unless ``bad`` says to skip such samples (then count it)."""
+    def skipped_ids(self, key: str = "image_id") -> set[object]:
+        """The ``image_id`` (or ``question_id``) of every recorded skipped sample."""
+        return {record[key] for record in self.records if key in record}
+
+    def write_records(self, path: Path) -> Path | None:
+        """``skipped.json``: the skipped samples with their reasons; nothing when none were."""
+        if not self.total:
+            return None
+        path.write_text(json.dumps(self.records, indent=1, default=str))
+        return path
+
+
+def raise_or_skip(
+    bad: BadSampleLog | None, error: DataError, reason: str, *, question_id: object = None
+) -> None:
+    """Raise ``error`` unless ``bad`` says to skip such samples (then count and record it)."""
     if bad is None:
         raise error
-    bad.handle(str(error), reason)
+    bad.handle(str(error), reason, question_id=question_id)

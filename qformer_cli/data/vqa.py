@@ -64,7 +64,8 @@ def read_vqa(
             )
             samples.append(_vqa_sample(entry, where, answers, annotations_path, find_image))
         except DataError as error:
-            raise_or_skip(bad, error, _reason(str(error)))
+            question_id = entry.get("question_id") if isinstance(entry, dict) else None
+            raise_or_skip(bad, error, _reason(str(error)), question_id=question_id)
     return samples
 
 
@@ -94,8 +95,10 @@ def _vqa_sample(
             f"{where}: image_id {image_id!r}, but its annotation in "
             f"{shown(annotations_path or '')} names image_id {known.image_id!r}"
         )
+    image = find_image(image_id, where)
     return Sample(
-        image=find_image(image_id, where),
+        image=image,
+        file=find_image.relative(image),
         image_id=image_id,
         question=question,
         question_id=question_id,
@@ -163,6 +166,13 @@ class ImageLocator:
             folder = shown(self.image_dir)
             raise DataError(f"{where}: no image for image_id {image_id} in {folder}")
         return path
+
+    def relative(self, path: Path) -> str:
+        """``path`` as written in results: relative to the image folder when inside it."""
+        try:
+            return path.relative_to(self.image_dir).as_posix()
+        except ValueError:
+            return str(path)
 
     def _index(self) -> dict[int | str, Path]:
         if not self.image_dir.is_dir():

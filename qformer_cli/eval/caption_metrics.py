@@ -23,7 +23,7 @@ import json
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,12 +355,16 @@ def score_captions(
 def evaluate_caption_files(
     ground_truth_path: Path | str,
     results_path: Path | str,
+    skipped: Collection[ImageId] = (),
     *,
     use_meteor: bool = True,
     use_spice: bool = True,
 ) -> CaptionScores:
-    """Score a COCO results file against COCO-format ground truth, as ``COCOEvalCap`` would."""
+    """Score a COCO results file against COCO-format ground truth, as ``COCOEvalCap`` would;
+    images in ``skipped`` (bad samples left out on purpose) are left out of the scoring."""
     references = load_caption_ground_truth(ground_truth_path)
+    left_out = set(skipped)
+    references = {key: value for key, value in references.items() if key not in left_out}
     predictions = load_caption_results(results_path)
     if not references:
         raise DataError(f"{ground_truth_path}: no images to score")

@@ -8,6 +8,7 @@ captions; a caption retrieves its one image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,22 +139,33 @@ def load_retrieval_set(
     tokenizer,
     device: torch.device,
     batch_size: int,
+    *,
+    bad: BadSampleLog | None = None,
+    max_image_pixels: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RetrievalSet:
     """Images and their captions from COCO captions JSON, LAVIS's Karpathy val/test list, or
-    Karpathy's ``dataset_*.json`` (its test images)."""
-    bad = BadSampleLog()
+    Karpathy's ``dataset_*.json`` (its test images). Bad samples follow ``bad`` (default:
+    raise); a skipped image leaves the set with its captions. ``progress`` is told
+    (images done, images) after each batch."""
+    bad = bad or BadSampleLog()
     samples = read_caption_file(annotations, image_root, karpathy_splits=EVALUATION_SPLITS, bad=bad)
     samples = [s for s in samples if s.captions]
     if not samples:
         raise DataError(f"{annotations}: no images with captions")
     transform = build_transform(load_transform_config(transform_source), train=False)
-    loader = make_dataloader(
-        SampleDataset(samples, transform, bad_samples=bad), batch_size=batch_size
-    )
-    features = []
-    for batch in loader:
+    dataset = SampleDataset(samples, transform, bad_samples=bad, max_image_pixels=max_image_pixels)
+    features, loaded, done = [], [], 0
+    for batch in make_dataloader(dataset, batch_size=batch_size):
         with torch.no_grad():
             features.append(vision(batch.images.to(device)).float())
+        loaded += batch.samples
+        done += len(batch) + len(batch.skipped)
+        if progress is not None:
+            progress(done, len(samples))
+    if not loaded:
+        raise DataError(f"{annotations}: none of its images could be read")
+    samples = loaded
     captions = [caption for sample in samples for caption in sample.captions]
     owners = [i for i, sample in enumerate(samples) for _ in sample.captions]
     input_ids, text_mask = tokenize_texts(tokenizer, captions, device)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -439,12 +439,14 @@ def evaluate_vqa_files(
     results_path: Path | str,
     questions_path: Path | str | None = None,
     metric: MetricVariant = "official",
+    skipped: Collection[int] = (),
 ) -> VqaAccuracy:
     """Score a results file against VQAv2 annotations (and, if given, its questions file).
 
     The questions file, when given, must list exactly the annotated questions. The results must
-    answer every annotated question and no other; otherwise :class:`DataError` names how many
-    and the first few ids.
+    answer every annotated question and no other, except the ``skipped`` ones (bad samples
+    left out on purpose), which are not scored; otherwise :class:`DataError` names how many and
+    the first few ids.
     """
     metric = _check_variant(metric)
     annotations = load_vqa_annotations(annotations_path)
@@ -452,6 +454,8 @@ def evaluate_vqa_files(
     if questions_path is not None:
         question_ids = load_vqa_question_ids(questions_path)
         check_coverage(question_ids, annotated_ids, str(annotations_path), found="annotation")
+    left_out = set(skipped)
+    annotations = [a for a in annotations if a.question_id not in left_out]
     predictions = load_vqa_results(results_path)
-    check_coverage(annotated_ids, predictions.keys(), str(results_path))
+    check_coverage([a.question_id for a in annotations], predictions.keys(), str(results_path))
     return score_vqa(annotations, predictions, metric)

@@ -1,4 +1,6 @@
-"""A stage-2 model as a transformers ``Blip2ForConditionalGeneration`` directory + processor."""
+"""A stage-2 model as a transformers ``Blip2ForConditionalGeneration`` directory + processor; a
+stage-1 model as a ``Blip2ForImageTextRetrieval`` directory + its BERT tokenizer and image
+processor."""
 
 from __future__ import annotations
 
@@ -9,17 +11,23 @@ import torch
 
 from qformer_cli.data.transforms import blip_image_processor_settings, load_transform_config
 from qformer_cli.models.convert import save_transformers_blip2
-from qformer_cli.pretrained import Stage2Pipeline
+from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline
 
 IMAGE_TOKEN = "<image>"
 
 
-def _processor(pipeline: Stage2Pipeline):
-    from transformers import Blip2Processor, BlipImageProcessor
+def _image_processor(source: str):
+    from transformers import BlipImageProcessor
 
-    # The transform our captioning uses for this model, so both sides see the same pixels.
-    transform = load_transform_config(pipeline.image_processor_source)
-    image_processor = BlipImageProcessor(**blip_image_processor_settings(transform))
+    # The transform our inference uses for this model, so both sides see the same pixels.
+    transform = load_transform_config(source)
+    return BlipImageProcessor(**blip_image_processor_settings(transform))
+
+
+def _processor(pipeline: Stage2Pipeline):
+    from transformers import Blip2Processor
+
+    image_processor = _image_processor(pipeline.image_processor_source)
     tokenizer = copy.deepcopy(pipeline.tokenizer)
     return Blip2Processor(
         image_processor, tokenizer, num_query_tokens=pipeline.bridge.config.num_query_tokens
@@ -58,4 +66,14 @@ def export_to_transformers(pipeline: Stage2Pipeline, out: Path) -> Path:
         image_token_index=image_token_id,
     )
     processor.save_pretrained(out)
+    return out
+
+
+def export_stage1_to_transformers(pipeline: Stage1Pipeline, out: Path) -> Path:
+    """Write ``out`` so that ``Blip2ForImageTextRetrieval.from_pretrained(out)``,
+    ``AutoTokenizer`` and ``BlipImageProcessor`` load it (needs a ``Blip2VisionModel``
+    encoder)."""
+    save_transformers_blip2(pipeline.model, pipeline.vision.model, out)
+    pipeline.tokenizer.save_pretrained(out)
+    _image_processor(pipeline.image_processor_source).save_pretrained(out)
     return out

@@ -4,11 +4,13 @@ truth is known. ``caption`` and ``eval-caption --model`` run :func:`caption_to_f
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qformer_cli.config import GenerationConfig
 from qformer_cli.data import (
+    BadSampleLog,
     Sample,
     read_coco_captions,
     read_image_folder,
@@ -16,7 +18,7 @@ from qformer_cli.data import (
 )
 from qformer_cli.data.sample import image_id_from_name
 from qformer_cli.errors import DataError
-from qformer_cli.inference.generators import Generator, generate_for_samples
+from qformer_cli.inference.generators import Generator, generate_for_samples, rows_to_file
 
 
 def caption_inputs(
@@ -34,7 +36,8 @@ def caption_inputs(
             return read_image_folder(images), None
         if not images.is_file():
             raise DataError(f"{images}: no such image file or folder")
-        return [Sample(image=images, image_id=image_id_from_name(images), origin=str(images))], None
+        image_id = image_id_from_name(images)
+        return [Sample(image=images, image_id=image_id, origin=str(images), file=images.name)], None
     files = sample_split_files(split)
     if files.coco_captions is None:
         raise DataError(f"split '{split}' has no caption ground truth; use --images")
@@ -47,6 +50,11 @@ def caption_prompt(generator: Generator, settings: GenerationConfig, given: bool
     return settings.prompt if given or not generator.prompt else generator.prompt
 
 
+def caption_row(sample: Sample, text: str) -> dict[str, Any]:
+    """A row of the COCO captioning results format, with the image's file beside its id."""
+    return {"image_id": sample.image_id, "caption": text, "file": sample.file}
+
+
 def caption_samples(
     generator: Generator,
     samples: list[Sample],
@@ -56,19 +64,20 @@ def caption_samples(
     batch_size: int = 32,
     shuffle_images: bool = False,
     skip_bad_samples: bool = False,
-) -> tuple[list[dict[str, Any]], Any]:
-    """``[{"image_id", "caption"}]`` in input order (the COCO results format), and the log of
-    samples skipped as bad."""
-    generated, bad = generate_for_samples(
+) -> tuple[list[dict[str, Any]], BadSampleLog]:
+    """``[{"image_id", "caption", "file"}]`` in input order, and the log of samples skipped as
+    bad."""
+    bad = BadSampleLog(skip=skip_bad_samples)
+    generated = generate_for_samples(
         generator,
         samples,
         settings,
         lambda _: prompt,
         batch_size=batch_size,
         shuffle_images=shuffle_images,
-        skip_bad_samples=skip_bad_samples,
+        bad=bad,
     )
-    return [{"image_id": s.image_id, "caption": text} for s, text in generated], bad
+    return [caption_row(sample, text) for sample, text in generated], bad
 
 
 def caption_to_files(
@@ -81,34 +90,42 @@ def caption_to_files(
     *,
     batch_size: int,
     shuffle_images: bool,
-    skip_bad_samples: bool,
+    bad: BadSampleLog,
+    max_image_pixels: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Caption ``samples`` into ``out_dir/captions.json`` and, with ``ground_truth``, score them
-    into ``out_dir/metrics.json``; the command's result."""
+    """Caption ``samples`` into ``out_dir/captions.json`` (on a failure: the captions done so
+    far), list the samples ``bad`` skipped in ``out_dir/skipped.json`` and, with
+    ``ground_truth``, score the captions into ``out_dir/metrics.json``; the command's result."""
     from qformer_cli.eval.caption_metrics import evaluate_caption_files
 
-    captions, bad = caption_samples(
+    generated = generate_for_samples(
         generator,
         samples,
         settings,
-        prompt,
+        lambda _: prompt,
         batch_size=batch_size,
         shuffle_images=shuffle_images,
-        skip_bad_samples=skip_bad_samples,
+        bad=bad,
+        max_image_pixels=max_image_pixels,
+        progress=progress,
     )
     results_path = out_dir / "captions.json"
-    results_path.write_text(json.dumps(captions, indent=1))
+    rows = (caption_row(sample, text) for sample, text in generated)
+    captions = rows_to_file(rows, results_path, "captions")
     result: dict[str, Any] = {
         "backend": generator.backend,
         "prompt": prompt,
         "num_images": len(captions),
         "captions": str(results_path),
         "shuffled_images": shuffle_images,
+        **bad.result_fields(),
     }
-    if bad.total:
-        result["bad_samples"] = bad.summary()
+    skipped = bad.write_records(out_dir / "skipped.json")
+    if skipped is not None:
+        result["skipped"] = str(skipped)
     if ground_truth is not None:
-        scores = evaluate_caption_files(ground_truth, results_path).to_dict()
+        scores = evaluate_caption_files(ground_truth, results_path, bad.skipped_ids()).to_dict()
         (out_dir / "metrics.json").write_text(json.dumps(scores, indent=1))
         result["metrics"] = scores
     return result

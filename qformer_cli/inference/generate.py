@@ -64,6 +64,9 @@ def generate_text(
     }
     if settings.do_sample:
         options.update(top_p=settings.top_p, temperature=settings.temperature)
-    output = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options)
+    with torch.random.fork_rng(enabled=settings.do_sample and settings.seed is not None):
+        if settings.do_sample and settings.seed is not None:
+            torch.manual_seed(settings.seed)  # this batch's draws only: the caller's RNG is kept
+        output = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options)
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)
     return [text.strip() for text in texts]

@@ -5,12 +5,14 @@ A :class:`Generator` turns preprocessed images into a per-image representation
 stage-2 pipeline with transformers' ``generate`` (beam search, sampling); :class:`OnnxGenerator`
 runs an ``export-onnx`` directory with onnxruntime (greedy). :func:`generate_for_samples` is the
 loop both use: load and preprocess images in batches, optionally shuffle the encoded images
-across the batch (the grounding check), build each sample's prompt, generate.
+across the batch (the grounding check), build each sample's prompt, generate;
+:func:`rows_to_file` writes what it yields, keeping the rows done when a run fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +28,7 @@ from qformer_cli.data import (
     load_transform_config,
     make_dataloader,
 )
-from qformer_cli.errors import UsageError
+from qformer_cli.errors import Interrupted, QformerError, UsageError
 from qformer_cli.export.onnx_runtime import generate_text_onnx
 from qformer_cli.inference.generate import generate_text
 
@@ -141,20 +143,45 @@ def generate_for_samples(
     *,
     batch_size: int,
     shuffle_images: bool = False,
-    skip_bad_samples: bool = False,
-) -> tuple[list[tuple[Sample, str]], BadSampleLog]:
-    """One generated text per sample (its image + its prompt), batched, in input order; with
-    ``shuffle_images`` each batch's images are deranged first (batch ``i`` with seed ``i``)."""
-    bad = BadSampleLog(skip=skip_bad_samples)
+    bad: BadSampleLog | None = None,
+    max_image_pixels: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[Sample, str]]:
+    """One generated text per sample (its image + its prompt), batched, in input order, yielded
+    batch by batch (so that a failure keeps what was done). With ``shuffle_images`` each
+    batch's images are deranged first (batch ``i`` with seed ``i``). Bad images follow ``bad``
+    (default: raise); ``progress`` is told (samples done, samples) after each batch."""
+    bad = bad if bad is not None else BadSampleLog()
     transform_settings = load_transform_config(generator.image_processor_source)
     transform = build_transform(transform_settings, train=False)
-    dataset = SampleDataset(samples, transform, bad_samples=bad)
-    results: list[tuple[Sample, str]] = []
+    dataset = SampleDataset(samples, transform, bad_samples=bad, max_image_pixels=max_image_pixels)
+    done = 0
     for index, batch in enumerate(make_dataloader(dataset, batch_size=batch_size)):
         encoded = generator.encode_images(batch.images)
         if shuffle_images:
             encoded = shuffled(encoded, seed=index)
         prompts = [prompt_for(sample) for sample in batch.samples]
         texts = generator.generate(encoded, prompts, settings)
-        results.extend(zip(batch.samples, texts, strict=True))
-    return results, bad
+        yield from zip(batch.samples, texts, strict=True)
+        done += len(batch) + len(batch.skipped)
+        if progress is not None:
+            progress(done, len(samples))
+
+
+def rows_to_file(rows: Iterable[dict[str, Any]], path: Path, noun: str) -> list[dict[str, Any]]:
+    """Collect result rows and write them to ``path`` as a JSON list. If the rows stop with an
+    error, the rows done so far are written first and the error says where they are."""
+    done: list[dict[str, Any]] = []
+    try:
+        done.extend(rows)
+    except (QformerError, KeyboardInterrupt) as error:
+        if not done:
+            raise
+        path.write_text(json.dumps(done, indent=1))
+        note = f"{len(done)} {noun} done before it are in {path}"
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; {note}") from None
+        error.args = (f"{error}; {note}",)  # the same error (type, exit code), now with the note
+        raise
+    path.write_text(json.dumps(done, indent=1))
+    return done

@@ -4,11 +4,13 @@ against any texts (ITC similarity, optionally re-ranked by ITM) for the Python A
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qformer_cli.data import BadSampleLog
 from qformer_cli.eval.retrieval import (
     RetrievalSet,
     evaluate_retrieval,
@@ -28,9 +30,13 @@ def retrieval_to_file(
     k: int,
     batch_size: int,
     device: torch.device,
+    bad: BadSampleLog,
+    max_image_pixels: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Recall@K both ways on a Karpathy or COCO caption file into ``out_dir/metrics.json``;
-    the command's result."""
+    """Recall@K both ways on a Karpathy or COCO caption file into ``out_dir/metrics.json``
+    (images ``bad`` skipped are left out, with their captions, and listed in
+    ``out_dir/skipped.json``); the command's result."""
     data = load_retrieval_set(
         annotations,
         images,
@@ -39,6 +45,9 @@ def retrieval_to_file(
         pipeline.tokenizer,
         device,
         batch_size,
+        bad=bad,
+        max_image_pixels=max_image_pixels,
+        progress=progress,
     )
     metrics = evaluate_retrieval(pipeline.model, data, k=k, batch_size=batch_size)
     result = {
@@ -48,7 +57,11 @@ def retrieval_to_file(
         "num_texts": int(data.input_ids.shape[0]),
         "k": k,
         **metrics,
+        **bad.result_fields(),
     }
+    skipped = bad.write_records(out_dir / "skipped.json")
+    if skipped is not None:
+        result["skipped"] = str(skipped)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -85,3 +98,28 @@ def image_text_scores(
     if k <= 0:
         return similarity
     return rerank(model, data, similarity, rows_are_images=True, k=k, batch_size=batch_size)
+
+
+@torch.no_grad()
+def match_scores(
+    pipeline: Any,  # pretrained.Stage1Pipeline
+    pixel_values: torch.Tensor,
+    texts: list[str],
+) -> list[dict[str, Any]]:
+    """One preprocessed image (1, 3, H, W) against ``texts``: for each text the ITM
+    probability that it describes the image (softmax over the ITM head's [no match, match]
+    logits) and the ITC similarity (the max over queries of the cosine similarity)."""
+    model = pipeline.model.eval()
+    device = next(model.parameters()).device
+    vision_dtype = next(pipeline.vision.parameters()).dtype
+    features = pipeline.vision(pixel_values.to(device=device, dtype=vision_dtype)).float()
+    input_ids, text_mask = tokenize_texts(pipeline.tokenizer, texts, device)  # (T, L)
+    similarity = model.similarity(
+        model.image_feats(features), model.text_feat(input_ids, text_mask)
+    )
+    image_kv = model.qformer.encode_image(features.expand(len(texts), -1, -1))  # one per text
+    match = model.itm_logits(image_kv, input_ids, text_mask).softmax(dim=-1)[:, 1]  # (T,)
+    return [
+        {"text": text, "itm_probability": float(p), "itc_similarity": float(s)}
+        for text, p, s in zip(texts, match, similarity[0], strict=True)
+    ]

@@ -4,13 +4,14 @@ format, and their accuracy. ``eval-vqa --model`` runs :func:`answer_to_file`."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qformer_cli.config import GenerationConfig
 from qformer_cli.data import BadSampleLog, Sample, read_vqa
 from qformer_cli.errors import UsageError
-from qformer_cli.inference.generators import Generator, generate_for_samples
+from qformer_cli.inference.generators import Generator, generate_for_samples, rows_to_file
 
 # LAVIS's two zero-shot VQA prompts, by name
 VQA_PROMPTS = {"answer": "Question: {} Answer:", "short-answer": "Question: {} Short answer:"}
@@ -24,6 +25,16 @@ def vqa_template(prompt: str) -> str:
     return template
 
 
+def answer_row(sample: Sample, text: str) -> dict[str, Any]:
+    """A row of the VQAv2 results format, with the image's id and file beside the question's."""
+    return {
+        "question_id": sample.question_id,
+        "answer": text,
+        "image_id": sample.image_id,
+        "file": sample.file,
+    }
+
+
 def answer_samples(
     generator: Generator,
     samples: list[Sample],
@@ -32,20 +43,18 @@ def answer_samples(
     *,
     batch_size: int = 32,
     blind: bool = False,
-    skip_bad_samples: bool = False,
-) -> tuple[list[dict[str, Any]], BadSampleLog]:
-    """``[{"question_id", "answer"}]`` in input order (the VQAv2 results format), and the log of
-    images skipped as bad; ``blind`` shuffles the images across the questions."""
-    generated, bad = generate_for_samples(
+) -> list[dict[str, Any]]:
+    """``[{"question_id", "answer", "image_id", "file"}]`` in input order; ``blind`` shuffles
+    the images across the questions. A bad image raises."""
+    generated = generate_for_samples(
         generator,
         samples,
         settings,
         lambda sample: template.format(sample.question),
         batch_size=batch_size,
         shuffle_images=blind,
-        skip_bad_samples=skip_bad_samples,
     )
-    return [{"question_id": s.question_id, "answer": text} for s, text in generated], bad
+    return [answer_row(sample, text) for sample, text in generated]
 
 
 def answer_to_file(
@@ -55,27 +64,85 @@ def answer_to_file(
     images: Path,
     settings: GenerationConfig,
     template: str,
-    results_path: Path,
+    out_dir: Path,
     *,
     batch_size: int,
     blind: bool,
-    skip_bad_samples: bool,
+    bad: BadSampleLog,
+    max_image_pixels: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Answer the questions file into ``results_path``; the command's result (scoring is the
-    caller's: ``eval-vqa --predictions`` scores a file it did not write)."""
-    bad = BadSampleLog(skip=skip_bad_samples)
+    """Answer the questions file into ``out_dir/vqa_results.json`` (on a failure: the answers
+    done so far) and list the questions ``bad`` skipped in ``out_dir/skipped.json``; the
+    command's result. Scoring is the caller's (``eval-vqa --predictions`` scores a file it did
+    not write). ``progress`` is told (done, total) after each batch."""
     samples = read_vqa(questions, annotations, images, bad=bad)
-    answers, bad_images = answer_samples(
+    generated = generate_for_samples(
         generator,
         samples,
         settings,
-        template,
+        lambda sample: template.format(sample.question),
         batch_size=batch_size,
-        blind=blind,
-        skip_bad_samples=skip_bad_samples,
+        shuffle_images=blind,
+        bad=bad,
+        max_image_pixels=max_image_pixels,
+        progress=progress,
     )
-    results_path.write_text(json.dumps(answers, indent=1))
-    result: dict[str, Any] = {"backend": generator.backend, "prompt": template}
-    if bad.total + bad_images.total:
-        result["bad_samples"] = f"{bad.summary()}; {bad_images.summary()}"
+    results_path = out_dir / "vqa_results.json"
+    answers = rows_to_file(
+        (answer_row(sample, text) for sample, text in generated), results_path, "answers"
+    )
+    result: dict[str, Any] = {
+        "backend": generator.backend,
+        "prompt": template,
+        "results": str(results_path),
+        "num_answered": len(answers),
+        **bad.result_fields(),
+    }
+    skipped = bad.write_records(out_dir / "skipped.json")
+    if skipped is not None:
+        result["skipped"] = str(skipped)
     return result
+
+
+def score_to_file(
+    annotations: Path,
+    predictions: Path,
+    questions: Path | None,
+    metric: str,
+    out_dir: Path,
+    skipped: set[object] | None = None,
+) -> dict[str, Any]:
+    """The VQA accuracy of ``predictions`` into ``out_dir/metrics.json``; questions in
+    ``skipped`` (bad samples) are not scored, and their count is reported."""
+    from qformer_cli.eval.vqa_metric import evaluate_vqa_files
+
+    left_out = skipped or set()
+    accuracy = evaluate_vqa_files(
+        annotations,
+        predictions,
+        questions,
+        metric=metric,  # type: ignore[arg-type]
+        skipped=left_out,  # type: ignore[arg-type]
+    ).to_dict()
+    accuracy["unscored_skipped"] = len(left_out)
+    (out_dir / "metrics.json").write_text(json.dumps(accuracy, indent=1))
+    return accuracy
+
+
+def ask(
+    generator: Generator, image: Path, prompts: list[str], settings: GenerationConfig
+) -> list[str]:
+    """One text per prompt (each already holding its question), all about one image file."""
+    samples = [
+        Sample(image=image, image_id=0, question=prompt, question_id=index, file=image.name)
+        for index, prompt in enumerate(prompts)
+    ]
+    generated = generate_for_samples(
+        generator,
+        samples,
+        settings,
+        lambda sample: sample.question or "",
+        batch_size=len(samples),
+    )
+    return [text for _, text in generated]

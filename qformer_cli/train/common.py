@@ -95,7 +95,9 @@ def build_train_loader(
         transform = build_transform(
             train_transform_config(config), train=config.data.augment, hflip=config.data.hflip
         )
-        dataset = SampleDataset(samples, transform, bad_samples=bad)
+        dataset = SampleDataset(
+            samples, transform, bad_samples=bad, max_image_pixels=config.data.max_image_pixels
+        )
     global_batch = config.train.batch_size
     if global_batch % ranks.world_size:
         raise UsageError(

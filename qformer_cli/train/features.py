@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from qformer_cli.config import RunConfig
 from qformer_cli.data import BadSampleLog, SampleDataset, build_transform, make_dataloader
@@ -29,6 +28,7 @@ from qformer_cli.data.features import (
 )
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import backbone_config, resolve_model_name
+from qformer_cli.progress import ProgressReport
 from qformer_cli.train.common import (
     image_features,
     load_frozen_vision,
@@ -74,7 +74,9 @@ def extract_features(
     samples = list(unique_images(read_caption_samples(config.data, bad)))
     transform = build_transform(train_transform_config(config), train=False)
     loader = make_dataloader(
-        SampleDataset(samples, transform, bad_samples=bad),
+        SampleDataset(
+            samples, transform, bad_samples=bad, max_image_pixels=config.data.max_image_pixels
+        ),
         batch_size=batch_size,
         num_workers=config.data.num_workers,
     )
@@ -82,12 +84,13 @@ def extract_features(
     writer = FeatureWriter(out, fingerprint, dtype, shard_size)
     report(f"extracting {len(samples)} images with {fingerprint['model']} on {device}")
     started = time.perf_counter()
-    with _progress(console) as progress:
-        task = progress.add_task("images", total=len(samples))
+    done = 0
+    with ProgressReport(console, "extract", len(samples)) as progress:
         for batch in loader:
             features = image_features(vision, batch.images, device, config.train.precision)
             writer.add([image_key(sample) for sample in batch.samples], features)
-            progress.advance(task, len(batch) + len(batch.skipped))
+            done += len(batch) + len(batch.skipped)
+            progress.update(done)
     index = writer.finish()
     seconds = time.perf_counter() - started
     return {
@@ -98,16 +101,5 @@ def extract_features(
         "shards": len(index["shards"]),
         "encoder": fingerprint,
         "images_per_s": round(index["num_images"] / seconds, 2) if seconds > 0 else None,
-        "bad_samples": bad.summary(),
+        **bad.result_fields(),
     }
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("extract"),
-        MofNCompleteColumn(),
-        BarColumn(bar_width=24),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )

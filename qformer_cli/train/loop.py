@@ -24,7 +24,7 @@ from torch import nn
 
 from qformer_cli import checkpoint, faults
 from qformer_cli.config import TrainConfig
-from qformer_cli.errors import QformerError, UsageError
+from qformer_cli.errors import Interrupted, QformerError, UsageError
 from qformer_cli.flops import count_flops
 from qformer_cli.losses import global_sum
 from qformer_cli.runtime import PRECISION_DTYPES, Ranks, autocast
@@ -41,7 +41,7 @@ class TrainingDiverged(QformerError):
     """Too many non-finite steps in a row: the run stops (exit 1) and names where to go back to."""
 
 
-class Preempted(QformerError):
+class Preempted(Interrupted):
     """SIGTERM / Ctrl-C: a checkpoint was written; the exit code says which signal."""
 
     def __init__(self, message: str, exit_code: int) -> None:
@@ -401,7 +401,7 @@ class Trainer:
             if signum:
                 path = self.save()
                 raise Preempted(
-                    f"stopped by {signal.Signals(signum).name} at step {self.state.step}; "
+                    f"{signal.Signals(signum).name} at step {self.state.step}; "
                     f"checkpoint {path}; continue with --resume auto --out {self.out_dir}",
                     128 + signum,
                 )

@@ -3,65 +3,49 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
+
+from qformer_cli.progress import ProgressReport
 
 LOSS_KEYS = ("loss", "itc", "itm", "itg", "lm")
 
 
 class TrainingProgress:
-    """Step, losses, lr, images/s, ETA and MFU on stderr."""
+    """Step, ETA, losses, lr, images/s and MFU on stderr (rank 0 only): a bar on a terminal,
+    periodic plain lines in a log (see :mod:`qformer_cli.progress`)."""
 
-    def __init__(self, console: Console, enabled: bool = True) -> None:
+    def __init__(self, console: Console, enabled: bool = True, quiet: bool = False) -> None:
         self.console = console
-        self.enabled = enabled
-        self.progress: Progress | None = None
-        self.task: Any = None
+        self.enabled = enabled and not quiet
+        self.report: ProgressReport | None = None
 
     def start(self, total_steps: int, completed: int) -> None:
-        if not self.enabled:
-            return
-        self.progress = Progress(
-            TextColumn("step"),
-            MofNCompleteColumn(),
-            BarColumn(bar_width=24),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task(
-            "train", total=total_steps, completed=completed, status=""
-        )
+        if self.enabled:
+            self.report = ProgressReport(self.console, "step", total_steps).start(completed)
 
     def update(self, step: int, row: dict[str, float]) -> None:
-        if self.progress is None:
-            return
-        parts = [f"{key} {row[key]:.3f}" for key in LOSS_KEYS if key in row]
-        parts.append(f"lr {row['lr']:.2e}")
-        if "images_per_s" in row:
-            parts.append(f"{row['images_per_s']:.1f} img/s")
-        if "mfu" in row:
-            parts.append(f"MFU {100 * row['mfu']:.0f}%")
-        self.progress.update(self.task, completed=step, status=" ".join(parts))
+        if self.report is not None:
+            self.report.update(step, status_text(row))
 
     def stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        if self.report is not None:
+            self.report.stop()
+            self.report = None
+
+
+def status_text(row: dict[str, float]) -> str:
+    """E.g. "itc 1.23 itm 0.69 itg 3.21 lr 1.0e-04 3.4 img/s MFU 45%": each objective's loss
+    (the total only when there is one), short enough for 80 columns after "step N/M ETA t"."""
+    objectives = [key for key in LOSS_KEYS[1:] if key in row] or ["loss"]
+    parts = [f"{key} {row[key]:.2f}" for key in objectives if key in row]
+    parts.append(f"lr {row['lr']:.1e}")
+    if "images_per_s" in row:
+        parts.append(f"{row['images_per_s']:.1f} img/s")
+    if "mfu" in row:
+        parts.append(f"MFU {100 * row['mfu']:.0f}%")
+    return " ".join(parts)
 
 
 def plot_losses(history: list[dict[str, float]], path: Path, title: str) -> None:

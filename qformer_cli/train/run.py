@@ -153,9 +153,11 @@ def train_stage(
     device_choice: str,
     console: Console,
     overwrite: bool = False,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Train ``stage`` with the recipe ``build`` makes; ``run_name`` names the default output
-    directory (``runs/<run_name>-<time>``), the one ``--resume auto`` looks for, and messages."""
+    directory (``runs/<run_name>-<time>``), the one ``--resume auto`` looks for, and messages.
+    ``quiet``: no progress lines."""
     if overwrite and resume is not None:
         raise UsageError("--overwrite starts afresh and --resume continues a run: give one of them")
     with deterministic_algorithms(config.train.deterministic):
@@ -180,7 +182,7 @@ def train_stage(
         recipe = build(config, device, ranks, report)
         if is_main:  # after build: a run refused for its data or model leaves no run config
             write_resolved_config(out_dir, config)
-        progress = TrainingProgress(console, enabled=is_main)
+        progress = TrainingProgress(console, enabled=is_main, quiet=quiet)
         trainer = Trainer(recipe, config.train, out_dir, device, ranks, progress)
         if resume_from is not None:
             report(f"resuming from {resume_from}")
@@ -189,6 +191,9 @@ def train_stage(
         if is_main:
             plot_losses(history, out_dir / "loss.png", f"qformer {run_name}")
             console.print(summary_table(history))
+        bad_samples = recipe.loader.bad_samples
+        if is_main:
+            bad_samples.write_records(out_dir / "skipped.json")
         last = history[-1] if history else {}
         first = history[0] if history else {}
         leave_distributed()
@@ -199,5 +204,5 @@ def train_stage(
             "first": {k: v for k, v in first.items() if k not in ("step", "epoch")},
             "last": {k: v for k, v in last.items() if k not in ("step", "epoch")},
             "loss_plot": str(out_dir / "loss.png"),
-            "bad_samples": recipe.loader.bad_samples.summary(),
+            **bad_samples.result_fields(),
         }

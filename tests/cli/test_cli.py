@@ -84,6 +84,8 @@ def test_help_lists_only_working_commands():
         "caption",
         "eval-caption",
         "eval-vqa",
+        "ask",
+        "match",
         "convert",
         "export-onnx",
     }  # each has its own tests

@@ -254,9 +254,11 @@ def test_eval_vqa_writes_official_results_blind_and_prompt(
 ) -> None:
     plain = _vqa(vqa_model, vqa_subset, tmp_path / "plain")
     results = _read(tmp_path / "plain" / "vqa_results.json")
-    # The official VQA results format: a list of {"question_id": int, "answer": str}.
+    # The official VQA results format: a list of {"question_id": int, "answer": str} (the
+    # official evaluation reads these two keys), plus the image's id and file for the user.
     question_ids = [q["question_id"] for q in _read(vqa_subset[0])["questions"]]
-    assert [set(row) for row in results] == [{"question_id", "answer"}] * len(question_ids)
+    keys = {"question_id", "answer", "image_id", "file"}
+    assert [set(row) for row in results] == [keys] * len(question_ids)
     assert [row["question_id"] for row in results] == question_ids
     assert all(isinstance(row["answer"], str) and row["answer"] for row in results)
     metrics = _read(tmp_path / "plain" / "metrics.json")

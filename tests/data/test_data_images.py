@@ -93,8 +93,12 @@ def test_png_bytes_named_jpg_load(tmp_path: Path):
     assert load(tmp_path / "really_a_png.jpg").getpixel((0, 0)) == RED
 
 
-@pytest.mark.parametrize("side", [9_000, 14_000])  # over our limit; over twice PIL's too
-def test_decompression_bomb_is_a_per_sample_error_not_a_warning(tmp_path: Path, side: int):
+@pytest.mark.parametrize("side", [9_000, 14_000])  # over the limit; over twice it (PIL refuses)
+def test_decompression_bomb_is_a_per_sample_error_not_a_warning(
+    tmp_path: Path, side: int, monkeypatch: pytest.MonkeyPatch
+):
+    # a lower limit than the default (256 MP), so that the test's bombs fit in memory
+    monkeypatch.setattr(sample_module, "MAX_IMAGE_PIXELS", 64_000_000)
     path = tmp_path / "bomb.png"
     Image.new("1", (side, side)).save(path)  # a few kB on disk, side^2 pixels decoded
     assert path.stat().st_size < 100_000
@@ -107,4 +111,24 @@ def test_decompression_bomb_is_a_per_sample_error_not_a_warning(tmp_path: Path, 
 def test_the_pixel_limit_is_one_constant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     Image.new("RGB", (10, 10)).save(tmp_path / "small.png")
     monkeypatch.setattr(sample_module, "MAX_IMAGE_PIXELS", 99)
-    assert "too large (100 pixels; the limit is 99)" in refused(tmp_path / "small.png")
+    assert "too large (100 pixels; the limit is data.max_image_pixels=99)" in refused(
+        tmp_path / "small.png"
+    )
+
+
+def test_a_108_megapixel_photo_is_decoded_reduced_and_upright(tmp_path: Path):
+    """12000 x 9000 (a phone's 108 MP mode), stored sideways: decoded at a fraction of the
+    size (JPEG draft mode), still upright, the shorter side never under 2048."""
+    stored = Image.new("RGB", (12000, 9000), BLUE)
+    stored.paste(RED, (0, 0, 6000, 9000))  # left half red: after the EXIF turn, the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "PXL_108mp.jpg", exif=exif, quality=80)
+    for name, image in (("jpg", load(tmp_path / "PXL_108mp.jpg")),):
+        assert image.size == (2250, 3000), name  # 1/4 scale, turned upright
+        top, bottom = image.getpixel((1000, 500)), image.getpixel((1000, 2500))
+        assert top[0] > 240 and top[2] < 15 and bottom[2] > 240 and bottom[0] < 15
+    stored.resize((6000, 4500)).save(tmp_path / "wide.png")  # no draft mode: reduced after
+    assert load(tmp_path / "wide.png").size == (3000, 2250)
+    Image.new("RGB", (4000, 3000)).save(tmp_path / "12mp.png")  # an ordinary photo: as it is
+    assert load(tmp_path / "12mp.png").size == (4000, 3000)

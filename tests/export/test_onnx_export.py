@@ -189,13 +189,17 @@ def test_sample_generation_matches_the_torch_backend(exported, pipeline) -> None
     files = sample_split_files("val")
     samples = read_coco_captions(files.coco_captions, files.image_dir)[:5]
     settings = GenerationConfig(num_beams=1, max_new_tokens=8, min_new_tokens=0)
-    expected, _ = generate_for_samples(
-        TorchGenerator(pipeline), samples, settings, lambda _: pipeline.prompt, batch_size=2
+    expected = list(
+        generate_for_samples(
+            TorchGenerator(pipeline), samples, settings, lambda _: pipeline.prompt, batch_size=2
+        )
     )
     runtime = OnnxPipeline.load(out)
     assert runtime.prompt == pipeline.prompt
-    got, _ = generate_for_samples(
-        OnnxGenerator(runtime), samples, settings, lambda _: runtime.prompt, batch_size=2
+    got = list(
+        generate_for_samples(
+            OnnxGenerator(runtime), samples, settings, lambda _: runtime.prompt, batch_size=2
+        )
     )
     assert [text for _, text in got] == [text for _, text in expected]
     assert [s.image_id for s, _ in got] == [s.image_id for s in samples]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qformer_cli.config import GenerationConfig
-from qformer_cli.data import Sample, read_image_folder
+from qformer_cli.data import BadSampleLog, Sample, read_image_folder
 from qformer_cli.errors import DataError
 from qformer_cli.inference.generators import generate_for_samples
 from tests.tiny_runs import ROOT
@@ -48,8 +48,15 @@ def samples() -> list[Sample]:
 
 def run(samples: list[Sample], as_numpy: bool, **options) -> tuple[list[str], FakeGenerator]:
     generator = FakeGenerator(as_numpy)
-    results, _ = generate_for_samples(
-        generator, samples, GenerationConfig(), lambda s: str(s.image_id), batch_size=4, **options
+    results = list(
+        generate_for_samples(
+            generator,
+            samples,
+            GenerationConfig(),
+            lambda s: str(s.image_id),
+            batch_size=4,
+            **options,
+        )
     )
     assert [s for s, _ in results] == samples  # input order
     return [text for _, text in results], generator
@@ -84,8 +91,17 @@ def test_a_bad_image_is_refused_or_skipped(samples, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"broken\.png"):
         run(with_bad, as_numpy=True)
     generator = FakeGenerator(as_numpy=True)
-    results, bad = generate_for_samples(
-        generator, with_bad, GenerationConfig(), lambda s: "", batch_size=4, skip_bad_samples=True
+    bad = BadSampleLog(skip=True)
+    done: list[tuple[int, int]] = []
+    results = generate_for_samples(
+        generator,
+        with_bad,
+        GenerationConfig(),
+        lambda s: "",
+        batch_size=2,
+        bad=bad,
+        progress=lambda count, total: done.append((count, total)),
     )
     assert [s.image_id for s, _ in results] == [s.image_id for s in samples[:3]]
-    assert bad.total == 1
+    assert bad.total == 1 and bad.records[0]["image_id"] == "broken"
+    assert done == [(2, 4), (4, 4)]  # the skipped sample counts as done

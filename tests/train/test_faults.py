@@ -183,9 +183,10 @@ def test_a_signal_writes_a_checkpoint_exits_128_plus_it_and_resume_auto_continue
     process.send_signal(stop_signal)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == exit_code, stderr
-    error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and f"stopped by {stop_signal.name} at step" in error_lines[0]
-    assert f"--resume auto --out {run}" in error_lines[0]
+    assert not [line for line in stderr.splitlines() if line.startswith("error:")]  # a stop
+    stop_lines = [line for line in stderr.splitlines() if line.startswith("stopped:")]
+    assert len(stop_lines) == 1 and f"stopped: {stop_signal.name} at step" in stop_lines[0]
+    assert f"--resume auto --out {run}" in stop_lines[0]
     [saved] = checkpoint.list_checkpoints(run)
     checkpoint.verify_checkpoint(saved)
     stopped_at = int(saved.name.split("-")[1])
@@ -246,7 +247,7 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_step(tmp_path: Pat
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)  # torchrun and its workers
     assert launcher.returncode == TORCHRUN_FAILED, stderr
-    stops = re.findall(r"^error: stopped by SIGTERM at step (\d+); checkpoint (\S+);", stderr,
+    stops = re.findall(r"^stopped: SIGTERM at step (\d+); checkpoint (\S+);", stderr,
                        re.MULTILINE)  # fmt: skip
     assert len(stops) == 2 and stops[0] == stops[1], stderr  # both ranks: one step, one path
     stopped_at = int(stops[0][0])

@@ -111,7 +111,11 @@ def test_skip_bad_samples_goes_on_and_reports(tmp_path: Path):
     # 5 steps of 8 = the whole file once, so both bad entries are met
     result = _train(tmp_path / "b", "--max-steps", "5", "--data", str(data), "--skip-bad-samples")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["bad_samples"].startswith("skipped 2 bad samples")
+    summary = json.loads(result.stdout)
+    assert summary["bad_samples"] == 2
+    assert summary["bad_sample_reasons"] == {"missing image": 1, "unreadable image": 1}
+    skipped = json.loads((tmp_path / "b" / "skipped.json").read_text())
+    assert sorted(Path(row["file"]).name for row in skipped) == ["broken.png", "missing.png"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,163 @@
+"""One image at a time: ``ask`` (questions or a free prompt, stage 2) and ``match`` (image-text
+match scores, stage 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from qformer_cli.cli.common import (
+    ConfigOption,
+    DebugOption,
+    DeviceOption,
+    JsonOption,
+    SetOption,
+    handles_errors,
+    load_run_config,
+    output_console,
+    print_json,
+    require_inputs,
+)
+from qformer_cli.cli.infer import (
+    BackendOption,
+    MaxNewOption,
+    ModelOption,
+    NumBeamsOption,
+    generation_flags,
+    load_generator_for,
+)
+
+ImageOption = Annotated[Path, typer.Option("--image", help="The image file.")]
+
+
+@handles_errors
+def ask(
+    model: ModelOption,
+    image: ImageOption,
+    questions: Annotated[
+        list[str] | None,
+        typer.Argument(help="Questions about the image; none: continue --prompt freely."),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt",
+            help="With questions: their template, with {} for the question, or answer / "
+            "short-answer (default: the config's vqa.prompt). Without: the text to continue "
+            "(default: the model's caption prompt).",
+        ),
+    ] = None,
+    num_beams: NumBeamsOption = None,
+    max_new_tokens: MaxNewOption = None,
+    do_sample: Annotated[
+        bool, typer.Option("--do-sample", help="Sample instead of searching (torch backend).")
+    ] = False,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="Nucleus mass with --do-sample (0.9).")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="With --do-sample (1.0).")
+    ] = None,
+    backend: BackendOption = "torch",
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Answer questions about one image with a stage-2 model, or continue a free prompt; one
+    answer per line (or --json).
+
+    Examples:
+
+      qformer ask --model runs/stage2 --image photo.jpg "what colour is the car?"
+
+      qformer ask --model runs/stage2 --image photo.jpg --prompt "a photo of" --do-sample
+    """
+    from qformer_cli.inference.caption import caption_prompt
+    from qformer_cli.inference.vqa import ask as ask_image
+    from qformer_cli.inference.vqa import vqa_template
+
+    require_inputs(model=model, image=image)
+    section = "vqa" if questions else "generate"
+    flags = generation_flags(
+        section,
+        backend,
+        prompt=prompt,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample or None,
+        top_p=top_p,
+        temperature=temperature,
+    )
+    run_config = load_run_config(config, overrides, flags)
+    generator = load_generator_for(model, backend, device)
+    if questions:
+        settings = run_config.vqa
+        template = vqa_template(settings.prompt)
+        prompts = [template.format(question) for question in questions]
+    else:
+        settings = run_config.generate
+        prompts = [caption_prompt(generator, settings, given=prompt is not None)]
+    answers = ask_image(generator, image, prompts, settings)
+    rows = [
+        {"question": question, "prompt": text, "answer": answer}
+        for question, text, answer in zip(questions or [None], prompts, answers, strict=True)
+    ]
+    if as_json:
+        print_json({"model": str(model), "image": str(image), "answers": rows})
+        return
+    for row in rows:
+        typer.echo(row["answer"])
+
+
+@handles_errors
+def match(
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model",
+            help="Stage-1 run or checkpoint directory, or a transformers "
+            "Blip2ForImageTextRetrieval directory.",
+        ),
+    ],
+    image: ImageOption,
+    texts: Annotated[
+        list[str], typer.Option("--text", help="A text to score against the image (repeatable).")
+    ],
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """How well texts describe one image, with a stage-1 model: the ITM probability of a match
+    and the ITC similarity (max over queries of the cosine).
+
+    Example:
+
+      qformer match --model runs/stage1 --image photo.jpg --text "a red car" --text "a cat"
+    """
+    from qformer_cli.data import Sample, build_transform, load_image, load_transform_config
+    from qformer_cli.inference.retrieve import match_scores
+    from qformer_cli.pretrained import load_stage1_pipeline
+    from qformer_cli.runtime import init_distributed
+
+    require_inputs(model=model, image=image)
+    _, torch_device = init_distributed(device)
+    pipeline = load_stage1_pipeline(model, torch_device)
+    transform = build_transform(load_transform_config(pipeline.image_processor_source), False)
+    pixels = transform(load_image(Sample(image=image, image_id=0, origin=str(image))))
+    scores = match_scores(pipeline, pixels[None], list(texts))
+    result: dict[str, Any] = {"model": str(model), "image": str(image), "matches": scores}
+    if as_json:
+        print_json(result)
+        return
+    table = Table(title=f"{image} (stage-1 model {model})")
+    table.add_column("text")
+    table.add_column("ITM match probability", justify="right")
+    table.add_column("ITC similarity", justify="right")
+    for row in scores:
+        table.add_row(row["text"], f"{row['itm_probability']:.3f}", f"{row['itc_similarity']:.3f}")
+    output_console(as_json).print(table)

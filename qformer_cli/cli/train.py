@@ -22,6 +22,7 @@ from qformer_cli.cli.common import (
     OutOption,
     OverwriteOption,
     PrecisionOption,
+    QuietOption,
     ResumeOption,
     SeedOption,
     SetOption,
@@ -60,6 +61,7 @@ def pretrain_stage1(
     features: FeaturesOption = None,
     compile_step: CompileOption = False,
     device: DeviceOption = "auto",
+    quiet: QuietOption = False,
     as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -90,6 +92,7 @@ def pretrain_stage1(
         device,
         as_json,
         overwrite,
+        quiet=quiet,
     )
 
 
@@ -135,6 +138,7 @@ def pretrain_stage2(
         ),
     ] = False,
     device: DeviceOption = "auto",
+    quiet: QuietOption = False,
     as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -174,6 +178,7 @@ def pretrain_stage2(
         device,
         as_json,
         overwrite,
+        quiet=quiet,
         adjust=functools.partial(inherit_init_vision, init=init, given=given),
     )
 
@@ -190,6 +195,7 @@ def _pretrain(
     device: str,
     as_json: bool,
     overwrite: bool,
+    quiet: bool = False,
     adjust: Callable[[RunConfig], RunConfig] | None = None,
 ) -> None:
     from qformer_cli.train.run import train_stage
@@ -207,6 +213,7 @@ def _pretrain(
         device_choice=device,
         console=Console(stderr=True),
         overwrite=overwrite,
+        quiet=quiet,
     )
     finish(result, as_json)
 
@@ -239,6 +246,7 @@ def extract_features(
     ] = 64,
     skip_bad_samples: SkipBadOption = False,
     device: DeviceOption = "auto",
+    quiet: QuietOption = False,
     as_json: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -265,6 +273,7 @@ def extract_features(
         device=torch_device,
         console=console,
         report=lambda message: console.print(message, markup=False, highlight=False),
+        quiet=quiet,
     )
     if as_json:
         print_json(result)

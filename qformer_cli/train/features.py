@@ -66,6 +66,7 @@ def extract_features(
     device: torch.device,
     console: Console,
     report: Callable[[str], None],
+    quiet: bool = False,
 ) -> dict[str, Any]:
     if dtype not in FEATURE_DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)} (got {dtype!r})")
@@ -85,7 +86,7 @@ def extract_features(
     report(f"extracting {len(samples)} images with {fingerprint['model']} on {device}")
     started = time.perf_counter()
     done = 0
-    with ProgressReport(console, "extract", len(samples)) as progress:
+    with ProgressReport(console, "extract", len(samples), quiet=quiet) as progress:
         for batch in loader:
             features = image_features(vision, batch.images, device, config.train.precision)
             writer.add([image_key(sample) for sample in batch.samples], features)

@@ -185,7 +185,7 @@ def train_stage(
         progress = TrainingProgress(console, enabled=is_main, quiet=quiet)
         trainer = Trainer(recipe, config.train, out_dir, device, ranks, progress)
         if resume_from is not None:
-            report(f"resuming from {resume_from}")
+            report(f"resuming from {resume_from} (its weights replace the initialisation above)")
         result = trainer.run(resume_from)
         history = result.pop("history")
         if is_main:

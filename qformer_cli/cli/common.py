@@ -76,7 +76,9 @@ VisionModelOption = Annotated[
 TrainDataOption = Annotated[
     str | None,
     typer.Option(
-        "--data", help="Training captions: COCO JSON, a LAVIS Karpathy list or dataset_coco.json."
+        "--data",
+        help="Training captions: COCO JSON, a LAVIS Karpathy list, dataset_coco.json, or a "
+        "JSONL / CSV table with image, caption columns.",
     ),
 ]
 SkipBadOption = Annotated[

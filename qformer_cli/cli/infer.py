@@ -42,7 +42,12 @@ ImagesOption = Annotated[
     Path | None, typer.Option("--images", help="An image file or folder (or the GT's images).")
 ]
 AnnotationsOption = Annotated[
-    Path | None, typer.Option("--annotations", help="COCO-format caption ground truth.")
+    Path | None,
+    typer.Option(
+        "--annotations",
+        help="Caption ground truth: COCO captions JSON, or a JSONL / CSV table with image, "
+        "caption (images beside it unless --images).",
+    ),
 ]
 SplitOption = Annotated[
     str, typer.Option("--split", help="sample_data split when no --images/--annotations.")
@@ -312,7 +317,11 @@ def eval_vqa(
     split: SplitOption = "val",
     questions: Annotated[
         Path | None,
-        typer.Option("--questions", help="VQAv2-format questions JSON (default: --split's)."),
+        typer.Option(
+            "--questions",
+            help="VQAv2 questions JSON, or a JSONL / CSV table with image, question[, answers] "
+            "(default: --split's).",
+        ),
     ] = None,
     annotations: Annotated[
         Path | None,
@@ -333,7 +342,12 @@ def eval_vqa(
         ),
     ] = None,
     metric: Annotated[
-        str, typer.Option("--metric", help="official (GT-Vision-Lab) | lavis (BLIP-2's numbers).")
+        str,
+        typer.Option(
+            "--metric",
+            help="official (GT-Vision-Lab) | lavis (BLIP-2's numbers) | exact (the normalized "
+            "answer equals any reference; for data without VQAv2's 10 answers per question).",
+        ),
     ] = "official",
     blind: ShuffleOption = False,
     num_beams: NumBeamsOption = None,
@@ -354,6 +368,7 @@ def eval_vqa(
     """Zero-shot VQA scored with the VQAv2 accuracy (leave-one-out over 10 answers); decoding
     settings from the config's vqa section (5 beams, up to 10 tokens, length penalty -1)."""
     from qformer_cli.data import BadSampleLog, sample_split_files
+    from qformer_cli.data.tables import is_table, vqa_table_has_answers
     from qformer_cli.errors import UsageError
     from qformer_cli.inference.vqa import answer_to_file, score_to_file, vqa_template
     from qformer_cli.runtime import make_out_dir
@@ -382,6 +397,10 @@ def eval_vqa(
     files = sample_split_files(split)
     if questions is None:  # the sample split's questions, with their ground truth
         questions, annotations = files.vqa_questions, annotations or files.vqa_annotations
+    elif is_table(questions):  # images beside it; its answers, if it has them, are the truth
+        images = images or questions.parent
+        if annotations is None and vqa_table_has_answers(questions):
+            annotations = questions
     if annotations is None and predictions is not None:
         raise UsageError("--predictions is scored against --annotations: give the annotations")
     out_dir = make_out_dir(out, "eval-vqa")

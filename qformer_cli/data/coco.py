@@ -8,12 +8,12 @@ from pathlib import Path
 from qformer_cli.data.json_files import (
     check_unique_id,
     entry_label,
-    read_json,
     require_field,
     require_list,
     require_text,
 )
 from qformer_cli.data.sample import BadSampleLog, Sample, raise_or_skip
+from qformer_cli.data.tables import read_coco_captions_payload
 from qformer_cli.errors import DataError
 
 
@@ -26,7 +26,7 @@ def read_coco_captions(
     Images without captions are kept (with no captions); a caption for an unknown image id, or
     an entry missing a field, is a bad sample.
     """
-    payload = read_json(path)
+    payload = read_coco_captions_payload(path)  # a caption table reads as COCO too
     image_dir = Path(image_dir) if image_dir is not None else Path(path).parent
     images = require_list(payload, path, "images")
     annotations = require_list(payload, path, "annotations")

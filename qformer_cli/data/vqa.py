@@ -16,7 +16,6 @@ from typing import Any
 from qformer_cli.data.json_files import (
     check_unique_id,
     entry_label,
-    read_json,
     require_field,
     require_list,
     require_text,
@@ -29,6 +28,7 @@ from qformer_cli.data.sample import (
     image_id_from_name,
     raise_or_skip,
 )
+from qformer_cli.data.tables import read_vqa_annotations_payload, read_vqa_questions_payload
 from qformer_cli.errors import DataError
 
 
@@ -51,7 +51,8 @@ def read_vqa(
 ) -> list[Sample]:
     """One sample per question, in the questions file's order, with its answers when
     ``annotations_path`` is given (every question must then have an annotation)."""
-    questions = require_list(read_json(questions_path), questions_path, "questions")
+    payload = read_vqa_questions_payload(questions_path)  # a VQA table reads as VQAv2 too
+    questions = require_list(payload, questions_path, "questions")
     answers = _read_answers(annotations_path, bad) if annotations_path is not None else None
     find_image = ImageLocator(Path(image_dir), image_pattern)
     samples = []
@@ -95,7 +96,8 @@ def _vqa_sample(
             f"{where}: image_id {image_id!r}, but its annotation in "
             f"{shown(annotations_path or '')} names image_id {known.image_id!r}"
         )
-    image = find_image(image_id, where)
+    named = entry.get("image")  # a table's row names its file; VQAv2 names only the id
+    image = find_image.image_dir / named if isinstance(named, str) else find_image(image_id, where)
     return Sample(
         image=image,
         file=find_image.relative(image),
@@ -111,7 +113,7 @@ def _vqa_sample(
 
 
 def _read_answers(path: str | Path, bad: BadSampleLog | None) -> dict[int, VqaAnswers]:
-    annotations = require_list(read_json(path), path, "annotations")
+    annotations = require_list(read_vqa_annotations_payload(path), path, "annotations")
     by_question: dict[int, VqaAnswers] = {}
     seen: dict[object, str] = {}
     for index, entry in enumerate(annotations):

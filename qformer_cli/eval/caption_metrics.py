@@ -38,6 +38,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from qformer_cli.data.json_files import read_json, require_field, require_list, shown
+from qformer_cli.data.tables import read_coco_captions_payload
 from qformer_cli.errors import DataError, QformerError
 
 ImageId = int | str
@@ -94,7 +95,7 @@ def load_caption_ground_truth(path: Path | str) -> dict[ImageId, list[str]]:
     pycocotools ignores them.
     """
     path = Path(path)
-    data = read_json(path)
+    data = read_coco_captions_payload(path)  # a caption table reads as COCO too
     references: dict[ImageId, list[str]] = {}
     for index, image in enumerate(require_list(data, path, "images")):
         image_id = require_field(image, "id", f"{shown(path)}: images[{index}]", (int, str))

@@ -39,9 +39,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from qformer_cli.data.json_files import read_json, require_field, require_list, shown
+from qformer_cli.data.tables import read_vqa_annotations_payload, read_vqa_questions_payload
 from qformer_cli.errors import DataError, UsageError
 
-MetricVariant = Literal["official", "lavis"]
+# official / lavis: the VQAv2 accuracy (10 answers per question) as each reference computes it;
+# exact: right when the normalized prediction equals any normalized reference answer (datasets
+# with one or a few answers per question, where min(1, matches / 3) cannot reach 100)
+MetricVariant = Literal["official", "lavis", "exact"]
+VQAV2_ANSWERS_PER_QUESTION = 10
 METRIC_VARIANTS: tuple[str, ...] = get_args(MetricVariant)
 
 QuestionId = int | str
@@ -121,6 +126,7 @@ _COMMA_BETWEEN_DIGITS: Mapping[str, re.Pattern[str]] = {
     "official": re.compile(r"(\d)(,)(\d)", re.ASCII),
     "lavis": re.compile(r"(\d)(,)(\d)"),
 }
+_COMMA_BETWEEN_DIGITS["exact"] = _COMMA_BETWEEN_DIGITS["official"]  # type: ignore[index]
 # The reference's ``periodStrip`` is ``(?!<=\d)(\.)(?!\d)``: its ``(?!<=\d)`` is a lookahead (a
 # typo for a lookbehind) that always succeeds at a period, so the rule is "delete every period
 # not followed by a digit": "5." -> "5", "3.5" and ".5" keep theirs.
@@ -128,6 +134,7 @@ _PERIOD_NOT_BEFORE_DIGIT: Mapping[str, re.Pattern[str]] = {
     "official": re.compile(r"\.(?!\d)", re.ASCII),
     "lavis": re.compile(r"\.(?!\d)"),
 }
+_PERIOD_NOT_BEFORE_DIGIT["exact"] = _PERIOD_NOT_BEFORE_DIGIT["official"]  # type: ignore[index]
 # The reference calls ``periodStrip.sub("", text, re.UNICODE)``: the third positional argument
 # of ``Pattern.sub`` is ``count``, and ``re.UNICODE == 32``, so at most 32 periods are deleted.
 _MAX_PERIODS_DELETED = int(re.UNICODE)
@@ -225,6 +232,10 @@ def question_accuracy(
     """
     if not answer_entries:
         raise ValueError("a question needs at least one ground truth answer")
+    if metric == "exact":
+        answer = normalize_answer(prediction, "official")
+        gts = [normalize_answer(entry["answer"], "official") for entry in answer_entries]
+        return float(answer in gts)
     answer, gts = compared_answers(prediction, [e["answer"] for e in answer_entries], metric)
     entry_keys = [
         _frozen({**entry, "answer": gt}) for entry, gt in zip(answer_entries, gts, strict=True)
@@ -245,7 +256,7 @@ def round_like_reference(value: float, metric: MetricVariant = "official") -> fl
     rounds half to even. They differ only on exact ties such as 0.125.
     """
     if metric == "lavis":
-        return round(value, 2)
+        return round(value, 2)  # (exact: rounded as the official)
     return float(Decimal(value).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
 
 
@@ -386,7 +397,8 @@ def load_vqa_annotations(path: Path | str) -> list[VqaAnnotation]:
     """Read a VQAv2 annotations file ``{"annotations": [...]}`` in file order."""
     path = Path(path)
     annotations = []
-    for index, entry in enumerate(require_list(read_json(path), path, "annotations")):
+    payload = read_vqa_annotations_payload(path)  # a VQA table reads as VQAv2 too
+    for index, entry in enumerate(require_list(payload, path, "annotations")):
         where = f"{shown(path)}: entry {index}"
         annotations.append(
             VqaAnnotation(
@@ -400,10 +412,23 @@ def load_vqa_annotations(path: Path | str) -> list[VqaAnnotation]:
     return annotations
 
 
+def _check_ten_answers(annotations: Sequence[VqaAnnotation], path: Path | str) -> None:
+    """The VQAv2 accuracy needs its 10 human answers per question (with one, leave-one-out
+    scores every prediction 0): refuse other counts rather than print a wrong number."""
+    for annotation in annotations:
+        count = len(annotation.answers)
+        if count != VQAV2_ANSWERS_PER_QUESTION:
+            raise DataError(
+                f"{shown(path)}: question {annotation.question_id!r} has {count} answers; the "
+                f"VQAv2 accuracy needs {VQAV2_ANSWERS_PER_QUESTION} per question (for other "
+                "datasets use --metric exact)"
+            )
+
+
 def load_vqa_question_ids(path: Path | str) -> list[QuestionId]:
     """Read the question ids of a VQAv2 questions file ``{"questions": [...]}``."""
     path = Path(path)
-    entries = require_list(read_json(path), path, "questions")
+    entries = require_list(read_vqa_questions_payload(path), path, "questions")
     ids = [
         require_field(entry, "question_id", f"{shown(path)}: entry {i}", (int, str))
         for i, entry in enumerate(entries)
@@ -440,13 +465,17 @@ def evaluate_vqa_files(
     questions_path: Path | str | None = None,
     metric: MetricVariant = "official",
     skipped: Collection[int] = (),
+    *,
+    require_vqav2_answers: bool = False,
 ) -> VqaAccuracy:
     """Score a results file against VQAv2 annotations (and, if given, its questions file).
 
     The questions file, when given, must list exactly the annotated questions. The results must
     answer every annotated question and no other, except the ``skipped`` ones (bad samples
     left out on purpose), which are not scored; otherwise :class:`DataError` names how many and
-    the first few ids.
+    the first few ids. With ``require_vqav2_answers`` (the commands) the official and LAVIS
+    variants refuse questions without exactly 10 answers, where the reference's number would
+    mislead; without it (the reference's own behaviour) any count is scored.
     """
     metric = _check_variant(metric)
     annotations = load_vqa_annotations(annotations_path)
@@ -454,6 +483,8 @@ def evaluate_vqa_files(
     if questions_path is not None:
         question_ids = load_vqa_question_ids(questions_path)
         check_coverage(question_ids, annotated_ids, str(annotations_path), found="annotation")
+    if require_vqav2_answers and metric != "exact":
+        _check_ten_answers(annotations, annotations_path)
     left_out = set(skipped)
     annotations = [a for a in annotations if a.question_id not in left_out]
     predictions = load_vqa_results(results_path)

@@ -124,6 +124,7 @@ def score_to_file(
         questions,
         metric=metric,  # type: ignore[arg-type]
         skipped=left_out,  # type: ignore[arg-type]
+        require_vqav2_answers=True,
     ).to_dict()
     accuracy["unscored_skipped"] = len(left_out)
     (out_dir / "metrics.json").write_text(json.dumps(accuracy, indent=1))

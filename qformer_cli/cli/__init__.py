@@ -17,6 +17,60 @@ from qformer_cli.cli.common import app
 
 __all__ = ["app", "main"]
 
+# Shown at the end of each command's --help.
+EXAMPLES: dict[str, list[str]] = {
+    "pretrain-stage1": [
+        "qformer pretrain-stage1 --out runs/s1",
+        "torchrun --nproc-per-node 8 -m qformer_cli pretrain-stage1 \\",
+        "    --config blip2_stage1_vitg --data coco_karpathy_train.json --out runs/s1",
+    ],
+    "pretrain-stage2": [
+        "qformer pretrain-stage2 --init runs/s1 --out runs/s2",
+        "qformer pretrain-stage2 --init runs/s1 --llm facebook/opt-2.7b --data captions.jsonl",
+    ],
+    "extract-features": [
+        "qformer extract-features --out features/ && qformer pretrain-stage1 --features features/",
+    ],
+    "caption": [
+        "qformer caption --model runs/s2 --images ~/photos --skip-bad-samples",
+        "qformer caption --model runs/s2 --annotations captions_val.json --num-beams 1",
+    ],
+    "eval-caption": [
+        "qformer eval-caption --predictions captions.json --annotations captions_val.json",
+    ],
+    "eval-vqa": [
+        "qformer eval-vqa --model runs/s2 --split val",
+        "qformer eval-vqa --model runs/s2 --questions v2_Questions_val2014.json \\",
+        "    --annotations v2_Annotations_val2014.json --images val2014/ --metric lavis",
+    ],
+    "ask": [
+        'qformer ask --model runs/s2 --image photo.jpg "what colour is the car?"',
+        'qformer ask --model runs/s2 --image photo.jpg --prompt "a photo of" --do-sample',
+    ],
+    "match": [
+        'qformer match --model runs/s1 --image photo.jpg --text "a red car" --text "a cat"',
+    ],
+    "export-onnx": [
+        "qformer export-onnx --model runs/s2 --out onnx/ && qformer caption --backend onnx \\",
+        "    --model onnx/ --images ~/photos",
+    ],
+    "convert": [
+        "qformer convert hf_blip2/ --model runs/s2 --to transformers",
+        "qformer convert blip2_stage1.pth --model runs/s1 --to lavis",
+    ],
+    "eval-retrieval": [
+        "qformer eval-retrieval --model runs/s1 --annotations coco_karpathy_test.json",
+    ],
+    "info": ["qformer info --config blip2_vitg_opt2.7b --json"],
+}
+
+
+def _epilog(name: str) -> str:
+    # click rewraps help text except paragraphs that start with \b
+    lines = "\n".join(f"  {line}" for line in EXAMPLES[name])
+    return f"\b\nExamples:\n{lines}"
+
+
 COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("pretrain-stage1", train.pretrain_stage1),
     ("pretrain-stage2", train.pretrain_stage2),
@@ -32,7 +86,7 @@ COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("info", info.info),
 ]
 for name, command in COMMANDS:
-    app.command(name)(command)
+    app.command(name, epilog=_epilog(name))(command)
 
 
 def _quiet_libraries() -> None:

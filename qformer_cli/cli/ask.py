@@ -23,9 +23,12 @@ from qformer_cli.cli.common import (
 )
 from qformer_cli.cli.infer import (
     BackendOption,
+    DoSampleOption,
     MaxNewOption,
     ModelOption,
     NumBeamsOption,
+    TemperatureOption,
+    TopPOption,
     generation_flags,
     load_generator_for,
 )
@@ -52,15 +55,9 @@ def ask(
     ] = None,
     num_beams: NumBeamsOption = None,
     max_new_tokens: MaxNewOption = None,
-    do_sample: Annotated[
-        bool, typer.Option("--do-sample", help="Sample instead of searching (torch backend).")
-    ] = False,
-    top_p: Annotated[
-        float | None, typer.Option("--top-p", help="Nucleus mass with --do-sample (0.9).")
-    ] = None,
-    temperature: Annotated[
-        float | None, typer.Option("--temperature", help="With --do-sample (1.0).")
-    ] = None,
+    do_sample: DoSampleOption = False,
+    top_p: TopPOption = None,
+    temperature: TemperatureOption = None,
     backend: BackendOption = "torch",
     config: ConfigOption = None,
     overrides: SetOption = None,
@@ -69,14 +66,7 @@ def ask(
     debug: DebugOption = False,
 ) -> None:
     """Answer questions about one image with a stage-2 model, or continue a free prompt; one
-    answer per line (or --json).
-
-    Examples:
-
-      qformer ask --model runs/stage2 --image photo.jpg "what colour is the car?"
-
-      qformer ask --model runs/stage2 --image photo.jpg --prompt "a photo of" --do-sample
-    """
+    answer per line (or --json)."""
     from qformer_cli.inference.caption import caption_prompt
     from qformer_cli.inference.vqa import ask as ask_image
     from qformer_cli.inference.vqa import vqa_template
@@ -133,12 +123,7 @@ def match(
     debug: DebugOption = False,
 ) -> None:
     """How well texts describe one image, with a stage-1 model: the ITM probability of a match
-    and the ITC similarity (max over queries of the cosine).
-
-    Example:
-
-      qformer match --model runs/stage1 --image photo.jpg --text "a red car" --text "a cat"
-    """
+    and the ITC similarity (max over queries of the cosine)."""
     from qformer_cli.data import Sample, build_transform, load_image, load_transform_config
     from qformer_cli.inference.retrieve import match_scores
     from qformer_cli.pretrained import load_stage1_pipeline

@@ -19,14 +19,48 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from qformer_cli import __version__
 from qformer_cli.errors import QformerError
 
+try:  # recent typer vendors click, and raises its own copies of click's exceptions
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # typer that uses the click package
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+NO_ARGS_IS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())
+
 if TYPE_CHECKING:  # the config module is imported by the commands that need it
     from qformer_cli.config import RunConfig
 
+
+class OneLineUsageErrors(TyperGroup):
+    """click's usage errors (a bad flag, a value out of its range) as our other errors are: one
+    line on stderr, ``error: ...`` with where to find help, exit 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            returned = super().main(*args, standalone_mode=False, **kwargs)
+        except click_exceptions.UsageError as error:
+            if isinstance(error, NO_ARGS_IS_HELP):  # bare `qformer`: the help, as click shows it
+                error.show()
+                sys.exit(error.exit_code)
+            where = error.ctx.command_path if error.ctx is not None else "qformer"
+            _print_error(f"{error.format_message()} (see {where} -h)", "error")
+            sys.exit(error.exit_code)
+        except click_exceptions.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            _print_error("interrupted", "stopped")
+            sys.exit(130)
+        sys.exit(returned if isinstance(returned, int) else 0)  # typer.Exit(code) returns code
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     name="qformer",
     help="Train, evaluate and export BLIP-2 Q-Formers.",
     no_args_is_help=True,
@@ -58,27 +92,65 @@ OutOption = Annotated[
     Path | None,
     typer.Option("--out", help="Output directory (default: runs/<command>-<timestamp>)."),
 ]
-SeedOption = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+
+
+def embedded_default(key: str) -> str:
+    """How a flag's help states a config-backed default: the config key and its value in the
+    embedded default (configs/tiny.yaml, used when there is no --config)."""
+    from qformer_cli.config import load_config
+
+    value: Any = load_config(None)
+    for part in key.split("."):
+        value = getattr(value, part)
+    shown = repr(value) if isinstance(value, str) else value
+    return f"Default: the config's {key} ({shown} in the embedded default)."
+
+
+SeedOption = Annotated[
+    int | None, typer.Option("--seed", help=f"Random seed. {embedded_default('train.seed')}")
+]
 DeviceOption = Annotated[
-    str, typer.Option("--device", help="auto | cpu | cuda (auto: a CUDA GPU when usable).")
+    str,
+    typer.Option(
+        "--device", help="auto | cpu | cuda | cuda:N (auto: a CUDA GPU when usable, else cpu)."
+    ),
 ]
 PrecisionOption = Annotated[
     str | None,
-    typer.Option("--precision", help="fp32 | bf16 | fp16 (autocast; master weights stay fp32)."),
+    typer.Option(
+        "--precision",
+        help="fp32 | bf16 | fp16 (autocast; master weights stay fp32). "
+        + embedded_default("train.precision"),
+    ),
 ]
-MaxStepsOption = Annotated[int | None, typer.Option("--max-steps", help="Stop after N steps.")]
+MaxStepsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-steps",
+        help="Stop after N steps (0: train.epochs). " + embedded_default("train.max_steps"),
+    ),
+]
 BatchSizeOption = Annotated[
-    int | None, typer.Option("--batch-size", help="Global batch size (all processes).")
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help="Global batch size (all processes). " + embedded_default("train.batch_size"),
+    ),
 ]
 VisionModelOption = Annotated[
-    str | None, typer.Option("--vision-model", help="Frozen vision encoder: hub id or path.")
+    str | None,
+    typer.Option(
+        "--vision-model",
+        help="Frozen vision encoder: hub id or path. " + embedded_default("model.vision.model"),
+    ),
 ]
 TrainDataOption = Annotated[
     str | None,
     typer.Option(
         "--data",
         help="Training captions: COCO JSON, a LAVIS Karpathy list, dataset_coco.json, or a "
-        "JSONL / CSV table with image, caption columns.",
+        "JSONL / CSV table with image, caption columns. Default: the config's data.train "
+        "(the embedded default: sample_data's train split).",
     ),
 ]
 SkipBadOption = Annotated[
@@ -129,8 +201,12 @@ OverwriteOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int, label: str = "error") -> None:
+def _print_error(message: str, label: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"{label}: {message}", markup=False)
+
+
+def _fail(message: str, code: int, label: str = "error") -> None:
+    _print_error(message, label)
     raise typer.Exit(code)
 
 

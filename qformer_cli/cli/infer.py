@@ -31,6 +31,7 @@ from qformer_cli.cli.common import (
     progress_report,
     require_inputs,
 )
+from qformer_cli.config import GenerationConfig, vqa_generation
 
 ModelOption = Annotated[
     Path,
@@ -56,13 +57,57 @@ BackendOption = Annotated[
     str,
     typer.Option("--backend", help="torch | onnx (--model is then an export-onnx directory)."),
 ]
-BatchOption = Annotated[int, typer.Option("--batch-size", min=1)]
-NumBeamsOption = Annotated[
-    int | None, typer.Option("--num-beams", help="Default: the config's (1 with --backend onnx).")
+BatchOption = Annotated[
+    int, typer.Option("--batch-size", min=1, help="Images per batch through the model.")
 ]
-MaxNewOption = Annotated[int | None, typer.Option("--max-new-tokens")]
-MinNewOption = Annotated[int | None, typer.Option("--min-new-tokens")]
-LengthPenaltyOption = Annotated[float | None, typer.Option("--length-penalty")]
+
+
+def _decoding(flag: str, key: str, what: str) -> Any:
+    """A decoding option; its default is the config's, which the help names for each section."""
+    caption_default, vqa_default = getattr(GenerationConfig(), key), getattr(vqa_generation(), key)
+    return typer.Option(
+        flag,
+        help=f"{what} Default: the config's generate.{key} ({caption_default}); for questions "
+        f"(eval-vqa, ask QUESTION): vqa.{key} ({vqa_default}).",
+    )
+
+
+NumBeamsOption = Annotated[
+    int | None,
+    _decoding("--num-beams", "num_beams", "Beams searched (1: greedy; --backend onnx: 1)."),
+]
+MaxNewOption = Annotated[
+    int | None, _decoding("--max-new-tokens", "max_new_tokens", "Most tokens generated.")
+]
+MinNewOption = Annotated[
+    int | None, _decoding("--min-new-tokens", "min_new_tokens", "Fewest tokens generated.")
+]
+LengthPenaltyOption = Annotated[
+    float | None,
+    _decoding(
+        "--length-penalty",
+        "length_penalty",
+        "Exponent of the length in beam scores (negative: shorter).",
+    ),
+]
+RepetitionPenaltyOption = Annotated[
+    float | None,
+    _decoding("--repetition-penalty", "repetition_penalty", "Penalty on repeats (1: none)."),
+]
+DoSampleOption = Annotated[
+    bool,
+    typer.Option(
+        "--do-sample",
+        help="Sample instead of searching (torch backend); --set generate.seed=N (vqa.seed with "
+        "questions) draws the same samples every run.",
+    ),
+]
+TopPOption = Annotated[
+    float | None, _decoding("--top-p", "top_p", "With --do-sample: the nucleus probability mass.")
+]
+TemperatureOption = Annotated[
+    float | None, _decoding("--temperature", "temperature", "With --do-sample: the temperature.")
+]
 ShuffleOption = Annotated[
     bool,
     typer.Option(
@@ -177,16 +222,10 @@ def caption(
     max_new_tokens: MaxNewOption = None,
     min_new_tokens: MinNewOption = None,
     length_penalty: LengthPenaltyOption = None,
-    repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty")] = None,
-    do_sample: Annotated[
-        bool, typer.Option("--do-sample", help="Sample instead of searching (torch backend).")
-    ] = False,
-    top_p: Annotated[
-        float | None, typer.Option("--top-p", help="Nucleus mass with --do-sample (0.9).")
-    ] = None,
-    temperature: Annotated[
-        float | None, typer.Option("--temperature", help="With --do-sample (1.0).")
-    ] = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    do_sample: DoSampleOption = False,
+    top_p: TopPOption = None,
+    temperature: TemperatureOption = None,
     batch_size: BatchOption = 32,
     shuffle_images: ShuffleOption = False,
     skip_bad_samples: SkipBadOption = False,

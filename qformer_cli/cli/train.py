@@ -29,6 +29,7 @@ from qformer_cli.cli.common import (
     SkipBadOption,
     TrainDataOption,
     VisionModelOption,
+    embedded_default,
     finish,
     handles_errors,
     load_run_config,
@@ -112,12 +113,22 @@ def pretrain_stage2(
         ),
     ] = None,
     llm: Annotated[
-        str | None, typer.Option("--llm", help="Frozen LLM: hub id or path (causal or seq2seq).")
+        str | None,
+        typer.Option(
+            "--llm",
+            help="Frozen LLM: hub id or path (causal or seq2seq). "
+            + embedded_default("model.llm.model"),
+        ),
     ] = None,
     vision_model: VisionModelOption = None,
     data: TrainDataOption = None,
     prompt: Annotated[
-        str | None, typer.Option("--prompt", help='Text prompt before each caption ("a photo of").')
+        str | None,
+        typer.Option(
+            "--prompt",
+            help="Text before each caption, kept as the model's caption prompt. "
+            + embedded_default("generate.prompt"),
+        ),
     ] = None,
     max_steps: MaxStepsOption = None,
     batch_size: BatchSizeOption = None,

@@ -251,6 +251,43 @@ def build_vision_encoder(
     return VisionEncoder(model)
 
 
+def check_vision_kind(spec: BackboneConfig) -> None:
+    """Refuse, from its config alone, a ``model.vision`` that is no vision tower (an LLM, BERT):
+    every supported tower (CLIP, SigLIP, DINOv2, BLIP-2's ViT, ...) has an image size."""
+    if spec.architecture:
+        return  # the user named the class
+    config = _vision_config(_with_overrides(spec, _checkpoint_config(spec), tower="vision_config"))
+    if getattr(config, "image_size", None) is None:
+        raise UsageError(
+            f"model.vision {spec.model or config.model_type}: a {config.model_type} model is not "
+            "a vision encoder (give a vision tower: CLIP, SigLIP, DINOv2, BLIP-2's ViT, ...)"
+        )
+
+
+def check_language_model_kind(spec: BackboneConfig) -> None:
+    """Refuse, from its config alone, a ``model.llm`` that is neither a causal nor a
+    sequence-to-sequence LM. transformers would build BERT as a causal LM (``BertLMHeadModel``)
+    that attends to later tokens unless ``is_decoder``: training would "work" on leaked text."""
+    if spec.architecture:
+        return
+    from transformers.models.auto import modeling_auto as auto
+
+    config = _with_overrides(spec, _checkpoint_config(spec), tower="text_config")
+    kind = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        fits = kind in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    else:
+        encoder_only = kind in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        fits = kind in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (
+            encoder_only and not getattr(config, "is_decoder", False)
+        )
+    if not fits:
+        raise UsageError(
+            f"model.llm {spec.model or kind}: a {kind} model is not a causal or "
+            "sequence-to-sequence language model (e.g. OPT, Llama, Qwen, FlanT5)"
+        )
+
+
 @dataclass
 class LanguageModel:
     """A frozen LLM and what the stage-2 bridge needs to know about it."""

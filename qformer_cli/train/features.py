@@ -27,7 +27,7 @@ from qformer_cli.data.features import (
     unique_images,
 )
 from qformer_cli.errors import UsageError
-from qformer_cli.models.backbones import backbone_config, resolve_model_name
+from qformer_cli.models.backbones import backbone_config, check_vision_kind, resolve_model_name
 from qformer_cli.progress import ProgressReport
 from qformer_cli.train.common import (
     image_features,
@@ -70,6 +70,7 @@ def extract_features(
 ) -> dict[str, Any]:
     if dtype not in FEATURE_DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)} (got {dtype!r})")
+    check_vision_kind(config.model.vision)
     fingerprint = expected_fingerprint(config)
     bad = BadSampleLog(skip=config.data.skip_bad_samples)
     samples = list(unique_images(read_caption_samples(config.data, bad)))

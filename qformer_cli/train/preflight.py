@@ -19,6 +19,8 @@ from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import (
     build_language_model,
     build_vision_encoder,
+    check_language_model_kind,
+    check_vision_kind,
     load_qformer_tokenizer,
     resolve_model_name,
     same_backbone,
@@ -72,10 +74,15 @@ def _check_data_files(config: RunConfig) -> None:
 
 
 def _check_backbones(stage: int, config: RunConfig) -> None:
-    """Every local backbone path exists (``resolve_model_name`` raises for one that does not)."""
+    """Every local backbone path exists (``resolve_model_name`` raises for one that does not)
+    and is of the right kind, judged from its config before any weights load."""
     for spec in (config.model.vision, config.model.llm) if stage == 2 else (config.model.vision,):
         resolve_model_name(spec.model)
     resolve_model_name(config.model.bert)
+    if not config.data.features:  # a feature cache replaces the vision encoder
+        check_vision_kind(config.model.vision)
+    if stage == 2:
+        check_language_model_kind(config.model.llm)
 
 
 def llm_embedding_width(config: RunConfig) -> int:

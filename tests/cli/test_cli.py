@@ -147,7 +147,49 @@ def test_out_of_range_settings_are_refused_before_anything_loads(
 def test_counts_below_one_are_usage_errors(args: list[str]) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2
-    assert "Invalid value" in result.output and args[-2] in result.output
+    [line] = result.output.strip().splitlines()  # one line, as every other error
+    assert line.startswith(f"error: Invalid value for '{args[-2]}'")
+    assert line.endswith(f"(see qformer {args[0]} -h)")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["caption", "--bogus"], "No such option: --bogus"),
+        (["caption"], "Missing option '--model'"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+    ],
+)
+def test_click_usage_errors_are_one_line(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"error: {message}")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["pretrain-stage2", "--llm", "sample_data/backbones/bert"],
+            "a bert model is not a causal",
+        ),
+        (
+            ["pretrain-stage1", "--vision-model", "sample_data/backbones/opt"],
+            "not a vision encoder",
+        ),
+    ],
+)
+def test_backbones_of_the_wrong_kind_are_refused_from_their_configs(
+    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [str(ROOT / arg) if arg.startswith("sample_data") else arg for arg in args]
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()  # before any weights load: no init report
+    assert line.startswith("error: model.") and message in line
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", [[], ["caption"], ["pretrain-stage1"], ["eval-vqa"]])
@@ -184,3 +226,31 @@ def test_a_missing_input_is_a_usage_error_naming_its_option(
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {option} {missing}: no such"), lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_option_has_help_and_every_command_ends_with_examples_that_parse():
+    """Each option explains itself; each command's help ends with examples whose flags are the
+    command's own (an example naming a flag that was renamed fails here)."""
+    import shlex
+
+    import typer.main
+
+    from qformer_cli.cli import EXAMPLES
+
+    group = typer.main.get_command(app)
+    assert set(EXAMPLES) == set(group.commands)
+    for name, command in group.commands.items():
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert getattr(param, "help", None), f"{name} {param.opts[0]}: no help"
+        shown = runner.invoke(app, [name, "-h"], env={"COLUMNS": "200"}).stdout
+        assert shown.rstrip().endswith(EXAMPLES[name][-1].strip().rstrip("\\").rstrip())
+        known = {opt for param in command.params for opt in param.opts}
+        examples = "\n".join(EXAMPLES[name]).replace("\\\n", " ").splitlines()
+        for part in (part for example in examples for part in example.split("&&")):
+            part_words = shlex.split(part)  # "a && b": the part that runs this command
+            if name not in part_words:
+                continue
+            after = part_words[part_words.index(name) + 1 :]
+            flags = [word for word in after if word.startswith("--")]
+            assert set(flags) <= known, (name, set(flags) - known)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qformer_cli import checkpoint
-from qformer_cli.config import RunConfig, from_dict
+from qformer_cli.config import RunConfig, from_dict, load_config
 from qformer_cli.errors import CheckpointError
 from qformer_cli.models.backbones import (
     LanguageModel,
@@ -18,15 +19,18 @@ from qformer_cli.models.backbones import (
     build_language_model,
     build_vision_encoder,
     load_llm_tokenizer,
+    load_qformer_tokenizer,
     resolve_model_name,
 )
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
 from qformer_cli.models.convert import (
     BLIP2_MODEL_TYPES,
     import_state_dict,
+    load_external_weights,
     qformer_config_from_transformers,
     read_config_json,
     read_safetensors_dir,
+    read_torch_weights,
 )
 
 
@@ -77,12 +81,18 @@ class Stage1Pipeline:
     directory: Path
 
 
-def load_stage1_pipeline(path: Path, device: torch.device) -> Stage1Pipeline:
+def load_stage1_pipeline(
+    path: Path, device: torch.device, backbones: RunConfig | None = None
+) -> Stage1Pipeline:
     """``load_stage1`` plus the frozen vision encoder named in its run config; or a
-    transformers ``Blip2ForImageTextRetrieval`` directory."""
+    transformers ``Blip2ForImageTextRetrieval`` directory; or a LAVIS ``.pth`` with the
+    backbones (and Q-Former sizes) ``backbones`` names."""
     path = Path(path)
     if _is_transformers_blip2(path):
         return _load_transformers_retrieval(path, device)
+    if is_lavis_file(path):
+        _require_lavis_stage(path, 1)
+        return _load_lavis_stage1(path, device, backbones or load_config(None))
     loaded = load_stage1(path, device)
     vision_spec = loaded.run_config.model.vision
     return Stage1Pipeline(
@@ -95,12 +105,84 @@ def load_stage1_pipeline(path: Path, device: torch.device) -> Stage1Pipeline:
 
 
 def checkpoint_stage(path: Path) -> int:
-    """1 or 2: the stage of a run/checkpoint directory, or of a transformers BLIP-2 directory
-    (``Blip2ForImageTextRetrieval``: 1; ``Blip2ForConditionalGeneration``: 2)."""
+    """1 or 2: the stage of a run/checkpoint directory, of a transformers BLIP-2 directory
+    (``Blip2ForImageTextRetrieval``: 1; ``Blip2ForConditionalGeneration``: 2), or of a LAVIS
+    ``.pth`` (2 when it holds an LLM projection)."""
     path = Path(path)
     if _is_transformers_blip2(path):
         return 1 if _is_retrieval_model(path) else 2
+    if is_lavis_file(path):
+        tensors = read_torch_weights(path)
+        return 2 if any(key.startswith(LAVIS_LLM_PROJECTIONS) for key in tensors) else 1
     return checkpoint.load_meta(checkpoint.resolve_checkpoint(path)).stage
+
+
+# LAVIS names the stage-2 projection after its LLM family
+LAVIS_LLM_PROJECTIONS = ("opt_proj.", "t5_proj.", "llm_proj.")
+LAVIS_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def is_lavis_file(path: Path) -> bool:
+    return Path(path).is_file() and Path(path).suffix in LAVIS_SUFFIXES
+
+
+def _require_lavis_stage(path: Path, stage: int) -> None:
+    found = checkpoint_stage(path)
+    if found != stage:
+        raise CheckpointError(f"{path}: a stage-{found} LAVIS checkpoint; this needs stage {stage}")
+
+
+def _check_lavis_report(path: Path, report: Any, optional: tuple[str, ...]) -> None:
+    needed = [key for key in report.missing if not key.startswith(optional)]
+    if needed:
+        raise CheckpointError(
+            f"{path}: not the LAVIS checkpoint of this model (missing {needed[:3]}, "
+            f"{len(needed)} in all); its Q-Former sizes and backbones come from --config/--set"
+        )
+
+
+def _load_lavis_stage1(path: Path, device: torch.device, backbones: RunConfig) -> Stage1Pipeline:
+    """A LAVIS stage-1 ``.pth`` (``Blip2Qformer``'s trainable weights), with the frozen vision
+    encoder and the BERT tokenizer the run config names."""
+    vision = build_vision_encoder(backbones.model.vision)
+    tokenizer = load_qformer_tokenizer(backbones.model.bert)
+    qformer_config = backbones.model.qformer_config().fitted_to_backbones(
+        encoder_width=vision.hidden_size,
+        vocab_size=len(tokenizer),  # BERT's with [DEC], as stage 1 trains
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    model = Stage1Model(qformer_config)
+    _check_lavis_report(path, load_external_weights(model, path), ("temp",))
+    return Stage1Pipeline(
+        model=model.to(device).eval(),
+        vision=vision.to(device),
+        tokenizer=tokenizer,
+        image_processor_source=resolve_model_name(backbones.model.vision.model),
+        directory=path,
+    )
+
+
+def _load_lavis_stage2(
+    path: Path, device: torch.device, dtype: torch.dtype, backbones: RunConfig
+) -> Stage2Pipeline:
+    """A LAVIS stage-2 ``.pth`` (``Blip2OPT`` / ``Blip2T5``'s trainable weights), with the frozen
+    vision encoder and LLM the run config names."""
+    vision = build_vision_encoder(backbones.model.vision, dtype=dtype)
+    llm = build_language_model(backbones.model.llm, dtype=dtype)
+    qformer_config = backbones.model.qformer_config().fitted_to_backbones(
+        encoder_width=vision.hidden_size
+    )
+    bridge = Stage2Model(qformer_config, llm.embedding_dim)
+    _check_lavis_report(path, load_external_weights(bridge, path), ())
+    return Stage2Pipeline(
+        vision=vision.to(device),
+        bridge=bridge.to(device).eval(),
+        llm=LanguageModel(llm.model.to(device), llm.family),
+        tokenizer=load_llm_tokenizer(backbones.model.llm.model),
+        image_processor_source=resolve_model_name(backbones.model.vision.model),
+        directory=path,
+        prompt=backbones.generate.prompt,
+    )
 
 
 def _is_retrieval_model(path: Path) -> bool:
@@ -161,12 +243,20 @@ def _is_transformers_blip2(path: Path) -> bool:
 
 
 def load_stage2(
-    path: Path, device: torch.device, dtype: torch.dtype = torch.float32
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    backbones: RunConfig | None = None,
 ) -> Stage2Pipeline:
-    """A stage-2 model from a run/checkpoint directory or a transformers BLIP-2 directory."""
+    """A stage-2 model from a run/checkpoint directory, a transformers BLIP-2 directory, or a
+    LAVIS ``.pth`` with the backbones (and Q-Former sizes) ``backbones`` names (default: the
+    embedded default's)."""
     path = Path(path)
     if _is_transformers_blip2(path):
         return _load_transformers_blip2(path, device, dtype)
+    if is_lavis_file(path):
+        _require_lavis_stage(path, 2)
+        return _load_lavis_stage2(path, device, dtype, backbones or load_config(None))
     directory = checkpoint.resolve_checkpoint(path)
     saved = _checkpoint_meta(directory, stage=2)
     run_config = from_dict(RunConfig, saved.run)

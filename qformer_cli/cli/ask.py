@@ -17,6 +17,7 @@ from qformer_cli.cli.common import (
     SetOption,
     handles_errors,
     load_run_config,
+    model_location,
     output_console,
     print_json,
     require_inputs,
@@ -71,6 +72,7 @@ def ask(
     from qformer_cli.inference.vqa import ask as ask_image
     from qformer_cli.inference.vqa import vqa_template
 
+    model = model_location(model)
     require_inputs(model=model, image=image)
     section = "vqa" if questions else "generate"
     flags = generation_flags(
@@ -84,7 +86,7 @@ def ask(
         temperature=temperature,
     )
     run_config = load_run_config(config, overrides, flags)
-    generator = load_generator_for(model, backend, device)
+    generator = load_generator_for(model, backend, device, run_config)
     if questions:
         settings = run_config.vqa
         template = vqa_template(settings.prompt)
@@ -118,6 +120,8 @@ def match(
     texts: Annotated[
         list[str], typer.Option("--text", help="A text to score against the image (repeatable).")
     ],
+    config: ConfigOption = None,
+    overrides: SetOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
     debug: DebugOption = False,
@@ -129,9 +133,11 @@ def match(
     from qformer_cli.pretrained import load_stage1_pipeline
     from qformer_cli.runtime import init_distributed
 
+    model = model_location(model)
     require_inputs(model=model, image=image)
+    run_config = load_run_config(config, overrides, {})  # the backbones of a LAVIS .pth
     _, torch_device = init_distributed(device)
-    pipeline = load_stage1_pipeline(model, torch_device)
+    pipeline = load_stage1_pipeline(model, torch_device, run_config)
     transform = build_transform(load_transform_config(pipeline.image_processor_source), False)
     pixels = transform(load_image(Sample(image=image, image_id=0, origin=str(image))))
     scores = match_scores(pipeline, pixels[None], list(texts))

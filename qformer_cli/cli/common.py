@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -282,6 +283,28 @@ def flag_overrides(**flags: Any) -> list[str]:
 def finish(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(result)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_location(model: Path | None) -> Path | None:
+    """``--model`` as a local path. A Hugging Face hub id (``owner/name``) that is not a local
+    path is fetched with ``huggingface_hub`` (or found in its cache), as ``from_pretrained``
+    fetches backbones: the commands then read the snapshot like any local directory."""
+    if model is None or Path(model).exists() or not _HUB_ID.match(str(model)):
+        return model
+    from huggingface_hub import snapshot_download
+
+    from qformer_cli.errors import UsageError, first_line
+
+    try:
+        return Path(snapshot_download(str(model)))
+    except Exception as error:  # offline, unknown id, no access: one line
+        raise UsageError(
+            f"--model {model}: no such file or folder, and not fetched from the Hugging Face "
+            f"hub ({first_line(error)})"
+        ) from None
 
 
 def require_inputs(**paths: Path | None) -> None:

@@ -12,6 +12,7 @@ from qformer_cli.cli.common import (
     DebugOption,
     JsonOption,
     handles_errors,
+    model_location,
     output_console,
     print_json,
     require_inputs,
@@ -48,6 +49,7 @@ def export_onnx_command(
     from qformer_cli.pretrained import checkpoint_stage, load_stage1_pipeline, load_stage2
     from qformer_cli.runtime import make_out_dir
 
+    model = model_location(model)
     require_inputs(model=model)
     cpu = torch.device("cpu")
     if checkpoint_stage(model) == 1:
@@ -95,6 +97,7 @@ def convert(
 
     from qformer_cli.errors import UsageError
 
+    model = model_location(model)
     require_inputs(model=model)
     if to == "transformers":
         from qformer_cli.export import transformers_blip2 as export

@@ -25,6 +25,7 @@ from qformer_cli.cli.common import (
     SkipBadOption,
     handles_errors,
     load_run_config,
+    model_location,
     output_console,
     print_json,
     print_metrics,
@@ -36,7 +37,9 @@ from qformer_cli.config import GenerationConfig, vqa_generation
 ModelOption = Annotated[
     Path,
     typer.Option(
-        "--model", help="Stage-2 run or checkpoint directory, or a transformers BLIP-2 directory."
+        "--model",
+        help="Stage-2 run or checkpoint directory, a transformers BLIP-2 directory, or a LAVIS "
+        ".pth (its backbones from --config/--set).",
     ),
 ]
 ImagesOption = Annotated[
@@ -119,14 +122,14 @@ ShuffleOption = Annotated[
 ]
 
 
-def load_generator_for(model: Path, backend: str, device: str) -> Any:
+def load_generator_for(model: Path, backend: str, device: str, run_config: Any) -> Any:
     """The model behind ``--backend``: torch on ``--device``, or onnxruntime (its provider
-    reported on stderr)."""
+    reported on stderr); ``run_config`` names the backbones of a LAVIS ``.pth``."""
     from qformer_cli.inference.generators import describe, load_generator
     from qformer_cli.runtime import init_distributed
 
     torch_device = init_distributed(device)[1] if backend == "torch" else None
-    generator = load_generator(model, backend, torch_device)
+    generator = load_generator(model, backend, torch_device, run_config)
     if backend == "onnx":
         Console(stderr=True).print(describe(generator), markup=False)
     return generator
@@ -164,7 +167,7 @@ def _caption(
 
     bad = BadSampleLog(skip=run_config.data.skip_bad_samples)
     samples, ground_truth = caption_inputs(images, annotations, split)  # read before the model
-    generator = load_generator_for(model, backend, device)
+    generator = load_generator_for(model, backend, device, run_config)
     settings = run_config.generate
     with progress_report("caption", quiet) as progress:
         result = caption_to_files(
@@ -241,6 +244,7 @@ def caption(
     """Caption images with a stage-2 model; scores them when the ground truth is known."""
     from qformer_cli.runtime import make_out_dir
 
+    model = model_location(model)
     require_inputs(model=model, images=images, annotations=annotations)
     flags = generation_flags(
         "generate",
@@ -304,6 +308,7 @@ def eval_caption(
 
     if (predictions is None) == (model is None):
         raise UsageError("give exactly one of --predictions FILE or --model DIR")
+    model = model_location(model)
     require_inputs(predictions=predictions, model=model, annotations=annotations, images=images)
     out_dir = make_out_dir(out, "eval-caption")
     if model is not None:
@@ -414,6 +419,7 @@ def eval_vqa(
 
     if (predictions is None) == (model is None):
         raise UsageError("give exactly one of --predictions FILE or --model DIR")
+    model = model_location(model)
     require_inputs(
         model=model,
         predictions=predictions,
@@ -447,7 +453,7 @@ def eval_vqa(
     result: dict[str, Any] = {"results": str(predictions), "shuffled_images": blind, "blind": blind}
     if model is not None:
         template = vqa_template(settings.prompt)
-        generator = load_generator_for(model, backend, device)
+        generator = load_generator_for(model, backend, device, run_config)
         with progress_report("answer", quiet) as progress:
             result.update(
                 answer_to_file(
@@ -539,11 +545,13 @@ def eval_retrieval(
     from qformer_cli.pretrained import load_stage1_pipeline
     from qformer_cli.runtime import init_distributed, make_out_dir
 
+    model = model_location(model)
     require_inputs(model=model, annotations=annotations, images=images)
     flags = {"data.skip_bad_samples": skip_bad_samples or None}
-    data_config = load_run_config(config, overrides, flags).data
+    run_config = load_run_config(config, overrides, flags)
+    data_config = run_config.data
     _, torch_device = init_distributed(device)
-    pipeline = load_stage1_pipeline(model, torch_device)
+    pipeline = load_stage1_pipeline(model, torch_device, run_config)
     annotations = annotations or sample_split_files(split).karpathy
     out_dir = make_out_dir(out, "eval-retrieval")
     with progress_report("encode", quiet) as progress:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from qformer_cli.config import GenerationConfig
+from qformer_cli.config import GenerationConfig, RunConfig
 from qformer_cli.data import (
     BadSampleLog,
     Sample,
@@ -100,10 +100,14 @@ class OnnxGenerator:
 
 
 def load_generator(
-    model: Path, backend: str = "torch", device: torch.device | None = None
+    model: Path,
+    backend: str = "torch",
+    device: torch.device | None = None,
+    backbones: RunConfig | None = None,
 ) -> Generator:
-    """``backend`` torch: a stage-2 run/checkpoint or transformers BLIP-2 directory on
-    ``device`` (default CPU); onnx: an ``export-onnx`` directory."""
+    """``backend`` torch: a stage-2 run/checkpoint, a transformers BLIP-2 directory or a LAVIS
+    ``.pth`` (with the backbones ``backbones`` names) on ``device`` (default CPU); onnx: an
+    ``export-onnx`` directory."""
     if backend == "onnx":
         from qformer_cli.export.onnx_runtime import OnnxPipeline
 
@@ -112,7 +116,7 @@ def load_generator(
         raise UsageError(f"--backend {backend!r}: choose torch or onnx")
     from qformer_cli.pretrained import load_stage2
 
-    return TorchGenerator(load_stage2(model, device or torch.device("cpu")))
+    return TorchGenerator(load_stage2(model, device or torch.device("cpu"), backbones=backbones))
 
 
 def describe(generator: Generator) -> str:

@@ -132,3 +132,54 @@ def test_match_refuses_a_stage2_model(trained_stage2: Path) -> None:
     )
     assert result.exit_code == 1
     assert "stage-2" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lavis_pth_files_give_the_runs_results(
+    trained_stage1: Path, trained_stage2: Path, tmp_path: Path
+) -> None:
+    """`convert --to lavis` files, read back with the backbones named by the (embedded default)
+    config: the run's captions and match scores; a file of the other stage is refused."""
+    stage1_pth, stage2_pth = tmp_path / "stage1.pth", tmp_path / "stage2.pth"
+    invoke_json("convert", str(stage1_pth), "--model", str(trained_stage1), "--to", "lavis")
+    invoke_json("convert", str(stage2_pth), "--model", str(trained_stage2), "--to", "lavis")
+    images = ["--images", str(IMAGE.parent), "--batch-size", "100"]
+    run = invoke_json(
+        "caption", "--model", str(trained_stage2), *images, "--out", str(tmp_path / "a")
+    )
+    pth = invoke_json("caption", "--model", str(stage2_pth), *images, "--out", str(tmp_path / "b"))
+    assert Path(pth["captions"]).read_text() == Path(run["captions"]).read_text()
+    args = ["--image", str(IMAGE), *(arg for text in TEXTS for arg in ("--text", text))]
+    assert (
+        invoke_json("match", "--model", str(stage1_pth), *args)["matches"]
+        == invoke_json("match", "--model", str(trained_stage1), *args)["matches"]
+    )
+    wrong = runner.invoke(app, ["caption", "--model", str(stage1_pth), "--images", str(IMAGE)])
+    assert wrong.exit_code == 1 and "a stage-1 LAVIS checkpoint; this needs stage 2" in wrong.stderr
+
+
+def test_a_hub_id_is_fetched_and_read_as_a_directory(
+    stage2_transformers: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--model owner/name` goes through huggingface_hub's snapshot_download (here answering
+    with a local transformers directory, as its cache would); offline and uncached, one line."""
+    import huggingface_hub
+
+    question = "how many shapes are there?"
+    local = invoke_json("ask", "--model", str(stage2_transformers), "--image", str(IMAGE), question)
+    asked: list[str] = []
+
+    def snapshot_download(repo_id: str, **_: object) -> str:
+        asked.append(repo_id)
+        return str(stage2_transformers)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub = invoke_json("ask", "--model", "someone/blip2-tiny", "--image", str(IMAGE), question)
+    assert asked == ["someone/blip2-tiny"] and hub["answers"] == local["answers"]
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = runner.invoke(
+        app, ["ask", "--model", "someone/not-cached", "--image", str(IMAGE), question]
+    )
+    assert offline.exit_code == 2
+    [line] = offline.stderr.strip().splitlines()
+    assert line.startswith("error: --model someone/not-cached: no such file or folder")

@@ -41,6 +41,8 @@ TRAIN_STATE = "train_state.pt"
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+BEST = "best"  # checkpoints/best: the best by train.keep_best_by (train.eval_every)
+BEST_SUFFIX = ":best"
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,31 @@ def newest_good_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = N
     return None
 
 
+def keep_as_best(directory: Path) -> Path:
+    """Copy checkpoint ``directory`` to ``<run>/checkpoints/best`` (``--model RUN:best``),
+    replacing the previous best; written beside it and renamed, like every checkpoint."""
+    parent = directory.parent
+    best, temp, old = parent / BEST, parent / f".{BEST}.tmp", parent / f".{BEST}.old"
+    for leftover in (temp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    shutil.copytree(directory, temp)
+    _fsync_tree(temp)
+    if best.exists():
+        os.replace(best, old)  # a directory cannot be renamed onto a non-empty one
+    os.replace(temp, best)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
+
+
+def best_of(path: Path) -> Path:
+    """``RUN:best`` -> ``RUN/checkpoints/best``; any other path as it is."""
+    text = str(path)
+    if text.endswith(BEST_SUFFIX) and not Path(text).exists():
+        return Path(text[: -len(BEST_SUFFIX)]) / CHECKPOINTS / BEST
+    return Path(path)
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     for path in list_checkpoints(run_dir)[: -keep_last or None] if keep_last > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
@@ -250,8 +277,9 @@ def load_train_state(directory: Path) -> dict[str, Any]:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """``--model PATH``: a run directory (its newest good checkpoint) or a checkpoint directory."""
-    path = Path(path)
+    """``--model PATH``: a run directory (its newest good checkpoint), ``RUN:best`` (its best
+    validated checkpoint) or a checkpoint directory."""
+    path = best_of(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run or checkpoint directory")
     if (path / MANIFEST).is_file():

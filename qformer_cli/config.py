@@ -77,6 +77,10 @@ class DataConfig:
     hflip: bool = True  # part of augment; off where captions name left/right
     num_workers: int = 0
     skip_bad_samples: bool = False
+    # validation (train.eval_every): a caption file of held-out images (default: the root's val
+    # split), its first val_limit images (0: all)
+    val: str = ""
+    val_limit: int = 0
     # decompression-bomb guard: images declaring more pixels are bad samples; large photos
     # below it are decoded reduced (qformer_cli.data.sample.REDUCE_ABOVE_PIXELS)
     max_image_pixels: int = 256_000_000  # a 108 MP phone photo passes
@@ -109,6 +113,11 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 2
+    # Validation on data.val every N steps and at the last step (0: none); the checkpoint with
+    # the highest keep_best_by is kept as checkpoints/best ("": val_r_mean for stage 1,
+    # val_cider for stage 2). See qformer_cli/train/validation.py.
+    eval_every: int = 0
+    keep_best_by: str = ""
     max_nonfinite_steps: int = 5  # this many non-finite steps in a row stop the run; 0: never
 
 
@@ -253,10 +262,15 @@ RANGES: dict[type, dict[str, Range]] = {
         "grad_accum": AT_LEAST_1,
         "log_every": AT_LEAST_1,
         "save_every": AT_LEAST_0,
+        "eval_every": AT_LEAST_0,
         "keep_last": AT_LEAST_1,
         "max_nonfinite_steps": AT_LEAST_0,
     },
-    DataConfig: {"num_workers": AT_LEAST_0, "max_image_pixels": AT_LEAST_1},
+    DataConfig: {
+        "num_workers": AT_LEAST_0,
+        "max_image_pixels": AT_LEAST_1,
+        "val_limit": AT_LEAST_0,
+    },
     GenerationConfig: {
         "num_beams": AT_LEAST_1,
         "max_new_tokens": AT_LEAST_1,

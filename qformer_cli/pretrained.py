@@ -326,6 +326,11 @@ def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, path: Pa
 
 def load_trainable(path: Path) -> tuple[Stage1Model | Stage2Model, Path]:
     """The trainable model of a stage-1 or stage-2 checkpoint (no backbones), and its directory."""
+    if is_lavis_file(Path(path)):
+        raise CheckpointError(
+            f"{path}: a LAVIS .pth, not a run or checkpoint directory (caption, eval-vqa, ask, "
+            "match and eval-retrieval read it directly)"
+        )
     directory = checkpoint.resolve_checkpoint(Path(path))
     saved = checkpoint.load_meta(directory)
     if saved.stage == 1:

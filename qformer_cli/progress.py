@@ -14,9 +14,20 @@ import time
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Column
 
 PROGRESS_EVERY_ENV = "QFORMER_PROGRESS_EVERY_S"
+COUNTER_AND_ETA_WIDTH = 32  # "step 12000/25000 ETA 0:00:00 " and the column gaps
+BAR_WIDTH = 16
+FULL_STATUS_WIDTH = 64  # the longest status (stage 1's losses, lr, img/s, MFU): before the bar
 DEFAULT_EVERY_S = 30.0
 
 
@@ -58,15 +69,21 @@ class ProgressReport:
         self.start_count = self.count = completed
         if self.quiet or not self.console.is_terminal:
             return self
-        self.bar = Progress(
+        # rich squeezes every column of a line too wide; so the status (the last column) gets
+        # a width that leaves the counter and ETA whole, and the bar only a wide screen
+        status_width = self.console.width - COUNTER_AND_ETA_WIDTH
+        columns: list[ProgressColumn] = [
             TextColumn(self.label),
             MofNCompleteColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            BarColumn(bar_width=16),
-            TextColumn("{task.fields[status]}"),
-            console=self.console,
-        )
+        ]
+        if status_width >= FULL_STATUS_WIDTH + BAR_WIDTH + 1:
+            columns.append(BarColumn(bar_width=BAR_WIDTH))
+            status_width -= BAR_WIDTH + 1
+        status = Column(no_wrap=True, overflow="ellipsis", max_width=max(status_width, 8))
+        columns.append(TextColumn("{task.fields[status]}", table_column=status))
+        self.bar = Progress(*columns, console=self.console)
         self.bar.start()
         self.task = self.bar.add_task(self.label, total=self.total, completed=completed, status="")
         return self

@@ -289,10 +289,16 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def model_location(model: Path | None) -> Path | None:
-    """``--model`` as a local path. A Hugging Face hub id (``owner/name``) that is not a local
-    path is fetched with ``huggingface_hub`` (or found in its cache), as ``from_pretrained``
-    fetches backbones: the commands then read the snapshot like any local directory."""
-    if model is None or Path(model).exists() or not _HUB_ID.match(str(model)):
+    """``--model`` (or ``--init``) as a local path: ``RUN:best`` is the run's best validated
+    checkpoint. A Hugging Face hub id (``owner/name``) that is not a local path is fetched with
+    ``huggingface_hub`` (or found in its cache), as ``from_pretrained`` fetches backbones: the
+    commands then read the snapshot like any local directory."""
+    if model is None:
+        return None
+    from qformer_cli.checkpoint import best_of
+
+    model = best_of(model)
+    if Path(model).exists() or not _HUB_ID.match(str(model)):
         return model
     from huggingface_hub import snapshot_download
 

@@ -411,7 +411,7 @@ def eval_vqa(
 ) -> None:
     """Zero-shot VQA scored with the VQAv2 accuracy (leave-one-out over 10 answers); decoding
     settings from the config's vqa section (5 beams, up to 10 tokens, length penalty -1)."""
-    from qformer_cli.data import BadSampleLog, sample_split_files
+    from qformer_cli.data import BadSampleLog, read_vqa, sample_split_files
     from qformer_cli.data.tables import is_table, vqa_table_has_answers
     from qformer_cli.errors import UsageError
     from qformer_cli.inference.vqa import answer_to_file, score_to_file, vqa_template
@@ -453,14 +453,14 @@ def eval_vqa(
     result: dict[str, Any] = {"results": str(predictions), "shuffled_images": blind, "blind": blind}
     if model is not None:
         template = vqa_template(settings.prompt)
+        # the questions are read (and checked) before the model loads
+        samples = read_vqa(questions, annotations, images or files.image_dir, bad=bad)
         generator = load_generator_for(model, backend, device, run_config)
         with progress_report("answer", quiet) as progress:
             result.update(
                 answer_to_file(
                     generator,
-                    questions,
-                    annotations,
-                    images or files.image_dir,
+                    samples,
                     settings,
                     template,
                     out_dir,
@@ -541,6 +541,7 @@ def eval_retrieval(
 ) -> None:
     """Image-text retrieval with a stage-1 checkpoint: ITC for all pairs, ITM re-rank of top k."""
     from qformer_cli.data import BadSampleLog, sample_split_files
+    from qformer_cli.eval.retrieval import read_retrieval_samples
     from qformer_cli.inference.retrieve import retrieval_to_file
     from qformer_cli.pretrained import load_stage1_pipeline
     from qformer_cli.runtime import init_distributed, make_out_dir
@@ -550,20 +551,22 @@ def eval_retrieval(
     flags = {"data.skip_bad_samples": skip_bad_samples or None}
     run_config = load_run_config(config, overrides, flags)
     data_config = run_config.data
+    annotations = annotations or sample_split_files(split).karpathy
+    bad = BadSampleLog(skip=data_config.skip_bad_samples)
+    samples = read_retrieval_samples(annotations, images, bad)  # before the model loads
     _, torch_device = init_distributed(device)
     pipeline = load_stage1_pipeline(model, torch_device, run_config)
-    annotations = annotations or sample_split_files(split).karpathy
     out_dir = make_out_dir(out, "eval-retrieval")
     with progress_report("encode", quiet) as progress:
         result = retrieval_to_file(
             pipeline,
             annotations,
-            images,
+            samples,
             out_dir,
             k=k,
             batch_size=batch_size,
             device=torch_device,
-            bad=BadSampleLog(skip=data_config.skip_bad_samples),
+            bad=bad,
             max_image_pixels=data_config.max_image_pixels,
             progress=progress.counter,
         )

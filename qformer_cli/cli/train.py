@@ -33,6 +33,7 @@ from qformer_cli.cli.common import (
     finish,
     handles_errors,
     load_run_config,
+    model_location,
     print_json,
     require_inputs,
 )
@@ -108,8 +109,8 @@ def pretrain_stage2(
         Path | None,
         typer.Option(
             "--init",
-            help="Start from a stage-1 run/checkpoint (or a transformers/LAVIS BLIP-2 file); "
-            "default: BERT init.",
+            help="Start from a stage-1 run/checkpoint (RUN:best: its best validated one; or a "
+            "transformers/LAVIS BLIP-2 file); default: BERT init.",
         ),
     ] = None,
     llm: Annotated[
@@ -158,6 +159,7 @@ def pretrain_stage2(
 
     from qformer_cli.train.stage2 import build_stage2_recipe, inherit_init_vision
 
+    init = model_location(init)
     require_inputs(init=init)
     flags = {
         "model.llm.model": llm,

@@ -16,6 +16,7 @@ import torch
 
 from qformer_cli.data import (
     BadSampleLog,
+    Sample,
     SampleDataset,
     build_transform,
     load_transform_config,
@@ -131,8 +132,20 @@ def evaluate_retrieval(
 RETRIEVAL_MAX_TEXT_LEN = 35  # BLIP-2's retrieval evaluation length
 
 
+def read_retrieval_samples(
+    annotations: Path, image_root: Path | None, bad: BadSampleLog | None = None
+) -> list[Sample]:
+    """The captioned images of COCO captions JSON, LAVIS's Karpathy val/test list, Karpathy's
+    ``dataset_*.json`` (its test images) or a caption table."""
+    samples = read_caption_file(annotations, image_root, karpathy_splits=EVALUATION_SPLITS, bad=bad)
+    samples = [s for s in samples if s.captions]
+    if not samples:
+        raise DataError(f"{annotations}: no images with captions")
+    return samples
+
+
 def load_retrieval_set(
-    annotations: Path,
+    annotations: Path | list[Sample],
     image_root: Path | None,
     vision: VisionEncoder,
     transform_source: str,
@@ -144,15 +157,15 @@ def load_retrieval_set(
     max_image_pixels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> RetrievalSet:
-    """Images and their captions from COCO captions JSON, LAVIS's Karpathy val/test list, or
-    Karpathy's ``dataset_*.json`` (its test images). Bad samples follow ``bad`` (default:
-    raise); a skipped image leaves the set with its captions. ``progress`` is told
+    """Images and their captions, encoded: ``annotations`` is a caption file (see
+    :func:`read_retrieval_samples`) or its samples already read. Bad samples follow ``bad``
+    (default: raise); a skipped image leaves the set with its captions. ``progress`` is told
     (images done, images) after each batch."""
     bad = bad or BadSampleLog()
-    samples = read_caption_file(annotations, image_root, karpathy_splits=EVALUATION_SPLITS, bad=bad)
-    samples = [s for s in samples if s.captions]
-    if not samples:
-        raise DataError(f"{annotations}: no images with captions")
+    if isinstance(annotations, list):
+        samples = annotations
+    else:
+        samples = read_retrieval_samples(annotations, image_root, bad)
     transform = build_transform(load_transform_config(transform_source), train=False)
     dataset = SampleDataset(samples, transform, bad_samples=bad, max_image_pixels=max_image_pixels)
     features, loaded, done = [], [], 0
@@ -164,7 +177,7 @@ def load_retrieval_set(
         if progress is not None:
             progress(done, len(samples))
     if not loaded:
-        raise DataError(f"{annotations}: none of its images could be read")
+        raise DataError("none of the retrieval images could be read")
     samples = loaded
     captions = [caption for sample in samples for caption in sample.captions]
     owners = [i for i, sample in enumerate(samples) for _ in sample.captions]

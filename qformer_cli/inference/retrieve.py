@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from qformer_cli.data import BadSampleLog
+from qformer_cli.data import BadSampleLog, Sample
 from qformer_cli.eval.retrieval import (
     RetrievalSet,
     evaluate_retrieval,
@@ -24,7 +24,7 @@ from qformer_cli.eval.retrieval import (
 def retrieval_to_file(
     pipeline: Any,  # pretrained.Stage1Pipeline
     annotations: Path,
-    images: Path | None,
+    samples: list[Sample],
     out_dir: Path,
     *,
     k: int,
@@ -34,12 +34,13 @@ def retrieval_to_file(
     max_image_pixels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Recall@K both ways on a Karpathy or COCO caption file into ``out_dir/metrics.json``
+    """Recall@K both ways on the ``samples`` of the caption file ``annotations``
+    (:func:`~qformer_cli.eval.retrieval.read_retrieval_samples`) into ``out_dir/metrics.json``
     (images ``bad`` skipped are left out, with their captions, and listed in
     ``out_dir/skipped.json``); the command's result."""
     data = load_retrieval_set(
-        annotations,
-        images,
+        samples,
+        None,
         pipeline.vision,
         pipeline.image_processor_source,
         pipeline.tokenizer,

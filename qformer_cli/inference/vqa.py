@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qformer_cli.config import GenerationConfig
-from qformer_cli.data import BadSampleLog, Sample, read_vqa
+from qformer_cli.data import BadSampleLog, Sample
 from qformer_cli.errors import UsageError
 from qformer_cli.inference.generators import Generator, generate_for_samples, rows_to_file
 
@@ -59,9 +59,7 @@ def answer_samples(
 
 def answer_to_file(
     generator: Generator,
-    questions: Path,
-    annotations: Path | None,
-    images: Path,
+    samples: list[Sample],
     settings: GenerationConfig,
     template: str,
     out_dir: Path,
@@ -72,11 +70,11 @@ def answer_to_file(
     max_image_pixels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Answer the questions file into ``out_dir/vqa_results.json`` (on a failure: the answers
-    done so far) and list the questions ``bad`` skipped in ``out_dir/skipped.json``; the
-    command's result. Scoring is the caller's (``eval-vqa --predictions`` scores a file it did
-    not write). ``progress`` is told (done, total) after each batch."""
-    samples = read_vqa(questions, annotations, images, bad=bad)
+    """Answer the questions (``read_vqa``'s samples) into ``out_dir/vqa_results.json`` (on a
+    failure: the answers done so far) and list the questions ``bad`` skipped in
+    ``out_dir/skipped.json``; the command's result. Scoring is the caller's (``eval-vqa
+    --predictions`` scores a file it did not write). ``progress`` is told (done, total) after
+    each batch."""
     generated = generate_for_samples(
         generator,
         samples,

@@ -115,6 +115,7 @@ class TrainState:
     batch_in_epoch: int = 0
     skipped_nonfinite: int = 0
     nonfinite_in_a_row: int = 0  # not saved: a resumed run starts with a fresh allowance
+    best: float | None = None  # the best validation value of train.keep_best_by so far
 
 
 @dataclass
@@ -133,6 +134,9 @@ class StageRecipe:
     # (stage 1: every micro-batch's ITC features); None: micro-batches are independent.
     accumulate: Callable[[list[Any]], list[Any]] | None = None
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+    # train.eval_every: a validation pass -> {"val_...": value}, and the metric kept best by
+    validate: Callable[[], dict[str, float]] | None = None
+    best_metric: str = ""
 
 
 class Trainer:
@@ -200,6 +204,7 @@ class Trainer:
             "epoch": self.state.epoch,
             "batch_in_epoch": self.state.batch_in_epoch,
             "skipped_nonfinite": self.state.skipped_nonfinite,
+            "best": self.state.best,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "random_states": random_states,
@@ -244,6 +249,7 @@ class Trainer:
             epoch=state["epoch"],
             batch_in_epoch=state["batch_in_epoch"],
             skipped_nonfinite=state["skipped_nonfinite"],
+            best=state.get("best"),
         )
 
     def _load_history(self) -> None:
@@ -443,16 +449,51 @@ class Trainer:
             if self.flops_per_step:
                 row["mfu"] = self.flops_per_step / elapsed / self.peak_flops
         row["skipped_nonfinite"] = self.state.skipped_nonfinite
+        validated = self._validation_due()
+        if validated:
+            row.update(self._validate())
         log_now = self.state.step % self.config.log_every == 0 or self.state.step == 1
-        if log_now or self.state.step == self.total_steps:
+        if log_now or validated or self.state.step == self.total_steps:
             self.history.append(row)
             if self.ranks.rank == 0:
                 self._append_metrics(row)
         self.progress.update(self.state.step, row)
         self._stop_if_diverged()  # before a periodic save, so no checkpoint ends a bad streak
+        saved = self._keep_if_best(row) if validated else False
         periodic = self.config.save_every and self.state.step % self.config.save_every == 0
-        if periodic and self.state.step < self.total_steps:
+        if periodic and self.state.step < self.total_steps and not saved:
             self.save()
+
+    # ---- validation (train.eval_every) ---------------------------------------------------------
+
+    def _validation_due(self) -> bool:
+        every = self.config.eval_every
+        if not every or self.recipe.validate is None:
+            return False
+        return self.state.step % every == 0 or self.state.step == self.total_steps
+
+    def _validate(self) -> dict[str, float]:
+        """Every rank runs the same pass (same data, frozen encoder, no collectives), so every
+        rank knows whether to save the best checkpoint, which is a collective."""
+        assert self.recipe.validate is not None
+        self.recipe.objective.eval()
+        try:
+            return self.recipe.validate()
+        finally:
+            self.recipe.objective.train()
+
+    def _keep_if_best(self, row: dict[str, Any]) -> bool:
+        """Save this step and copy it to ``checkpoints/best`` when its validation value of
+        ``train.keep_best_by`` beats every earlier one (higher is better); True if it saved."""
+        value = row[self.recipe.best_metric]
+        if self.state.best is not None and value <= self.state.best:
+            return False
+        self.state.best = value
+        path = self.save()
+        if self.ranks.rank == 0:
+            checkpoint.keep_as_best(path)
+        self._barrier()
+        return True
 
 
 def _parse_metrics_line(line: str) -> dict[str, Any] | None:

@@ -27,6 +27,7 @@ from qformer_cli.models.backbones import (
 )
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
 from qformer_cli.train.common import trained_vision
+from qformer_cli.train.validation import best_metric
 
 # What one checkpoint holds per trainable parameter: fp32 weights + AdamW's two fp32 moments.
 CHECKPOINT_BYTES_PER_TRAINABLE = 12
@@ -54,6 +55,10 @@ def _check_stage_options(stage: int, config: RunConfig) -> None:
         raise UsageError("train.fsdp (--fsdp) shards stage 2's frozen LLM: a stage-2 option")
     if config.train.fsdp and not torch.distributed.is_initialized():
         raise UsageError("--fsdp needs several processes: launch with torchrun")
+    if config.train.eval_every:
+        best_metric(stage, config)  # a name the stage reports
+        if config.data.features:
+            raise UsageError("train.eval_every needs the vision encoder: not with --features")
 
 
 def _check_data_files(config: RunConfig) -> None:

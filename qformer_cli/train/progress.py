@@ -64,7 +64,19 @@ def plot_losses(history: list[dict[str, float]], path: Path, title: str) -> None
     axis.set_ylabel("loss")
     axis.set_title(title)
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(loc="upper left")
+    validated = [row for row in history if any(key.startswith("val_") for key in row)]
+    if validated:  # train.eval_every: the validation metrics on their own scale, dashed
+        right = axis.twinx()
+        for key in (key for key in validated[-1] if key.startswith("val_")):
+            right.plot(
+                [row["step"] for row in validated],
+                [row[key] for row in validated],
+                "--o",
+                label=key,
+            )
+        right.set_ylabel("validation")
+        right.legend(loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

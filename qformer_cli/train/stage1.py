@@ -49,6 +49,7 @@ from qformer_cli.train.common import (
 )
 from qformer_cli.train.features import open_feature_cache
 from qformer_cli.train.loop import StageRecipe
+from qformer_cli.train.validation import best_metric, stage1_validator
 
 
 @dataclass(frozen=True)
@@ -383,6 +384,11 @@ def build_stage1_recipe(
     def save_tokenizer(directory: Path) -> None:
         tokenizer.save_pretrained(directory / "tokenizer")
 
+    validate = None
+    if config.train.eval_every:  # (preflight refused it with a feature cache: vision is loaded)
+        source = resolve_model_name(config.model.vision.model)
+        validate = stage1_validator(model, vision, tokenizer, source, config, device)
+
     return StageRecipe(
         name="stage1",
         objective=objective,
@@ -393,4 +399,6 @@ def build_stage1_recipe(
         save_extra=save_tokenizer,
         accumulate=objective.accumulate,
         generators={"negatives": generator},
+        validate=validate,
+        best_metric=best_metric(1, config),
     )

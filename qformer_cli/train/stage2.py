@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ from qformer_cli.train.common import (
 )
 from qformer_cli.train.loop import StageRecipe
 from qformer_cli.train.sharding import checkpoint_activations, describe, shard_frozen_lm
+from qformer_cli.train.validation import Validator, best_metric, stage2_validator
 
 
 @dataclass
@@ -336,4 +338,26 @@ def build_stage2_recipe(
             llm_embedding_dim=llm.embedding_dim,
         ),
         generators={"prefix_split": generator},
+        validate=_validator(config, vision, bridge, llm, tokenizer)
+        if config.train.eval_every
+        else None,
+        best_metric=best_metric(2, config),
     )
+
+
+def _validator(
+    config: RunConfig, vision: Any, bridge: Stage2Model, llm: LanguageModel, tokenizer: Any
+) -> Validator:
+    """Caption CIDEr with the parts being trained, as `caption` would run them."""
+    from qformer_cli.pretrained import Stage2Pipeline
+
+    pipeline = Stage2Pipeline(
+        vision=vision,
+        bridge=bridge,
+        llm=llm,
+        tokenizer=tokenizer,
+        image_processor_source=resolve_model_name(config.model.vision.model),
+        directory=Path("."),
+        prompt=config.generate.prompt,
+    )
+    return stage2_validator(pipeline, config)

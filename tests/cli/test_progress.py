@@ -38,3 +38,22 @@ def test_training_into_a_log_file_prints_progress_lines(tmp_path: Path) -> None:
 def test_quiet_training_prints_no_progress(tmp_path: Path) -> None:
     lines = _train_into_log(tmp_path / "run", tmp_path / "log", "--quiet")
     assert not [line for line in lines if PROGRESS_LINE.match(line)]
+
+
+def test_on_an_80_column_terminal_the_counter_and_eta_stay_whole() -> None:
+    import io
+
+    from rich.console import Console
+
+    from qformer_cli.progress import ProgressReport
+    from qformer_cli.train.progress import status_text
+
+    screen = io.StringIO()
+    console = Console(file=screen, width=80, force_terminal=True, color_system=None)
+    report = ProgressReport(console, "step", 25000).start(0)
+    row = {"itc": 1.23, "itm": 0.69, "itg": 3.21, "lr": 1e-4, "images_per_s": 3.4, "mfu": 0.45}
+    report.update(12000, status_text(row))
+    report.stop()
+    last = screen.getvalue().replace("\r", "\n").splitlines()[-2]
+    assert "step 12000/25000 ETA" in last and "itc 1.23" in last
+    assert len(last.replace("\x1b[2K", "")) <= 80

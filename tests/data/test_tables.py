@@ -175,10 +175,25 @@ def test_training_reads_a_jsonl_caption_table(tmp_path: Path) -> None:
         ("bad.tsv", "image\ttext\na.png\tfine\n", "line 2"),
     ],
 )
-def test_a_bad_row_is_named(tmp_path: Path, name: str, text: str, where: str) -> None:
+@pytest.mark.parametrize(
+    "command", [["caption", "--annotations"], ["eval-retrieval", "--annotations"]]
+)
+def test_a_bad_row_is_named_before_any_model_loads(
+    tmp_path: Path, name: str, text: str, where: str, command: list[str]
+) -> None:
+    """--model names an empty folder: the data error comes first, so the data were read first."""
     (tmp_path / name).write_text(text)
     result = runner.invoke(
-        app, ["caption", "--model", str(tmp_path), "--annotations", str(tmp_path / name)]
+        app, [command[0], "--model", str(tmp_path), command[1], str(tmp_path / name)]
     )
     assert result.exit_code == 1
     assert f"{name}: {where}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_question_is_named_before_any_model_loads(tmp_path: Path) -> None:
+    questions = {"questions": [{"question_id": 1, "image_id": 200000}]}  # no "question"
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    args = ["eval-vqa", "--model", str(tmp_path), "--questions", str(tmp_path / "q.json")]
+    result = runner.invoke(app, [*args, "--images", str(SAMPLE / "images" / "val")])
+    assert result.exit_code == 1, result.output
+    assert "q.json" in result.stderr and "'question'" in result.stderr

@@ -118,6 +118,9 @@ class TrainConfig:
     # val_cider for stage 2). See qformer_cli/train/validation.py.
     eval_every: int = 0
     keep_best_by: str = ""
+    # the image id of every sample trained on, per step, in <out>/sample_ids.rank<R>.txt (which
+    # samples each rank saw: coverage across ranks, the same samples after a resume)
+    log_sample_ids: bool = False
     max_nonfinite_steps: int = 5  # this many non-finite steps in a row stop the run; 0: never
 
 

@@ -17,8 +17,23 @@ from qformer_cli.config import DataConfig
 from qformer_cli.data.json_files import shown
 from qformer_cli.errors import DataError
 
-# Where a sample's pixels come from: a file, encoded bytes, or an already decoded image.
-ImageSource = Path | bytes | Image.Image
+
+@dataclass(frozen=True)
+class ShardMember:
+    """Where an image's encoded bytes lie in a tar shard (read when loaded, in a worker)."""
+
+    shard: Path
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with self.shard.open("rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(self.size)
+
+
+# Where a sample's pixels come from: a file, encoded bytes, a tar shard member, or an image.
+ImageSource = Path | bytes | ShardMember | Image.Image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Decompression-bomb guard (``data.max_image_pixels``): a header promising more pixels than this
 # is refused before decoding (a 10 kB PNG can declare 40000 x 40000). PIL's own guard is set to
@@ -91,6 +106,8 @@ def load_image(sample: Sample, max_pixels: int | None = None) -> Image.Image:
         return upright_rgb(source)
     if isinstance(source, bytes):
         return _decode(io.BytesIO(source), sample, "image bytes", max_pixels)
+    if isinstance(source, ShardMember):
+        return _decode(io.BytesIO(source.read()), sample, sample.file or "shard member", max_pixels)
     if not source.is_file():
         raise ImageError(f"{sample.origin}: image not found: {shown(source)}", "missing image")
     return _decode(source, sample, shown(source), max_pixels)

@@ -24,6 +24,7 @@ from qformer_cli.data import (
 )
 from qformer_cli.data.features import FeatureDataset, FeatureIndex
 from qformer_cli.data.karpathy import TRAINING_SPLITS
+from qformer_cli.data.shards import is_shard_source, read_shard_source
 from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
@@ -47,7 +48,10 @@ def data_root(data: DataConfig) -> Path:
 
 def read_caption_samples(data: DataConfig, bad: BadSampleLog) -> list[Sample]:
     """Training captions, one sample per caption: COCO captions JSON, LAVIS's Karpathy train
-    list, or Karpathy's ``dataset_*.json`` (its train + restval images)."""
+    list, Karpathy's ``dataset_*.json`` (its train + restval images), a caption table, or
+    webdataset shards / parquet (:mod:`qformer_cli.data.shards`)."""
+    if data.train and is_shard_source(data.train):
+        return read_shard_source(str(resolve_embedded_path(data.train)), bad)
     if data.train:
         path = resolve_embedded_path(data.train)
     else:

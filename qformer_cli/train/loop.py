@@ -397,6 +397,8 @@ class Trainer:
         self.progress.start(self.total_steps, self.state.step)
         while self.state.step < self.total_steps:
             micro = [next(batches)[1] for _ in range(self.config.grad_accum)]
+            if self.config.log_sample_ids:
+                self._log_sample_ids(micro)
             started = time.perf_counter()
             if self.flops_per_step is None and self.state.step == 0:
                 self._measure_flops(micro)
@@ -414,6 +416,13 @@ class Trainer:
         self.progress.stop()
         final = self.save()
         return {"final_checkpoint": str(final), "steps": self.state.step, "history": self.history}
+
+    def _log_sample_ids(self, micro: list[Any]) -> None:
+        """One line per step: the step it will become, then the image id of every sample."""
+        ids = " ".join(str(sample.image_id) for batch in micro for sample in batch.samples)
+        path = self.out_dir / f"sample_ids.rank{self.ranks.rank}.txt"
+        with path.open("a") as handle:
+            handle.write(f"{self.state.step + 1} {ids}\n")
 
     def _stop_if_diverged(self) -> None:
         limit = self.config.max_nonfinite_steps

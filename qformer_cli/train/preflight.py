@@ -14,6 +14,7 @@ import torch
 
 from qformer_cli import checkpoint
 from qformer_cli.config import RunConfig
+from qformer_cli.data.shards import expand_source, is_shard_source
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import (
@@ -70,7 +71,14 @@ def _check_data_files(config: RunConfig) -> None:
         "data.vqa_annotations": data.vqa_annotations,
     }
     for key, value in named.items():
-        if value and not resolve_embedded_path(value).is_file():
+        if not value:
+            continue
+        if is_shard_source(value):  # a glob or brace range: every file it names
+            files = expand_source(str(resolve_embedded_path(value)))
+            missing = [path for path in files if not path.is_file()] or ([] if files else [value])
+            if missing:
+                raise UsageError(f"{key} {value}: no such file {missing[0]}")
+        elif not resolve_embedded_path(value).is_file():
             raise UsageError(f"{key} {value}: no such file")
     folders = {"data.image_root": data.image_root, "data.features (--features)": data.features}
     for key, value in folders.items():

@@ -1,0 +1,121 @@
+"""Webdataset shards and parquet, written from the embedded default by
+scripts/sample_data_as_shards.py, trained on through the command (one process and torchrun)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from qformer_cli.cli import app
+from qformer_cli.data import BadSampleLog
+from qformer_cli.data.sample import load_image
+from qformer_cli.data.shards import expand_source, read_shard_source
+from tests.tiny_runs import FAST, ROOT, invoke_json, runner, subprocess_env
+
+CAPTIONS = 96  # the first 96 training captions, 24 per shard
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("web")
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "sample_data_as_shards.py"), str(out),
+         "--per-shard", "24", "--limit", str(CAPTIONS)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+def _karpathy_pairs() -> list[tuple[bytes, str]]:
+    entries = json.loads((ROOT / "sample_data" / "karpathy_train.json").read_text())[:CAPTIONS]
+    return [((ROOT / "sample_data" / e["image"]).read_bytes(), e["caption"]) for e in entries]
+
+
+@pytest.mark.parametrize(
+    "source", ["shards/{00000..00003}.tar", "shards/*.tar", "captions.parquet"]
+)
+def test_shards_and_parquet_hold_the_karpathy_pairs(written: Path, source: str) -> None:
+    samples = read_shard_source(str(written / source))
+    expected = _karpathy_pairs()
+    assert [s.captions[0] for s in samples] == [caption for _, caption in expected]
+    decoded = [load_image(s).tobytes() for s in samples[:8]]
+    import io
+
+    from PIL import Image
+
+    originals = [Image.open(io.BytesIO(data)).convert("RGB").tobytes() for data, _ in expected[:8]]
+    assert decoded == originals
+
+
+def test_brace_ranges_keep_their_zero_padding() -> None:
+    names = [str(p) for p in expand_source("d/{00008..00011}.tar")]
+    assert names == ["d/00008.tar", "d/00009.tar", "d/00010.tar", "d/00011.tar"]
+
+
+def test_a_shard_with_a_broken_image_and_an_empty_caption(written: Path, tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(written / "shards" / "00000.tar") as source, tarfile.open(shard, "w") as out:
+        for member in source:
+            data = source.extractfile(member).read()
+            if member.name == "000001.png":
+                data = b"not a png"
+            if member.name == "000002.txt":
+                data = b"  "
+            member.size = len(data)
+            import io
+
+            out.addfile(member, io.BytesIO(data))
+    bad = BadSampleLog(skip=True)
+    samples = read_shard_source(str(shard), bad)
+    assert len(samples) == 23 and bad.counts == {"missing caption": 1}
+    result = runner.invoke(
+        app,
+        ["pretrain-stage1", "--data", str(shard), "--out", str(tmp_path / "run"), *FAST,
+         "--max-steps", "2", "--json", "--skip-bad-samples", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["bad_sample_reasons"] == {"missing caption": 1, "unreadable image": 1}
+
+
+@pytest.mark.parametrize("source", ["shards/{00000..00003}.tar", "captions.parquet"])
+def test_pretrain_stage1_trains_on_shards_and_parquet(
+    written: Path, tmp_path: Path, source: str
+) -> None:
+    summary = invoke_json(
+        "pretrain-stage1", "--data", str(written / source), "--out", str(tmp_path / "run"),
+        *FAST, "--max-steps", "4", "--quiet",
+    )  # fmt: skip
+    assert summary["steps"] == 4 and summary["last"]["itc"] > 0
+
+
+def test_torchrun_ranks_see_disjoint_samples_covering_the_shards(
+    written: Path, tmp_path: Path
+) -> None:
+    """Two processes, one pass over the shards: every caption trained on once, by one rank."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-port", "29533", "-m", "qformer_cli", "pretrain-stage1",
+        "--data", str(written / "shards/{00000..00003}.tar"), "--out", str(tmp_path / "run"),
+        *FAST, "--max-steps", "0", "--set", "train.epochs=1", "--quiet",
+        "--set", "train.log_sample_ids=true",
+    ]  # fmt: skip
+    completed = subprocess.run(
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    seen = {
+        rank: [
+            key
+            for line in (tmp_path / "run" / f"sample_ids.rank{rank}.txt").read_text().splitlines()
+            for key in line.split()[1:]
+        ]
+        for rank in (0, 1)
+    }
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(f"{i:06d}" for i in range(CAPTIONS))

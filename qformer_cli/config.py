@@ -81,6 +81,13 @@ class DataConfig:
     # split), its first val_limit images (0: all)
     val: str = ""
     val_limit: int = 0
+    # Several training sources, one per global batch drawn by weight (BLIP-2's practice), each
+    # {"path": any --data value, "weight": 1.0}; replaces `train` (--data given twice or more
+    # sets it, weights 1). See qformer_cli/data/mixture.py.
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    # which source gives each step's batch: "interleaved" (each within one batch of its weighted
+    # share) or "random" (drawn by weight each step, as LAVIS does)
+    mixture_order: Literal["interleaved", "random"] = "interleaved"
     # decompression-bomb guard: images declaring more pixels are bad samples; large photos
     # below it are decoded reduced (qformer_cli.data.sample.REDUCE_ABOVE_PIXELS)
     max_image_pixels: int = 256_000_000  # a 108 MP phone photo passes

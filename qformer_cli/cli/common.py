@@ -146,12 +146,14 @@ VisionModelOption = Annotated[
     ),
 ]
 TrainDataOption = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
         "--data",
-        help="Training captions: COCO JSON, a LAVIS Karpathy list, dataset_coco.json, or a "
-        "JSONL / CSV table with image, caption columns. Default: the config's data.train "
-        "(the embedded default: sample_data's train split).",
+        help="Training captions: COCO JSON, a LAVIS Karpathy list, dataset_coco.json, a JSONL / "
+        "CSV table with image, caption columns, webdataset shards ('shards/{00000..00127}.tar' "
+        "or a glob) or parquet. Twice or more: a mixture, one source per batch (weights: "
+        "data.sources). Default: the config's data.train (the embedded default: sample_data's "
+        "train split).",
     ),
 ]
 SkipBadOption = Annotated[
@@ -273,6 +275,15 @@ def main_options(
     ] = False,
 ) -> None:
     """Train, evaluate and export BLIP-2 Q-Formers."""
+
+
+def data_flags(data: list[str] | None) -> dict[str, Any]:
+    """``--data`` once: ``data.train``; twice or more: ``data.sources`` with equal weights."""
+    if not data:
+        return {}
+    if len(data) == 1:
+        return {"data.train": data[0]}
+    return {"data.sources": [{"path": path, "weight": 1.0} for path in data]}
 
 
 def flag_overrides(**flags: Any) -> list[str]:

@@ -29,6 +29,7 @@ from qformer_cli.cli.common import (
     SkipBadOption,
     TrainDataOption,
     VisionModelOption,
+    data_flags,
     embedded_default,
     finish,
     handles_errors,
@@ -72,7 +73,7 @@ def pretrain_stage1(
 
     flags = {
         "model.vision.model": vision_model,
-        "data.train": data,
+        **data_flags(data),
         "data.features": str(features) if features else None,
         "train.compile": compile_step or None,
         "train.max_steps": max_steps,
@@ -164,7 +165,7 @@ def pretrain_stage2(
     flags = {
         "model.llm.model": llm,
         "model.vision.model": vision_model,
-        "data.train": data,
+        **data_flags(data),
         "generate.prompt": prompt,
         "train.max_steps": max_steps,
         "train.batch_size": batch_size,
@@ -271,7 +272,7 @@ def extract_features(
 
     flags = {
         "model.vision.model": vision_model,
-        "data.train": data,
+        **data_flags(data),
         "data.skip_bad_samples": skip_bad_samples or None,
     }
     run_config = load_run_config(config, overrides, flags)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from qformer_cli.data.mixture import MixtureSampler
 from qformer_cli.data.sample import BadSampleLog, ImageError, Sample, load_image
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
@@ -244,7 +245,7 @@ class SampleLoader:
         """Start this epoch's next pass after ``count`` batches, without loading them
         (resuming mid-epoch); call after :meth:`set_epoch`."""
         sampler = self.loader.sampler
-        if not isinstance(sampler, RankSampler):
+        if not isinstance(sampler, RankSampler | MixtureSampler):
             if count:
                 raise ValueError("only map-style datasets can resume mid-epoch")
             return
@@ -253,7 +254,7 @@ class SampleLoader:
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for a new epoch (call before iterating, as with DistributedSampler)."""
         sampler = self.loader.sampler
-        if isinstance(sampler, RankSampler):
+        if isinstance(sampler, RankSampler | MixtureSampler):
             sampler.set_epoch(epoch)
             sampler.skip = 0
         if isinstance(self.dataset, StreamingSampleDataset):
@@ -271,6 +272,7 @@ def make_dataloader(
     seed: int = 0,
     drop_last: bool = False,
     equal_shards: bool | None = None,
+    sampler: Sampler[int] | None = None,
 ) -> SampleLoader:
     """Batches of ``dataset`` for this rank, loaded by ``num_workers`` worker processes.
 
@@ -279,10 +281,10 @@ def make_dataloader(
     rank gets its contiguous part of every complete global batch, see :class:`RankSampler`).
     Streaming datasets are sharded by their source (see :func:`read_hf_dataset`'s
     ``rank``/``world_size``).
-    Worker random streams (crop, flip) are seeded from ``seed`` and ``rank``.
+    Worker random streams (crop, flip) are seeded from ``seed`` and ``rank``. ``sampler``
+    replaces the rank sampler (a :class:`~qformer_cli.data.mixture.MixtureSampler`).
     """
-    sampler = None
-    if not isinstance(dataset, IterableDataset):  # map-style: SampleDataset, FeatureDataset
+    if sampler is None and not isinstance(dataset, IterableDataset):  # map-style
         sampler = RankSampler(
             len(dataset),
             rank=rank,

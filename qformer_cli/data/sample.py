@@ -69,6 +69,7 @@ class Sample:
     question_type: str | None = None
     origin: str = ""
     file: str = ""
+    source: str = ""  # the training source it came from, in a mixture (data.sources)
 
 
 def one_caption_per_sample(samples: list[Sample]) -> list[Sample]:

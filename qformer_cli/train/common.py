@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +27,7 @@ from qformer_cli.data import (
 )
 from qformer_cli.data.features import FeatureDataset, FeatureIndex
 from qformer_cli.data.karpathy import TRAINING_SPLITS
+from qformer_cli.data.mixture import MixtureSampler
 from qformer_cli.data.shards import is_shard_source, read_shard_source
 from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.embedded import resolve_embedded_path
@@ -49,11 +53,41 @@ def data_root(data: DataConfig) -> Path:
 def read_caption_samples(data: DataConfig, bad: BadSampleLog) -> list[Sample]:
     """Training captions, one sample per caption: COCO captions JSON, LAVIS's Karpathy train
     list, Karpathy's ``dataset_*.json`` (its train + restval images), a caption table, or
-    webdataset shards / parquet (:mod:`qformer_cli.data.shards`)."""
-    if data.train and is_shard_source(data.train):
-        return read_shard_source(str(resolve_embedded_path(data.train)), bad)
+    webdataset shards / parquet (:mod:`qformer_cli.data.shards`). With ``data.sources``, each
+    source's samples in turn, tagged with its path."""
+    if not data.sources:
+        return _read_training_source(data.train, data, bad)
+    return [
+        replace(sample, source=source["path"])
+        for source in mixture_sources(data)
+        for sample in _read_training_source(source["path"], data, bad)
+    ]
+
+
+def mixture_sources(data: DataConfig) -> list[dict[str, Any]]:
+    """``data.sources`` checked: each a ``{"path", "weight"}`` mapping (weight default 1)."""
+    sources = []
+    for index, source in enumerate(data.sources):
+        where = f"data.sources[{index}]"
+        if not isinstance(source.get("path"), str) or not source["path"]:
+            raise UsageError(f"{where}: needs a 'path' (any --data value)")
+        unknown = set(source) - {"path", "weight"}
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        weight = source.get("weight", 1.0)
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or weight <= 0:
+            raise UsageError(f"{where}.weight = {weight!r}: must be a number > 0")
+        sources.append({"path": source["path"], "weight": float(weight)})
     if data.train:
-        path = resolve_embedded_path(data.train)
+        raise UsageError("give data.train (--data) once or data.sources, not both")
+    return sources
+
+
+def _read_training_source(train: str, data: DataConfig, bad: BadSampleLog) -> list[Sample]:
+    if train and is_shard_source(train):
+        return read_shard_source(str(resolve_embedded_path(train)), bad)
+    if train:
+        path = resolve_embedded_path(train)
     else:
         path = sample_split_files("train", data_root(data)).karpathy
     image_root = resolve_embedded_path(data.image_root) if data.image_root else None
@@ -107,6 +141,19 @@ def build_train_loader(
         raise UsageError(
             f"train.batch_size {global_batch} is not divisible by {ranks.world_size} processes"
         )
+    sampler = None
+    if config.data.sources:  # samples come grouped by source, in data.sources' order
+        sizes = Counter(sample.source for sample in samples)
+        sources = mixture_sources(config.data)
+        sampler = MixtureSampler(
+            [sizes[source["path"]] for source in sources],
+            [source["weight"] for source in sources],
+            batch_size=global_batch // ranks.world_size,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+            seed=config.train.seed,
+            order=config.data.mixture_order,
+        )
     return make_dataloader(
         dataset,
         batch_size=global_batch // ranks.world_size,
@@ -116,6 +163,7 @@ def build_train_loader(
         world_size=ranks.world_size,
         seed=config.train.seed,
         drop_last=True,
+        sampler=sampler,
     )
 
 

@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,8 @@ class TrainState:
     skipped_nonfinite: int = 0
     nonfinite_in_a_row: int = 0  # not saved: a resumed run starts with a fresh allowance
     best: float | None = None  # the best validation value of train.keep_best_by so far
+    # samples trained on per mixture source (data.sources), on this rank
+    source_seen: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -205,6 +208,7 @@ class Trainer:
             "batch_in_epoch": self.state.batch_in_epoch,
             "skipped_nonfinite": self.state.skipped_nonfinite,
             "best": self.state.best,
+            "source_seen": dict(self.state.source_seen),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "random_states": random_states,
@@ -250,6 +254,7 @@ class Trainer:
             batch_in_epoch=state["batch_in_epoch"],
             skipped_nonfinite=state["skipped_nonfinite"],
             best=state.get("best"),
+            source_seen=Counter(state.get("source_seen", {})),
         )
 
     def _load_history(self) -> None:
@@ -399,6 +404,9 @@ class Trainer:
             micro = [next(batches)[1] for _ in range(self.config.grad_accum)]
             if self.config.log_sample_ids:
                 self._log_sample_ids(micro)
+            self.state.source_seen.update(
+                sample.source for batch in micro for sample in batch.samples if sample.source
+            )
             started = time.perf_counter()
             if self.flops_per_step is None and self.state.step == 0:
                 self._measure_flops(micro)
@@ -458,6 +466,9 @@ class Trainer:
             if self.flops_per_step:
                 row["mfu"] = self.flops_per_step / elapsed / self.peak_flops
         row["skipped_nonfinite"] = self.state.skipped_nonfinite
+        if self.state.source_seen:  # a mixture: each source's share of the samples so far
+            seen = self.state.source_seen
+            row["source_shares"] = {name: n / seen.total() for name, n in sorted(seen.items())}
         validated = self._validation_due()
         if validated:
             row.update(self._validate())

@@ -27,7 +27,7 @@ from qformer_cli.models.backbones import (
     same_backbone,
 )
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
-from qformer_cli.train.common import trained_vision
+from qformer_cli.train.common import mixture_sources, trained_vision
 from qformer_cli.train.validation import best_metric
 
 # What one checkpoint holds per trainable parameter: fp32 weights + AdamW's two fp32 moments.
@@ -56,6 +56,13 @@ def _check_stage_options(stage: int, config: RunConfig) -> None:
         raise UsageError("train.fsdp (--fsdp) shards stage 2's frozen LLM: a stage-2 option")
     if config.train.fsdp and not torch.distributed.is_initialized():
         raise UsageError("--fsdp needs several processes: launch with torchrun")
+    if stage == 2 and config.data.sources and config.data.vqa_questions:
+        raise UsageError(
+            "data.sources do not mix with stage 2's data.vqa_questions yet: "
+            "--set data.vqa_questions='' or train on one source"
+        )
+    if config.data.sources:
+        mixture_sources(config.data)  # each {path, weight}, and not with data.train
     if config.train.eval_every:
         best_metric(stage, config)  # a name the stage reports
         if config.data.features:
@@ -69,7 +76,10 @@ def _check_data_files(config: RunConfig) -> None:
         "data.train (--data)": data.train,
         "data.vqa_questions": data.vqa_questions,
         "data.vqa_annotations": data.vqa_annotations,
+        "data.val": data.val,
     }
+    for index, source in enumerate(data.sources):
+        named[f"data.sources[{index}]"] = str(source.get("path") or "")
     for key, value in named.items():
         if not value:
             continue

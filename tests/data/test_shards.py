@@ -119,3 +119,35 @@ def test_torchrun_ranks_see_disjoint_samples_covering_the_shards(
     }
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(f"{i:06d}" for i in range(CAPTIONS))
+
+
+def _ids_by_step(run: Path) -> dict[int, list[str]]:
+    """The samples of each step; a step trained again after a resume counts as its last run."""
+    steps: dict[int, list[str]] = {}
+    for line in (run / "sample_ids.rank0.txt").read_text().splitlines():
+        step, *ids = line.split()
+        steps[int(step)] = ids
+    return steps
+
+
+def test_a_stopped_and_resumed_run_trains_on_the_same_shard_samples(
+    written: Path, tmp_path: Path
+) -> None:
+    """Stopped (as by SIGTERM) after step 3 of 7 mid-shard, then `--resume auto`: every step
+    trained on the samples of the uninterrupted run, which crosses an epoch boundary."""
+    from qformer_cli import faults
+    from tests.tiny_runs import train_stage1
+
+    args = ["--data", str(written / "shards/{00000..00003}.tar"), "--max-steps", "14",
+            "--set", "train.log_sample_ids=true", "--set", "train.save_every=2"]  # fmt: skip
+    whole = train_stage1(tmp_path / "whole", *args)
+    assert whole.exit_code == 0, whole.output
+    stopped = train_stage1(tmp_path / "resumed", *args, env={faults.STOP_AFTER_STEP_ENV: "5"})
+    assert stopped.exit_code != 0 and "stopped:" in stopped.output
+    resumed = train_stage1(tmp_path / "resumed", *args, "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.output
+    expected = _ids_by_step(tmp_path / "whole")
+    assert sorted(expected) == list(range(1, 15))
+    assert _ids_by_step(tmp_path / "resumed") == expected
+    epoch_one = [key for step in range(1, 13) for key in expected[step]]
+    assert sorted(epoch_one) == sorted(f"{i:06d}" for i in range(CAPTIONS))  # 12 steps of 8

@@ -172,7 +172,9 @@ def test_stage2_without_config_reads_the_vqa_pairs(tmp_path: Path, monkeypatch: 
     assert len(samples) > 1000 and all(sample.answer and sample.question for sample in samples)
 
 
-@pytest.mark.parametrize("name", ["blip2_vitg_opt2.7b", "blip2_stage1_vitg.yaml", "tiny_t5"])
+@pytest.mark.parametrize(
+    "name", ["blip2_vitg_opt2.7b", "blip2_stage1_vitg.yaml", "tiny_t5", "blip2_pretrain_129m"]
+)
 def test_a_shipped_config_by_name_from_any_directory(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -214,3 +216,12 @@ def test_the_backbone_lookup_follows_qformer_sample_data(
         "error: sample_data/backbones/opt: backbone directory not found "
         f"(looked in {elsewhere / 'backbones' / 'opt'})"
     )
+
+
+def test_the_129m_mixture_config_is_the_stage1_recipe_over_six_sources() -> None:
+    mixture, stage1 = load_config("blip2_pretrain_129m"), load_config("blip2_stage1_vitg")
+    assert mixture.model == stage1.model and mixture.train == stage1.train
+    assert mixture.stage1 == stage1.stage1
+    assert [s["weight"] for s in mixture.data.sources] == [113, 100, 860, 3000, 10000, 115000]
+    assert sum(s["weight"] for s in mixture.data.sources) == 129073  # thousand images: 129M
+    assert mixture.data.mixture_order == "random"  # as LAVIS draws its loaders

@@ -118,3 +118,13 @@ def metrics_rows(run: Path) -> list[dict]:
 def metrics_steps(run: Path) -> list[int]:
     """The step of every metrics row."""
     return [row["step"] for row in metrics_rows(run)]
+
+
+def ids_by_step(run: Path) -> dict[int, list[str]]:
+    """The samples of each step (``train.log_sample_ids``, rank 0); a step trained again after
+    a resume counts as its last run."""
+    steps: dict[int, list[str]] = {}
+    for line in (run / "sample_ids.rank0.txt").read_text().splitlines():
+        step, *ids = line.split()
+        steps[int(step)] = ids
+    return steps

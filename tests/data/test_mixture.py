@@ -99,3 +99,27 @@ def test_data_twice_is_an_equal_mixture(two_sources: Path, tmp_path: Path) -> No
     )  # fmt: skip
     shares = metrics_rows(run)[-1]["source_shares"]
     assert sorted(shares.values()) == [0.5, 0.5]
+
+
+def test_a_stopped_and_resumed_mixture_trains_on_the_same_samples(
+    two_sources: Path, tmp_path: Path
+) -> None:
+    from qformer_cli import faults
+    from tests.tiny_runs import ids_by_step, train_stage1
+
+    sources = [f"{two_sources}/shards/00000.tar", f"{two_sources}/captions.parquet"]
+    args = [
+        *("--data", sources[0], "--data", sources[1], "--max-steps", "9"),
+        *("--set", "train.log_sample_ids=true", "--set", "train.save_every=2"),
+    ]
+    whole = train_stage1(tmp_path / "whole", *args)
+    assert whole.exit_code == 0, whole.output
+    stopped = train_stage1(tmp_path / "resumed", *args, env={faults.STOP_AFTER_STEP_ENV: "4"})
+    assert stopped.exit_code != 0
+    resumed = train_stage1(tmp_path / "resumed", *args, "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.output
+    assert ids_by_step(tmp_path / "resumed") == ids_by_step(tmp_path / "whole")
+    shares = [
+        metrics_rows(run)[-1]["source_shares"] for run in (tmp_path / "whole", tmp_path / "resumed")
+    ]
+    assert shares[0] == shares[1]

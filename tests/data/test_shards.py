@@ -15,7 +15,7 @@ from qformer_cli.cli import app
 from qformer_cli.data import BadSampleLog
 from qformer_cli.data.sample import load_image
 from qformer_cli.data.shards import expand_source, read_shard_source
-from tests.tiny_runs import FAST, ROOT, invoke_json, runner, subprocess_env
+from tests.tiny_runs import FAST, ROOT, ids_by_step, invoke_json, runner, subprocess_env
 
 CAPTIONS = 96  # the first 96 training captions, 24 per shard
 
@@ -121,15 +121,6 @@ def test_torchrun_ranks_see_disjoint_samples_covering_the_shards(
     assert sorted(seen[0] + seen[1]) == sorted(f"{i:06d}" for i in range(CAPTIONS))
 
 
-def _ids_by_step(run: Path) -> dict[int, list[str]]:
-    """The samples of each step; a step trained again after a resume counts as its last run."""
-    steps: dict[int, list[str]] = {}
-    for line in (run / "sample_ids.rank0.txt").read_text().splitlines():
-        step, *ids = line.split()
-        steps[int(step)] = ids
-    return steps
-
-
 def test_a_stopped_and_resumed_run_trains_on_the_same_shard_samples(
     written: Path, tmp_path: Path
 ) -> None:
@@ -146,8 +137,8 @@ def test_a_stopped_and_resumed_run_trains_on_the_same_shard_samples(
     assert stopped.exit_code != 0 and "stopped:" in stopped.output
     resumed = train_stage1(tmp_path / "resumed", *args, "--resume", "auto")
     assert resumed.exit_code == 0, resumed.output
-    expected = _ids_by_step(tmp_path / "whole")
+    expected = ids_by_step(tmp_path / "whole")
     assert sorted(expected) == list(range(1, 15))
-    assert _ids_by_step(tmp_path / "resumed") == expected
+    assert ids_by_step(tmp_path / "resumed") == expected
     epoch_one = [key for step in range(1, 13) for key in expected[step]]
     assert sorted(epoch_one) == sorted(f"{i:06d}" for i in range(CAPTIONS))  # 12 steps of 8

@@ -19,7 +19,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/run_all.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import frozen_backbones, generation, onnx_backend, qformer_forward, stage1_step
+from bench import (
+    frozen_backbones,
+    generation,
+    loader,
+    onnx_backend,
+    qformer_forward,
+    stage1_step,
+)
 from bench.common import (
     PRECISION_DTYPES,
     BenchOptions,
@@ -40,6 +47,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "frozen_backbones": frozen_backbones.run,
     "generation": generation.run,
     "onnx_backend": onnx_backend.run,
+    "loader": loader.run,
 }
 
 

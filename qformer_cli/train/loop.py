@@ -405,7 +405,7 @@ class Trainer:
             if self.config.log_sample_ids:
                 self._log_sample_ids(micro)
             self.state.source_seen.update(
-                sample.source for batch in micro for sample in batch.samples if sample.source
+                sample.source for sample in _samples_of(micro) if sample.source
             )
             started = time.perf_counter()
             if self.flops_per_step is None and self.state.step == 0:
@@ -427,7 +427,7 @@ class Trainer:
 
     def _log_sample_ids(self, micro: list[Any]) -> None:
         """One line per step: the step it will become, then the image id of every sample."""
-        ids = " ".join(str(sample.image_id) for batch in micro for sample in batch.samples)
+        ids = " ".join(str(sample.image_id) for sample in _samples_of(micro))
         path = self.out_dir / f"sample_ids.rank{self.ranks.rank}.txt"
         with path.open("a") as handle:
             handle.write(f"{self.state.step + 1} {ids}\n")
@@ -514,6 +514,12 @@ class Trainer:
             checkpoint.keep_as_best(path)
         self._barrier()
         return True
+
+
+def _samples_of(micro: list[Any]) -> Iterator[Any]:
+    """The samples of data batches that carry them (``data.Batch``); other batches have none."""
+    for batch in micro:
+        yield from getattr(batch, "samples", ())
 
 
 def _parse_metrics_line(line: str) -> dict[str, Any] | None:

@@ -142,3 +142,39 @@ def test_a_stopped_and_resumed_run_trains_on_the_same_shard_samples(
     assert ids_by_step(tmp_path / "resumed") == expected
     epoch_one = [key for step in range(1, 13) for key in expected[step]]
     assert sorted(epoch_one) == sorted(f"{i:06d}" for i in range(CAPTIONS))  # 12 steps of 8
+
+
+def test_two_torchrun_agents_with_a_c10d_rendezvous_split_the_shards(
+    written: Path, tmp_path: Path
+) -> None:
+    """`torchrun --nnodes 2 --nproc_per_node 1` twice on localhost, as two nodes run it: the
+    two ranks saw disjoint samples covering the shard set."""
+    run = tmp_path / "run"
+    agent = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29547", "--rdzv-id", "shards",
+        "-m", "qformer_cli", "pretrain-stage1",
+        "--data", str(written / "shards/{00000..00003}.tar"), "--out", str(run),
+        *FAST, "--max-steps", "0", "--set", "train.epochs=1", "--quiet",
+        "--set", "train.log_sample_ids=true",
+    ]  # fmt: skip
+    agents = [
+        subprocess.Popen(
+            agent, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [process.communicate(timeout=600) for process in agents]
+    finally:
+        for process in agents:
+            if process.poll() is None:
+                process.kill()
+    assert [process.returncode for process in agents] == [0, 0], outputs[0][1][-2000:]
+    seen = [
+        [key for line in (run / f"sample_ids.rank{rank}.txt").read_text().splitlines()
+         for key in line.split()[1:]]
+        for rank in (0, 1)
+    ]  # fmt: skip
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(f"{i:06d}" for i in range(CAPTIONS))

@@ -174,14 +174,27 @@ def _load_lavis_stage2(
     )
     bridge = Stage2Model(qformer_config, llm.embedding_dim)
     _check_lavis_report(path, load_external_weights(bridge, path), ())
+    return _stage2_pipeline(backbones, vision, bridge, llm, device, path)
+
+
+def _stage2_pipeline(
+    run_config: RunConfig,
+    vision: VisionEncoder,
+    bridge: Stage2Model,
+    llm: LanguageModel,
+    device: torch.device,
+    directory: Path,
+) -> Stage2Pipeline:
+    """The parts on ``device``, with the tokenizer, image settings and prompt ``run_config``
+    names."""
     return Stage2Pipeline(
         vision=vision.to(device),
         bridge=bridge.to(device).eval(),
         llm=LanguageModel(llm.model.to(device), llm.family),
-        tokenizer=load_llm_tokenizer(backbones.model.llm.model),
-        image_processor_source=resolve_model_name(backbones.model.vision.model),
-        directory=path,
-        prompt=backbones.generate.prompt,
+        tokenizer=load_llm_tokenizer(run_config.model.llm.model),
+        image_processor_source=resolve_model_name(run_config.model.vision.model),
+        directory=directory,
+        prompt=run_config.generate.prompt,
     )
 
 
@@ -264,15 +277,7 @@ def load_stage2(
     llm = build_language_model(run_config.model.llm, dtype=dtype)
     bridge = Stage2Model(saved.qformer, saved.llm_embedding_dim)
     _load_state(bridge, directory)
-    return Stage2Pipeline(
-        vision=vision.to(device),
-        bridge=bridge.to(device).eval(),
-        llm=LanguageModel(llm.model.to(device), llm.family),
-        tokenizer=load_llm_tokenizer(run_config.model.llm.model),
-        image_processor_source=resolve_model_name(run_config.model.vision.model),
-        directory=directory,
-        prompt=run_config.generate.prompt,
-    )
+    return _stage2_pipeline(run_config, vision, bridge, llm, device, directory)
 
 
 def _load_transformers_blip2(

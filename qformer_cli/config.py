@@ -85,6 +85,9 @@ class DataConfig:
     # {"path": any --data value, "weight": 1.0}; replaces `train` (--data given twice or more
     # sets it, weights 1). See qformer_cli/data/mixture.py.
     sources: list[dict[str, Any]] = field(default_factory=list)
+    # column names of a parquet file or a datasets source when not the usual ones, e.g.
+    # {"image": "jpg", "caption": "alt_text", "image_id": "key"}
+    columns: dict[str, str] = field(default_factory=dict)
     # which source gives each step's batch: "interleaved" (each within one batch of its weighted
     # share) or "random" (drawn by weight each step, as LAVIS does)
     mixture_order: Literal["interleaved", "random"] = "interleaved"

@@ -6,6 +6,7 @@ lazily and split across ranks and DataLoader workers by ``datasets`` itself).
 from __future__ import annotations
 
 import glob
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,3 +214,53 @@ def _texts(value: Any, where: str) -> tuple[str, ...]:
             raise DataError(f"{where}: text field holds {type(item).__name__}, not text")
         texts.append(item)
     return tuple(texts)
+
+
+# --------------------------------------------------------------------------------------------
+# `--data` values read through `datasets`: hub ids, and anything with the hf: prefix
+
+HUB_PREFIX = "hf:"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?(@[\w.\[\]:%+-]+)?$")
+
+
+def hub_source(value: str) -> tuple[str, str | None, str] | None:
+    """``(dataset, config, split)`` of ``hf:NAME[:CONFIG][@SPLIT]`` (NAME a hub id or a local
+    path ``datasets`` can read), or of ``NAME[:CONFIG][@SPLIT]`` when it is a hub id and no
+    local path; None for every other ``--data`` value. The split defaults to ``train``."""
+    if value.startswith(HUB_PREFIX):
+        text = value[len(HUB_PREFIX) :]
+    elif _HUB_ID.match(value) and not Path(value).exists() and not _names_a_file(value):
+        text = value
+    else:
+        return None
+    text, _, split = text.partition("@") if "@" in text else (text, "", "train")
+    head, _, last = text.rpartition("/")
+    name, _, config = last.partition(":")
+    return (f"{head}/{name}" if head else name), (config or None), split
+
+
+def _names_a_file(value: str) -> bool:
+    """``dir/train.json`` that does not exist is a missing file, not a hub id."""
+    suffixes = (*BUILDER_BY_EXTENSION, ".tsv")
+    return value.partition("@")[0].lower().endswith(suffixes)
+
+
+def read_hub_samples(value: str, columns: Columns, bad: Any = None) -> list[Sample]:
+    """Every record of a ``datasets`` source (:func:`hub_source`) as a sample, read whole (not
+    streamed: the map-style sampler then shards it and resume is exact); a record that cannot
+    become a sample follows ``bad`` (a :class:`~qformer_cli.data.sample.BadSampleLog`)."""
+    parsed = hub_source(value)
+    if parsed is None:
+        raise DataError(f"{value}: not a datasets source (hf:NAME[:CONFIG][@SPLIT])")
+    dataset, config, split = parsed
+    samples = []
+    for item in read_hf_dataset(
+        dataset, split=split, columns=columns, streaming=False, name=config
+    ):
+        if isinstance(item, BadSample):
+            if bad is None:
+                raise DataError(item.message)
+            bad.handle(item.message, item.reason)
+            continue
+        samples.append(item)
+    return samples

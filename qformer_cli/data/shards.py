@@ -59,8 +59,12 @@ def expand_source(source: str) -> list[Path]:
     return [Path(source)]
 
 
-def read_shard_source(source: str, bad: BadSampleLog | None = None) -> list[Sample]:
-    """One sample per caption of a webdataset shard set or parquet file(s), in file order."""
+def read_shard_source(
+    source: str, bad: BadSampleLog | None = None, columns: dict[str, str] | None = None
+) -> list[Sample]:
+    """One sample per caption of a webdataset shard set or parquet file(s), in file order;
+    ``columns`` (``data.columns``) names a parquet file's image / caption / image_id columns
+    when they are not the usual ones."""
     files = expand_source(source)
     missing = [path for path in files if not path.is_file()]
     if not files or missing:
@@ -68,7 +72,7 @@ def read_shard_source(source: str, bad: BadSampleLog | None = None) -> list[Samp
             f"{source}: no such file {shown(missing[0]) if missing else '(none match)'}"
         )
     if source.endswith(".parquet"):
-        return [sample for path in files for sample in _parquet_samples(path, bad)]
+        return [sample for path in files for sample in _parquet_samples(path, bad, columns or {})]
     return [sample for path in files for sample in _shard_samples(path, bad)]
 
 
@@ -124,7 +128,7 @@ def _caption_text(member: ShardMember | None, where: str) -> str:
     return raw.strip()
 
 
-def _parquet_samples(path: Path, bad: BadSampleLog | None) -> list[Sample]:
+def _parquet_samples(path: Path, bad: BadSampleLog | None, named: dict[str, str]) -> list[Sample]:
     import pyarrow.parquet as pq
 
     try:
@@ -132,14 +136,15 @@ def _parquet_samples(path: Path, bad: BadSampleLog | None) -> list[Sample]:
     except Exception as error:  # pyarrow raises many kinds for a bad file
         raise DataError(f"{shown(path)}: not a readable parquet file ({error})") from None
     columns = table.column_names
-    image_column = next((c for c in PARQUET_IMAGE_COLUMNS if c in columns), None)
-    caption_column = next((c for c in PARQUET_CAPTION_COLUMNS if c in columns), None)
+    image_column = _column(named.get("image"), PARQUET_IMAGE_COLUMNS, columns)
+    caption_column = _column(named.get("caption"), PARQUET_CAPTION_COLUMNS, columns)
+    id_column = _column(named.get("image_id"), ("image_id",), columns)
     if image_column is None or caption_column is None:
         raise DataError(
             f"{shown(path)}: needs an image column ({', '.join(PARQUET_IMAGE_COLUMNS)}) and a "
             f"caption column ({', '.join(PARQUET_CAPTION_COLUMNS)}); it has {', '.join(columns)}"
         )
-    ids = table.column("image_id").to_pylist() if "image_id" in columns else None
+    ids = table.column(id_column).to_pylist() if id_column else None
     samples = []
     images, captions = (table.column(name).to_pylist() for name in (image_column, caption_column))
     for index, (image, caption) in enumerate(zip(images, captions, strict=True)):
@@ -163,6 +168,13 @@ def _parquet_samples(path: Path, bad: BadSampleLog | None) -> list[Sample]:
             )
         )
     return samples
+
+
+def _column(named: str | None, usual: tuple[str, ...], present: list[str]) -> str | None:
+    """The column ``data.columns`` names (when present), else the first usual name present."""
+    if named is not None:
+        return named if named in present else None
+    return next((name for name in usual if name in present), None)
 
 
 def _parquet_image(value: Any, path: Path, where: str) -> bytes | Path:

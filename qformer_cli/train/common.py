@@ -26,6 +26,7 @@ from qformer_cli.data import (
     sample_split_files,
 )
 from qformer_cli.data.features import FeatureDataset, FeatureIndex
+from qformer_cli.data.hf import Columns, hub_source, read_hub_samples
 from qformer_cli.data.karpathy import TRAINING_SPLITS
 from qformer_cli.data.mixture import MixtureSampler
 from qformer_cli.data.shards import is_shard_source, read_shard_source
@@ -64,6 +65,14 @@ def read_caption_samples(data: DataConfig, bad: BadSampleLog) -> list[Sample]:
     ]
 
 
+def data_columns(data: DataConfig) -> Columns:
+    """``data.columns`` checked: which record fields hold the image, caption and image id."""
+    unknown = set(data.columns) - {"image", "caption", "image_id"}
+    if unknown:
+        raise UsageError(f"data.columns: unknown key(s) {', '.join(sorted(unknown))}")
+    return Columns(**data.columns)
+
+
 def mixture_sources(data: DataConfig) -> list[dict[str, Any]]:
     """``data.sources`` checked: each a ``{"path", "weight"}`` mapping (weight default 1)."""
     sources = []
@@ -84,8 +93,11 @@ def mixture_sources(data: DataConfig) -> list[dict[str, Any]]:
 
 
 def _read_training_source(train: str, data: DataConfig, bad: BadSampleLog) -> list[Sample]:
+    if train and hub_source(train) is not None:
+        samples = read_hub_samples(train, data_columns(data), bad)
+        return one_caption_per_sample([s for s in samples if s.captions])
     if train and is_shard_source(train):
-        return read_shard_source(str(resolve_embedded_path(train)), bad)
+        return read_shard_source(str(resolve_embedded_path(train)), bad, data.columns)
     if train:
         path = resolve_embedded_path(train)
     else:

@@ -14,6 +14,7 @@ import torch
 
 from qformer_cli import checkpoint
 from qformer_cli.config import RunConfig
+from qformer_cli.data.hf import hub_source
 from qformer_cli.data.shards import expand_source, is_shard_source
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
@@ -27,7 +28,7 @@ from qformer_cli.models.backbones import (
     same_backbone,
 )
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
-from qformer_cli.train.common import mixture_sources, trained_vision
+from qformer_cli.train.common import data_columns, mixture_sources, trained_vision
 from qformer_cli.train.validation import best_metric
 
 # What one checkpoint holds per trainable parameter: fp32 weights + AdamW's two fp32 moments.
@@ -63,6 +64,7 @@ def _check_stage_options(stage: int, config: RunConfig) -> None:
         )
     if config.data.sources:
         mixture_sources(config.data)  # each {path, weight}, and not with data.train
+    data_columns(config.data)
     if config.train.eval_every:
         best_metric(stage, config)  # a name the stage reports
         if config.data.features:
@@ -81,7 +83,7 @@ def _check_data_files(config: RunConfig) -> None:
     for index, source in enumerate(data.sources):
         named[f"data.sources[{index}]"] = str(source.get("path") or "")
     for key, value in named.items():
-        if not value:
+        if not value or hub_source(value) is not None:  # a datasets source: read, not a file
             continue
         if is_shard_source(value):  # a glob or brace range: every file it names
             files = expand_source(str(resolve_embedded_path(value)))

@@ -178,3 +178,28 @@ def test_two_torchrun_agents_with_a_c10d_rendezvous_split_the_shards(
     ]  # fmt: skip
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(f"{i:06d}" for i in range(CAPTIONS))
+
+
+def test_a_datasets_source_with_its_own_column_names(written: Path, tmp_path: Path) -> None:
+    """`--data hf:DIR@train` goes through `datasets.load_dataset` as a hub id does once
+    downloaded; columns named otherwise are mapped with data.columns."""
+    import pyarrow.parquet as pq
+
+    from qformer_cli.data.hf import hub_source
+
+    table = pq.read_table(written / "captions.parquet").rename_columns(["jpg", "alt_text", "key"])
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "repo" / "data" / "train-00000-of-00001.parquet")
+    columns = ["--set", 'data.columns={"image": "jpg", "caption": "alt_text", "image_id": "key"}']
+    summary = invoke_json(
+        "pretrain-stage1", "--data", f"hf:{tmp_path / 'repo'}@train", *columns,
+        "--out", str(tmp_path / "run"), *FAST, "--max-steps", "2", "--quiet",
+        "--set", "train.log_sample_ids=true",
+    )  # fmt: skip
+    assert summary["steps"] == 2
+    trained = ids_by_step(tmp_path / "run")
+    assert all(key in table.column("key").to_pylist() for ids in trained.values() for key in ids)
+    assert hub_source("owner/captions:en@validation") == ("owner/captions", "en", "validation")
+    assert hub_source("data/missing.json") is None  # a missing file, not a hub id
+    unknown = runner.invoke(app, ["pretrain-stage1", "--set", 'data.columns={"img": "jpg"}'])
+    assert unknown.exit_code == 2 and "data.columns: unknown key(s) img" in unknown.output

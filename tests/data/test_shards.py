@@ -124,17 +124,28 @@ def test_torchrun_ranks_see_disjoint_samples_covering_the_shards(
 def test_a_stopped_and_resumed_run_trains_on_the_same_shard_samples(
     written: Path, tmp_path: Path
 ) -> None:
-    """Stopped (as by SIGTERM) after step 3 of 7 mid-shard, then `--resume auto`: every step
-    trained on the samples of the uninterrupted run, which crosses an epoch boundary."""
-    from qformer_cli import faults
-    from tests.tiny_runs import train_stage1
+    """SIGTERM mid-shard, then `--resume auto`: every step trained on the samples of the
+    uninterrupted run, which crosses an epoch boundary."""
+    import signal
+    import time
+
+    from tests.tiny_runs import stage1_command, train_stage1
 
     args = ["--data", str(written / "shards/{00000..00003}.tar"), "--max-steps", "14",
             "--set", "train.log_sample_ids=true", "--set", "train.save_every=2"]  # fmt: skip
     whole = train_stage1(tmp_path / "whole", *args)
     assert whole.exit_code == 0, whole.output
-    stopped = train_stage1(tmp_path / "resumed", *args, env={faults.STOP_AFTER_STEP_ENV: "5"})
-    assert stopped.exit_code != 0 and "stopped:" in stopped.output
+    process = subprocess.Popen(
+        stage1_command(tmp_path / "resumed", *args), env=subprocess_env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    metrics, deadline = tmp_path / "resumed" / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "stopped: SIGTERM at step" in stderr, stderr
     resumed = train_stage1(tmp_path / "resumed", *args, "--resume", "auto")
     assert resumed.exit_code == 0, resumed.output
     expected = ids_by_step(tmp_path / "whole")

@@ -128,6 +128,8 @@ class TrainConfig:
     # val_cider for stage 2). See qformer_cli/train/validation.py.
     eval_every: int = 0
     keep_best_by: str = ""
+    # train under a --precision this CPU runs far slower than fp32 (refused by default)
+    allow_slow_precision: bool = False
     # the image id of every sample trained on, per step, in <out>/sample_ids.rank<R>.txt (which
     # samples each rank saw: coverage across ranks, the same samples after a resume)
     log_sample_ids: bool = False

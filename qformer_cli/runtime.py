@@ -102,3 +102,42 @@ def remove_empty_out_dirs() -> None:
     for directory in deepest_first:
         with contextlib.suppress(OSError):  # not empty (or gone): left as it is
             directory.rmdir()
+
+
+# A CPU without bf16/fp16 matrix hardware (AVX2 only, no AVX-512-BF16 or AMX) emulates them:
+# measured on such a cloud CPU, a bf16 matmul ran at 1 GFLOP/s against 161 fp32, so training
+# under --precision bf16 was ~100x slower. Below this fraction of the fp32 rate it is refused.
+SLOW_PRECISION_FRACTION = 0.25
+_PROBE_SIZE = 512  # small enough that an emulated bf16 product still takes well under a second
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = _PROBE_SIZE) -> float:
+    """FLOP/s of a ``size``-cubed matmul in ``dtype`` on ``device``: the best of three."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / max(best, 1e-9)
+
+
+def check_precision_speed(device: torch.device, precision: str) -> None:
+    """Refuse a reduced precision that this CPU runs far slower than fp32 (see above)."""
+    if device.type != "cpu" or precision == "fp32":
+        return
+    reduced = matmul_rate(device, PRECISION_DTYPES[precision])
+    full = matmul_rate(device, torch.float32)
+    if reduced < SLOW_PRECISION_FRACTION * full:
+        raise UsageError(
+            f"--precision {precision} on this CPU: {precision} matmuls run at "
+            f"{reduced / 1e9:.1f} GFLOP/s against {full / 1e9:.1f} fp32 (no {precision} matrix "
+            f"hardware), so training would be ~{full / reduced:.0f}x slower; use --precision "
+            "fp32, or --set train.allow_slow_precision=true"
+        )

@@ -14,7 +14,13 @@ from rich.console import Console
 from qformer_cli import checkpoint
 from qformer_cli.config import RunConfig
 from qformer_cli.errors import CheckpointError, UsageError
-from qformer_cli.runtime import Ranks, init_distributed, leave_distributed, make_out_dir
+from qformer_cli.runtime import (
+    Ranks,
+    check_precision_speed,
+    init_distributed,
+    leave_distributed,
+    make_out_dir,
+)
 from qformer_cli.train.common import LEGACY_RUN_CONFIG, RUN_CONFIG, write_resolved_config
 from qformer_cli.train.loop import StageRecipe, Trainer
 from qformer_cli.train.preflight import check_before_loading
@@ -177,6 +183,8 @@ def train_stage(
         if fresh_in_given_dir and not overwrite:
             refuse_earlier_run(out_dir)
         check_before_loading(stage, run_name, config, out_dir, resume_from)
+        if not config.train.allow_slow_precision:
+            check_precision_speed(device, config.train.precision)
         if fresh_in_given_dir and overwrite:  # only once the run passed every check
             remove_earlier_run(out_dir, is_main=is_main)
         recipe = build(config, device, ranks, report)

@@ -254,3 +254,25 @@ def test_every_option_has_help_and_every_command_ends_with_examples_that_parse()
             after = part_words[part_words.index(name) + 1 :]
             flags = [word for word in after if word.startswith("--")]
             assert set(flags) <= known, (name, set(flags) - known)
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_refused_unless_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An AVX2-only CPU runs bf16 matmuls ~100x slower than fp32: measured before any weights
+    load (here the measurement answers as such a CPU's did: 1 vs 161 GFLOP/s)."""
+    import torch
+
+    from qformer_cli import runtime
+
+    rates = {torch.float32: 161e9, torch.bfloat16: 1e9}
+    monkeypatch.setattr(runtime, "matmul_rate", lambda device, dtype: rates[dtype])
+    args = ["pretrain-stage1", "--precision", "bf16", "--max-steps", "1", "--batch-size", "8"]
+    refused = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 2, refused.output
+    [line] = refused.output.strip().splitlines()  # no init report: nothing loaded
+    assert "bf16 matmuls run at 1.0 GFLOP/s against 161.0 fp32" in line and "~161x" in line
+    allowed = runner.invoke(
+        app, [*args, "--out", str(tmp_path / "b"), "--set", "train.allow_slow_precision=true"]
+    )
+    assert allowed.exit_code == 0, allowed.output

@@ -304,6 +304,7 @@ def test_stage1_mixed_precision_steps_are_finite_and_learn(precision: str, tmp_p
     out = tmp_path / precision
     fast = ["--set", "train.warmup_steps=2", "--set", "train.log_every=1", "--batch-size", "8"]
     fast += ["--set", "train.save_every=6"]
+    fast += ["--set", "train.allow_slow_precision=true"]  # correctness, on any CPU: tiny sizes
     summary = invoke_json(
         "pretrain-stage1", "--out", str(out), "--precision", precision, "--max-steps", "12", *fast
     )
@@ -321,7 +322,7 @@ def test_stage1_mixed_precision_steps_are_finite_and_learn(precision: str, tmp_p
 def test_stage2_bf16_steps_are_finite_and_learn(stage1_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "bf16"
     args = ["--out", str(out), "--init", str(stage1_run), "--precision", "bf16", *SMALL]
-    args += ["--set", "train.warmup_steps=2"]
+    args += ["--set", "train.warmup_steps=2", "--set", "train.allow_slow_precision=true"]
     summary = invoke_json("pretrain-stage2", *args, "--max-steps", "15")
     _learns(out, summary, "lm")
 

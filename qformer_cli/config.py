@@ -303,7 +303,7 @@ def check_ranges(settings: Any, prefix: str) -> None:
     for name, allowed in RANGES.get(type(settings), {}).items():
         value = getattr(settings, name)
         if not allowed.admits(value):
-            raise UsageError(f"{prefix}.{name} = {value!r}: must be {allowed}")
+            raise UsageError(f"{prefix}.{name} = {shown_value(value)}: must be {allowed}")
     if isinstance(settings, GenerationConfig) and settings.min_new_tokens > settings.max_new_tokens:
         raise UsageError(
             f"{prefix}.min_new_tokens = {settings.min_new_tokens}: more than "
@@ -360,7 +360,7 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
     if origin is Literal:
         if value not in typing.get_args(hint):
             choices = ", ".join(map(str, typing.get_args(hint)))
-            raise UsageError(f"config key '{key}': {value!r} is not one of {choices}")
+            raise UsageError(f"config key '{key}': {shown_value(value)} is not one of {choices}")
         return value
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
@@ -368,15 +368,17 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
                 return _check_value(value, option, key)
             except UsageError:
                 continue
-        raise UsageError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
+        raise UsageError(
+            f"config key '{key}': expected {_type_name(hint)}, got {shown_value(value)}"
+        )
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
-            raise UsageError(f"config key '{key}': expected a list, got {value!r}")
+            raise UsageError(f"config key '{key}': expected a list, got {shown_value(value)}")
         (item_hint, *_) = typing.get_args(hint) or (Any,)
         return [_check_value(item, item_hint, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise UsageError(f"config key '{key}': expected a mapping, got {value!r}")
+            raise UsageError(f"config key '{key}': expected a mapping, got {shown_value(value)}")
         return value
     if hint is Any:
         return value
@@ -390,7 +392,7 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
         and not (hint is int and isinstance(value, bool))
     ):
         return value
-    raise UsageError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
+    raise UsageError(f"config key '{key}': expected {_type_name(hint)}, got {shown_value(value)}")
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -468,9 +470,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few kB; a larger file is not one (and YAML
+# parsing in Python would take a minute per 100 MB before saying so)
+MAX_SHOWN_VALUE = 60
+
+
+def shown_value(value: Any) -> str:
+    """``repr(value)`` for a one-line message, cut to MAX_SHOWN_VALUE characters."""
+    text = repr(value)
+    if len(text) <= MAX_SHOWN_VALUE:
+        return text
+    return f"{text[:MAX_SHOWN_VALUE]}... ({len(text):,} characters)"
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML config with the safe loader (no Python objects)."""
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UsageError(f"{path}: {size:,} bytes, not a run config (at most 1 MiB)")
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"{path}: cannot read config ({exc.strerror})") from None

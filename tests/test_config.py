@@ -225,3 +225,17 @@ def test_the_129m_mixture_config_is_the_stage1_recipe_over_six_sources() -> None
     assert [s["weight"] for s in mixture.data.sources] == [113, 100, 860, 3000, 10000, 115000]
     assert sum(s["weight"] for s in mixture.data.sources) == 129073  # thousand images: 129M
     assert mixture.data.mixture_order == "random"  # as LAVIS draws its loaders
+
+
+def test_long_values_are_cut_and_huge_files_refused_unread(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["info", "--set", "train.lr=" + "y" * 100_000])
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert line.endswith("... (100,002 characters)") and len(line) < 200
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("train:\n  lr: '" + "x" * (2 << 20) + "'\n")
+    result = runner.invoke(app, ["info", "--config", str(huge)])
+    assert result.exit_code == 2
+    assert (
+        result.output.strip() == f"error: {huge}: 2,097,169 bytes, not a run config (at most 1 MiB)"
+    )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from qformer_cli.data.json_files import (
     check_unique_id,
@@ -71,8 +72,20 @@ def _captions_by_image(
             raise_or_skip(bad, error, "missing field")
             continue
         if image_id not in files:
-            error = DataError(f"{where}: image_id {image_id} is not in 'images'")
+            error = DataError(
+                f"{where}: image_id {image_id!r} is not in 'images'{_typed(image_id, files)}"
+            )
             raise_or_skip(bad, error, "unknown image")
             continue
         captions.setdefault(image_id, []).append(caption)
     return captions
+
+
+def _typed(image_id: int | str, files: dict[int | str, Any]) -> str:
+    """A hint when 'images' has the same id written as the other type (101 vs "101")."""
+    other = next((key for key in files if str(key) == str(image_id)), None)
+    if other is None:
+        return ""
+    return (
+        f" (it has {other!r}: ids are matched by value and type, a {type(image_id).__name__} here)"
+    )

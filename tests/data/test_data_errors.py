@@ -296,3 +296,19 @@ def test_deeply_nested_json_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError) as error:
         read_karpathy(path)
     assert one_line(error).endswith("deep.json: JSON nested too deeply")
+
+
+def test_an_image_id_of_the_other_type_is_named(tmp_path: Path) -> None:
+    from qformer_cli.data import read_coco_captions
+
+    payload = {
+        "images": [{"id": "101", "file_name": "a.png"}],
+        "annotations": [{"id": 1, "image_id": 101, "caption": "a cat"}],
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(payload))
+    with pytest.raises(DataError) as error:
+        read_coco_captions(tmp_path / "gt.json")
+    assert (
+        "image_id 101 is not in 'images' (it has '101': ids are matched by value and type"
+        in str(error.value)
+    )

@@ -285,7 +285,16 @@ def resolve_checkpoint(path: Path) -> Path:
     if (path / MANIFEST).is_file():
         verify_checkpoint(path)
         return path
-    newest = newest_good_checkpoint(path)
+    problems: list[str] = []
+    newest = newest_good_checkpoint(path, warn=problems.append)
     if newest is None:
-        raise CheckpointError(f"{path}: no complete checkpoint found")
+        if problems:  # checkpoints there, none usable: say why the newest is not
+            raise CheckpointError(
+                f"{path}: no complete checkpoint ({len(problems)} broken; the newest: "
+                f"{problems[0].removeprefix('skipping ')})"
+            )
+        raise CheckpointError(
+            f"{path}: no checkpoint found (a run directory holds checkpoints/step-N/; a "
+            "checkpoint directory holds manifest.json)"
+        )
     return newest

@@ -263,3 +263,20 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_step(tmp_path: Pat
     resumed = load_file(str(checkpoint.list_checkpoints(run)[-1] / checkpoint.WEIGHTS))
     expected = load_file(str(checkpoint.list_checkpoints(straight_run)[-1] / checkpoint.WEIGHTS))
     assert_same_weights(resumed, expected)
+
+
+def test_a_run_whose_only_checkpoint_is_truncated_says_why(tmp_path: Path) -> None:
+    """`--model RUN` when RUN's one checkpoint lost bytes: the message names the file."""
+    from qformer_cli.cli import app
+    from tests.tiny_runs import runner
+
+    run = tmp_path / "run"
+    assert train_stage1(run, "--max-steps", "1").exit_code == 0
+    [saved] = checkpoint.list_checkpoints(run)
+    weights = saved / checkpoint.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    result = runner.invoke(app, ["eval-retrieval", "--model", str(run)])
+    assert result.exit_code == 1
+    [line] = result.output.strip().splitlines()
+    assert "no complete checkpoint (1 broken; the newest:" in line and "truncated" in line
+    assert str(weights) in line

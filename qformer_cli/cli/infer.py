@@ -161,6 +161,7 @@ def _caption(
     out_dir: Path,
     backend: str = "torch",
     quiet: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     from qformer_cli.data import BadSampleLog
     from qformer_cli.inference.caption import caption_inputs, caption_prompt, caption_to_files
@@ -182,6 +183,7 @@ def _caption(
             bad=bad,
             max_image_pixels=run_config.data.max_image_pixels,
             progress=progress.counter,
+            resume=resume,
         )
     return {"model": str(model), **result}
 
@@ -232,6 +234,14 @@ def caption(
     batch_size: BatchOption = 32,
     shuffle_images: ShuffleOption = False,
     skip_bad_samples: SkipBadOption = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run in --out: its captions.json rows are kept and "
+            "their images not captioned again.",
+        ),
+    ] = False,
     backend: BackendOption = "torch",
     config: ConfigOption = None,
     overrides: SetOption = None,
@@ -242,10 +252,13 @@ def caption(
     debug: DebugOption = False,
 ) -> None:
     """Caption images with a stage-2 model; scores them when the ground truth is known."""
+    from qformer_cli.errors import UsageError
     from qformer_cli.runtime import make_out_dir
 
     model = model_location(model)
     require_inputs(model=model, images=images, annotations=annotations)
+    if resume and (out is None or shuffle_images):
+        raise UsageError("--resume continues the run in --out (give it), without --shuffle-images")
     flags = generation_flags(
         "generate",
         backend,
@@ -274,6 +287,7 @@ def caption(
         out_dir=make_out_dir(out, "caption"),
         backend=backend,
         quiet=quiet,
+        resume=resume,
     )
     _print_captions(result, as_json)
 

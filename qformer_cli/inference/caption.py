@@ -3,6 +3,7 @@ truth is known. ``caption`` and ``eval-caption --model`` run :func:`caption_to_f
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from qformer_cli.data import (
     read_image_folder,
     sample_split_files,
 )
+from qformer_cli.data.json_files import read_json
 from qformer_cli.data.sample import image_id_from_name
 from qformer_cli.errors import DataError
 from qformer_cli.inference.generators import Generator, generate_for_samples, rows_to_file
@@ -93,12 +95,19 @@ def caption_to_files(
     bad: BadSampleLog,
     max_image_pixels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Caption ``samples`` into ``out_dir/captions.json`` (on a failure: the captions done so
     far), list the samples ``bad`` skipped in ``out_dir/skipped.json`` and, with
-    ``ground_truth``, score the captions into ``out_dir/metrics.json``; the command's result."""
+    ``ground_truth``, score the captions into ``out_dir/metrics.json``; the command's result.
+    With ``resume``, the rows already in ``captions.json`` are kept and their images are not
+    captioned again (batches run in input order, so the result is the uninterrupted run's)."""
     from qformer_cli.eval.caption_metrics import evaluate_caption_files
 
+    results_path = out_dir / "captions.json"
+    done = _captions_done(results_path) if resume else []
+    captioned = {row["image_id"] for row in done}
+    samples = [sample for sample in samples if sample.image_id not in captioned]
     generated = generate_for_samples(
         generator,
         samples,
@@ -110,15 +119,15 @@ def caption_to_files(
         max_image_pixels=max_image_pixels,
         progress=progress,
     )
-    results_path = out_dir / "captions.json"
     rows = (caption_row(sample, text) for sample, text in generated)
-    captions = rows_to_file(rows, results_path, "captions")
+    captions = rows_to_file(itertools.chain(done, rows), results_path, "captions")
     result: dict[str, Any] = {
         "backend": generator.backend,
         "prompt": prompt,
         "num_images": len(captions),
         "captions": str(results_path),
         "shuffled_images": shuffle_images,
+        "resumed_with": len(done),
         **bad.result_fields(),
     }
     skipped = bad.write_records(out_dir / "skipped.json")
@@ -129,3 +138,13 @@ def caption_to_files(
         (out_dir / "metrics.json").write_text(json.dumps(scores, indent=1))
         result["metrics"] = scores
     return result
+
+
+def _captions_done(path: Path) -> list[dict[str, Any]]:
+    """The rows an interrupted run left in ``captions.json`` (none when there is no file)."""
+    if not path.is_file():
+        return []
+    rows = read_json(path)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "image_id" in r for r in rows):
+        raise DataError(f"{path}: not a captions file to resume ([{{'image_id', 'caption'}}])")
+    return rows

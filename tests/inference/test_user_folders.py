@@ -155,3 +155,27 @@ def test_eval_retrieval_skips_a_missing_image(trained_stage1: Path, tmp_path: Pa
     assert result["num_texts"] == sum(len(e["caption"]) for e in entries) - len(
         entries[3]["caption"]
     )
+
+
+def test_caption_resume_continues_a_stopped_run_to_the_same_captions(
+    trained_stage2: Path, user_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped by a broken image after 32 captions; `--resume --skip-bad-samples` in the same
+    --out captions only the rest and ends with the uninterrupted run's captions.json."""
+    complete = tmp_path / "complete"
+    assert _caption(trained_stage2, user_folder, complete, "--skip-bad-samples").exit_code == 0
+    out = tmp_path / "stopped"
+    assert _caption(trained_stage2, user_folder, out, "--batch-size", "8").exit_code == 1
+    monkeypatch.setenv("QFORMER_PROGRESS_EVERY_S", "0")
+    done = len(json.loads((out / "captions.json").read_text()))
+    resumed = _caption(
+        trained_stage2, user_folder, out, "--batch-size", "8", "--resume", "--skip-bad-samples",
+        "--json",
+    )  # fmt: skip
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["resumed_with"] == done
+    last = [line for line in resumed.stderr.splitlines() if line.startswith("caption ")][-1]
+    assert last.split()[1] == f"{50 - done}/{50 - done}"  # only the rest went through the model
+    assert (out / "captions.json").read_text() == (complete / "captions.json").read_text()
+    refused = _caption(trained_stage2, user_folder, tmp_path / "x", "--resume", "--blind")
+    assert refused.exit_code == 2 and "--resume continues the run in --out" in refused.output

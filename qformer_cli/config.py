@@ -281,6 +281,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "keep_last": AT_LEAST_1,
         "max_nonfinite_steps": AT_LEAST_0,
     },
+    BackboneConfig: {"layer": Range(high=-1)},  # counted from the last: -1, -2, ...
     DataConfig: {
         "num_workers": AT_LEAST_0,
         "max_image_pixels": AT_LEAST_1,

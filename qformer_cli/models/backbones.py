@@ -209,16 +209,19 @@ def load_pretrained_checked(
 class VisionEncoder(nn.Module):
     """A frozen transformers vision model returning per-token features (B, N, C).
 
-    Features are the last layer's hidden states. For ``Blip2VisionModel`` the final
-    ``post_layernorm`` is removed: BLIP-2 applies its own trainable ``ln_vision`` instead.
+    Features are the last layer's hidden states (``last_hidden_state``), or with ``layer`` < -1
+    an earlier layer's (``hidden_states[layer]``, before any final norm). For
+    ``Blip2VisionModel`` the final ``post_layernorm`` is removed: BLIP-2 applies its own
+    trainable ``ln_vision`` instead.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, layer: int = -1) -> None:
         super().__init__()
         if isinstance(model, transformers.Blip2VisionModel):
             model.post_layernorm = nn.Identity()
         self.model = model.eval().requires_grad_(False)
         self.hidden_size: int = _vision_config(model.config).hidden_size
+        self.layer = layer
 
     def train(self, mode: bool = True) -> VisionEncoder:
         # Frozen: dropout and the like stay off even when the surrounding model trains.
@@ -226,7 +229,10 @@ class VisionEncoder(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).last_hidden_state
+        if self.layer == -1:
+            return self.model(pixel_values=pixel_values).last_hidden_state
+        outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        return outputs.hidden_states[self.layer]
 
 
 def build_vision_encoder(
@@ -238,7 +244,7 @@ def build_vision_encoder(
     cls = _vision_class(spec, config)
     tower_config = config if cls is transformers.AutoModel else _vision_config(config)
     if meta:
-        return VisionEncoder(_build_on_meta(cls, tower_config, spec))
+        return VisionEncoder(_build_on_meta(cls, tower_config, spec), spec.layer)
     model = load_pretrained_checked(
         cls,
         spec,
@@ -248,7 +254,7 @@ def build_vision_encoder(
         config=tower_config if blip2 else None,
         prefix=_BLIP2_VISION_PREFIX if blip2 else "",
     )
-    return VisionEncoder(model)
+    return VisionEncoder(model, spec.layer)
 
 
 def check_vision_kind(spec: BackboneConfig) -> None:

@@ -130,3 +130,7 @@ class BackboneConfig:
     model: str = ""
     architecture: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    # Vision towers: the hidden layer the Q-Former reads. -1: the last (its last_hidden_state);
+    # -2: the second to last, as BLIP-2 reads EVA ViT-g (a full 40-block checkpoint then gives
+    # the 39-block features; configs/blip2_*.yaml instead build 39 blocks and read the last).
+    layer: int = -1

@@ -41,6 +41,8 @@ def expected_fingerprint(config: RunConfig) -> dict[str, str]:
     """The cache fingerprint this config's encoder and transform give (reads configs only)."""
     name = resolve_model_name(config.model.vision.model)
     encoder_config = backbone_config(config.model.vision).to_dict()
+    if config.model.vision.layer != -1:  # another layer's features (caches of -1 unchanged)
+        encoder_config["qformer_reads_layer"] = config.model.vision.layer
     return encoder_fingerprint(name, encoder_config, train_transform_config(config))
 
 

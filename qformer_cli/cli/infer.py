@@ -111,6 +111,14 @@ TopPOption = Annotated[
 TemperatureOption = Annotated[
     float | None, _decoding("--temperature", "temperature", "With --do-sample: the temperature.")
 ]
+ResumeResultsOption = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue an interrupted run in --out: the rows of its results file are kept "
+        "and their images or questions not run again.",
+    ),
+]
 ShuffleOption = Annotated[
     bool,
     typer.Option(
@@ -234,14 +242,7 @@ def caption(
     batch_size: BatchOption = 32,
     shuffle_images: ShuffleOption = False,
     skip_bad_samples: SkipBadOption = False,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue an interrupted run in --out: its captions.json rows are kept and "
-            "their images not captioned again.",
-        ),
-    ] = False,
+    resume: ResumeResultsOption = False,
     backend: BackendOption = "torch",
     config: ConfigOption = None,
     overrides: SetOption = None,
@@ -258,7 +259,7 @@ def caption(
     model = model_location(model)
     require_inputs(model=model, images=images, annotations=annotations)
     if resume and (out is None or shuffle_images):
-        raise UsageError("--resume continues the run in --out (give it), without --shuffle-images")
+        raise UsageError("--resume continues the run in --out (give it), without --blind")
     flags = generation_flags(
         "generate",
         backend,
@@ -414,6 +415,7 @@ def eval_vqa(
     length_penalty: LengthPenaltyOption = None,
     batch_size: BatchOption = 32,
     skip_bad_samples: SkipBadOption = False,
+    resume: ResumeResultsOption = False,
     backend: BackendOption = "torch",
     config: ConfigOption = None,
     overrides: SetOption = None,
@@ -433,6 +435,10 @@ def eval_vqa(
 
     if (predictions is None) == (model is None):
         raise UsageError("give exactly one of --predictions FILE or --model DIR")
+    if resume and (out is None or blind or model is None):
+        raise UsageError(
+            "--resume continues the run in --out (give it), with --model, without --blind"
+        )
     model = model_location(model)
     require_inputs(
         model=model,
@@ -483,6 +489,7 @@ def eval_vqa(
                     bad=bad,
                     max_image_pixels=run_config.data.max_image_pixels,
                     progress=progress.counter,
+                    resume=resume,
                 ),
                 model=str(model),
             )

@@ -17,10 +17,14 @@ from qformer_cli.data import (
     read_image_folder,
     sample_split_files,
 )
-from qformer_cli.data.json_files import read_json
 from qformer_cli.data.sample import image_id_from_name
 from qformer_cli.errors import DataError
-from qformer_cli.inference.generators import Generator, generate_for_samples, rows_to_file
+from qformer_cli.inference.generators import (
+    Generator,
+    generate_for_samples,
+    rows_done,
+    rows_to_file,
+)
 
 
 def caption_inputs(
@@ -105,7 +109,7 @@ def caption_to_files(
     from qformer_cli.eval.caption_metrics import evaluate_caption_files
 
     results_path = out_dir / "captions.json"
-    done = _captions_done(results_path) if resume else []
+    done = rows_done(results_path, "image_id") if resume else []
     captioned = {row["image_id"] for row in done}
     samples = [sample for sample in samples if sample.image_id not in captioned]
     generated = generate_for_samples(
@@ -138,13 +142,3 @@ def caption_to_files(
         (out_dir / "metrics.json").write_text(json.dumps(scores, indent=1))
         result["metrics"] = scores
     return result
-
-
-def _captions_done(path: Path) -> list[dict[str, Any]]:
-    """The rows an interrupted run left in ``captions.json`` (none when there is no file)."""
-    if not path.is_file():
-        return []
-    rows = read_json(path)
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "image_id" in r for r in rows):
-        raise DataError(f"{path}: not a captions file to resume ([{{'image_id', 'caption'}}])")
-    return rows

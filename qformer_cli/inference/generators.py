@@ -28,7 +28,8 @@ from qformer_cli.data import (
     load_transform_config,
     make_dataloader,
 )
-from qformer_cli.errors import Interrupted, QformerError, UsageError
+from qformer_cli.data.json_files import read_json
+from qformer_cli.errors import DataError, Interrupted, QformerError, UsageError
 from qformer_cli.export.onnx_runtime import generate_text_onnx
 from qformer_cli.inference.generate import generate_text
 
@@ -189,3 +190,14 @@ def rows_to_file(rows: Iterable[dict[str, Any]], path: Path, noun: str) -> list[
         raise
     path.write_text(json.dumps(done, indent=1))
     return done
+
+
+def rows_done(path: Path, key: str) -> list[dict[str, Any]]:
+    """The rows an interrupted run left in the results file ``path`` (none when there is no
+    file), each with its ``key`` (``image_id`` for captions, ``question_id`` for answers)."""
+    if not path.is_file():
+        return []
+    rows = read_json(path)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and key in r for r in rows):
+        raise DataError(f"{path}: not a results file to resume (rows with '{key}')")
+    return rows

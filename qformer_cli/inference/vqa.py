@@ -3,6 +3,7 @@ format, and their accuracy. ``eval-vqa --model`` runs :func:`answer_to_file`."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,12 @@ from typing import Any
 from qformer_cli.config import GenerationConfig
 from qformer_cli.data import BadSampleLog, Sample
 from qformer_cli.errors import UsageError
-from qformer_cli.inference.generators import Generator, generate_for_samples, rows_to_file
+from qformer_cli.inference.generators import (
+    Generator,
+    generate_for_samples,
+    rows_done,
+    rows_to_file,
+)
 
 # LAVIS's two zero-shot VQA prompts, by name
 VQA_PROMPTS = {"answer": "Question: {} Answer:", "short-answer": "Question: {} Short answer:"}
@@ -69,12 +75,18 @@ def answer_to_file(
     bad: BadSampleLog,
     max_image_pixels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Answer the questions (``read_vqa``'s samples) into ``out_dir/vqa_results.json`` (on a
     failure: the answers done so far) and list the questions ``bad`` skipped in
     ``out_dir/skipped.json``; the command's result. Scoring is the caller's (``eval-vqa
     --predictions`` scores a file it did not write). ``progress`` is told (done, total) after
-    each batch."""
+    each batch. With ``resume``, the answers already in the results file are kept and their
+    questions not asked again."""
+    results_path = out_dir / "vqa_results.json"
+    done = rows_done(results_path, "question_id") if resume else []
+    answered = {row["question_id"] for row in done}
+    samples = [sample for sample in samples if sample.question_id not in answered]
     generated = generate_for_samples(
         generator,
         samples,
@@ -86,15 +98,14 @@ def answer_to_file(
         max_image_pixels=max_image_pixels,
         progress=progress,
     )
-    results_path = out_dir / "vqa_results.json"
-    answers = rows_to_file(
-        (answer_row(sample, text) for sample, text in generated), results_path, "answers"
-    )
+    rows = (answer_row(sample, text) for sample, text in generated)
+    answers = rows_to_file(itertools.chain(done, rows), results_path, "answers")
     result: dict[str, Any] = {
         "backend": generator.backend,
         "prompt": template,
         "results": str(results_path),
         "num_answered": len(answers),
+        "resumed_with": len(done),
         **bad.result_fields(),
     }
     skipped = bad.write_records(out_dir / "skipped.json")

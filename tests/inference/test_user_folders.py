@@ -179,3 +179,31 @@ def test_caption_resume_continues_a_stopped_run_to_the_same_captions(
     assert (out / "captions.json").read_text() == (complete / "captions.json").read_text()
     refused = _caption(trained_stage2, user_folder, tmp_path / "x", "--resume", "--blind")
     assert refused.exit_code == 2 and "--resume continues the run in --out" in refused.output
+
+
+def test_eval_vqa_resume_continues_a_stopped_run_to_the_same_answers(
+    trained_stage2: Path, tmp_path: Path
+) -> None:
+    questions = json.loads((SAMPLE / "vqa_val_questions.json").read_text())["questions"]
+    broken = questions[40]["image_id"]  # its questions come after whole batches of 16
+    images = tmp_path / "images"
+    shutil.copytree(VAL_IMAGES, images)
+    (images / f"scene_{broken}.png").write_bytes(b"not a png")  # fails when loaded, mid-run
+    args = [
+        "eval-vqa",
+        "--model",
+        str(trained_stage2),
+        "--images",
+        str(images),
+        "--batch-size",
+        "16",
+    ]
+    complete = invoke_json(*args, "--skip-bad-samples", "--out", str(tmp_path / "complete"))
+    stopped = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert stopped.exit_code == 1 and f"scene_{broken}.png" in stopped.stderr
+    done = len(json.loads((tmp_path / "run" / "vqa_results.json").read_text()))
+    assert done > 0 and done % 16 == 0
+    resumed = invoke_json(*args, "--skip-bad-samples", "--resume", "--out", str(tmp_path / "run"))
+    assert resumed["resumed_with"] == done
+    assert Path(resumed["results"]).read_text() == Path(complete["results"]).read_text()
+    assert resumed["overall"] == complete["overall"]

@@ -3,7 +3,6 @@ truth is known. ``caption`` and ``eval-caption --model`` run :func:`caption_to_f
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +18,7 @@ from qformer_cli.data import (
 )
 from qformer_cli.data.sample import image_id_from_name
 from qformer_cli.errors import DataError
-from qformer_cli.inference.generators import (
-    Generator,
-    generate_for_samples,
-    rows_done,
-    rows_to_file,
-)
+from qformer_cli.inference.generators import Generator, generate_for_samples, generate_to_file
 
 
 def caption_inputs(
@@ -109,34 +103,33 @@ def caption_to_files(
     from qformer_cli.eval.caption_metrics import evaluate_caption_files
 
     results_path = out_dir / "captions.json"
-    done = rows_done(results_path, "image_id") if resume else []
-    captioned = {row["image_id"] for row in done}
-    samples = [sample for sample in samples if sample.image_id not in captioned]
-    generated = generate_for_samples(
+    captions, resumed_with = generate_to_file(
         generator,
         samples,
         settings,
         lambda _: prompt,
+        caption_row,
+        results_path,
+        "image_id",
+        "captions",
         batch_size=batch_size,
         shuffle_images=shuffle_images,
         bad=bad,
         max_image_pixels=max_image_pixels,
         progress=progress,
+        resume=resume,
     )
-    rows = (caption_row(sample, text) for sample, text in generated)
-    captions = rows_to_file(itertools.chain(done, rows), results_path, "captions")
     result: dict[str, Any] = {
         "backend": generator.backend,
         "prompt": prompt,
         "num_images": len(captions),
         "captions": str(results_path),
         "shuffled_images": shuffle_images,
-        "resumed_with": len(done),
+        "resumed_with": resumed_with,
         **bad.result_fields(),
     }
-    skipped = bad.write_records(out_dir / "skipped.json")
-    if skipped is not None:
-        result["skipped"] = str(skipped)
+    if bad.total:
+        result["skipped"] = str(out_dir / "skipped.json")
     if ground_truth is not None:
         scores = evaluate_caption_files(ground_truth, results_path, bad.skipped_ids()).to_dict()
         (out_dir / "metrics.json").write_text(json.dumps(scores, indent=1))

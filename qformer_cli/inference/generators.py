@@ -11,6 +11,7 @@ across the batch (the grounding check), build each sample's prompt, generate;
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -201,3 +202,45 @@ def rows_done(path: Path, key: str) -> list[dict[str, Any]]:
     if not isinstance(rows, list) or not all(isinstance(r, dict) and key in r for r in rows):
         raise DataError(f"{path}: not a results file to resume (rows with '{key}')")
     return rows
+
+
+def generate_to_file(
+    generator: Generator,
+    samples: list[Sample],
+    settings: GenerationConfig,
+    prompt_for: Callable[[Sample], str],
+    row_of: Callable[[Sample, str], dict[str, Any]],
+    results_path: Path,
+    key: str,
+    noun: str,
+    *,
+    batch_size: int,
+    shuffle_images: bool,
+    bad: BadSampleLog,
+    max_image_pixels: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    resume: bool = False,
+) -> tuple[list[dict[str, Any]], int]:
+    """The results file of a generation job (captions, answers): one ``row_of`` per sample in
+    input order, written when done or when the job fails (the rows done kept), and the samples
+    ``bad`` skipped listed in ``skipped.json`` beside it. With ``resume`` the rows already in
+    ``results_path`` are kept and their samples (by ``key``) not run again; ``noun`` names
+    the rows in messages. Returns the rows and how many came from the earlier run."""
+    done = rows_done(results_path, key) if resume else []
+    finished = {row[key] for row in done}
+    todo = [sample for sample in samples if getattr(sample, key) not in finished]
+    generated = generate_for_samples(
+        generator,
+        todo,
+        settings,
+        prompt_for,
+        batch_size=batch_size,
+        shuffle_images=shuffle_images,
+        bad=bad,
+        max_image_pixels=max_image_pixels,
+        progress=progress,
+    )
+    new_rows = (row_of(sample, text) for sample, text in generated)
+    rows = rows_to_file(itertools.chain(done, new_rows), results_path, noun)
+    bad.write_records(results_path.parent / "skipped.json")
+    return rows, len(done)

@@ -3,7 +3,6 @@ format, and their accuracy. ``eval-vqa --model`` runs :func:`answer_to_file`."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,12 +11,7 @@ from typing import Any
 from qformer_cli.config import GenerationConfig
 from qformer_cli.data import BadSampleLog, Sample
 from qformer_cli.errors import UsageError
-from qformer_cli.inference.generators import (
-    Generator,
-    generate_for_samples,
-    rows_done,
-    rows_to_file,
-)
+from qformer_cli.inference.generators import Generator, generate_for_samples, generate_to_file
 
 # LAVIS's two zero-shot VQA prompts, by name
 VQA_PROMPTS = {"answer": "Question: {} Answer:", "short-answer": "Question: {} Short answer:"}
@@ -84,33 +78,32 @@ def answer_to_file(
     each batch. With ``resume``, the answers already in the results file are kept and their
     questions not asked again."""
     results_path = out_dir / "vqa_results.json"
-    done = rows_done(results_path, "question_id") if resume else []
-    answered = {row["question_id"] for row in done}
-    samples = [sample for sample in samples if sample.question_id not in answered]
-    generated = generate_for_samples(
+    answers, resumed_with = generate_to_file(
         generator,
         samples,
         settings,
         lambda sample: template.format(sample.question),
+        answer_row,
+        results_path,
+        "question_id",
+        "answers",
         batch_size=batch_size,
         shuffle_images=blind,
         bad=bad,
         max_image_pixels=max_image_pixels,
         progress=progress,
+        resume=resume,
     )
-    rows = (answer_row(sample, text) for sample, text in generated)
-    answers = rows_to_file(itertools.chain(done, rows), results_path, "answers")
     result: dict[str, Any] = {
         "backend": generator.backend,
         "prompt": template,
         "results": str(results_path),
         "num_answered": len(answers),
-        "resumed_with": len(done),
+        "resumed_with": resumed_with,
         **bad.result_fields(),
     }
-    skipped = bad.write_records(out_dir / "skipped.json")
-    if skipped is not None:
-        result["skipped"] = str(skipped)
+    if bad.total:
+        result["skipped"] = str(out_dir / "skipped.json")
     return result
 
 

@@ -25,8 +25,7 @@ from PIL import Image
 
 from qformer_cli.config import GenerationConfig, check_ranges, vqa_generation
 from qformer_cli.data import Sample, build_transform, load_image, load_transform_config
-from qformer_cli.data.folder import read_image_folder
-from qformer_cli.data.sample import image_id_from_name
+from qformer_cli.data.folder import image_file_sample, read_image_folder
 from qformer_cli.errors import UsageError
 from qformer_cli.inference.caption import caption_prompt, caption_samples
 from qformer_cli.inference.generators import Generator, load_generator
@@ -158,9 +157,7 @@ def _samples(images: Images) -> list[Sample]:
         elif Path(item).is_dir():
             samples.extend(read_image_folder(item))
         else:
-            path = Path(item)
-            image_id = image_id_from_name(path)
-            samples.append(Sample(image=path, image_id=image_id, origin=str(path), file=str(path)))
+            samples.append(image_file_sample(Path(item)))
     if not samples:
         raise UsageError("no images given")
     return samples

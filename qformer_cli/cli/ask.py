@@ -128,7 +128,8 @@ def match(
 ) -> None:
     """How well texts describe one image, with a stage-1 model: the ITM probability of a match
     and the ITC similarity (max over queries of the cosine)."""
-    from qformer_cli.data import Sample, build_transform, load_image, load_transform_config
+    from qformer_cli.data import build_transform, load_image, load_transform_config
+    from qformer_cli.data.folder import image_file_sample
     from qformer_cli.inference.retrieve import match_scores
     from qformer_cli.pretrained import load_stage1_pipeline
     from qformer_cli.runtime import init_distributed
@@ -139,7 +140,7 @@ def match(
     _, torch_device = init_distributed(device)
     pipeline = load_stage1_pipeline(model, torch_device, run_config)
     transform = build_transform(load_transform_config(pipeline.image_processor_source), False)
-    pixels = transform(load_image(Sample(image=image, image_id=0, origin=str(image))))
+    pixels = transform(load_image(image_file_sample(image)))
     scores = match_scores(pipeline, pixels[None], list(texts))
     result: dict[str, Any] = {"model": str(model), "image": str(image), "matches": scores}
     if as_json:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qformer_cli.data.json_files import shown
-from qformer_cli.data.sample import IMAGE_EXTENSIONS, Sample, image_id_from_name
+from qformer_cli.data.sample import IMAGE_EXTENSIONS, Sample, ids_from_names, image_id_from_name
 from qformer_cli.errors import DataError
 
 
@@ -22,10 +22,14 @@ def read_image_folder(folder: str | Path, *, recursive: bool = True) -> list[Sam
         looked_for = ", ".join(IMAGE_EXTENSIONS)
         raise DataError(f"{shown(folder)}: no images found (looked for {looked_for})")
     relative = [p.relative_to(folder).as_posix() for p in files]
-    numbers = [image_id_from_name(p) for p in files]
-    numbered = all(isinstance(n, int) for n in numbers) and len(set(numbers)) == len(numbers)
-    ids = numbers if numbered else relative
+    ids = ids_from_names(relative)
     return [
         Sample(image=path, image_id=image_id, origin=f"{shown(folder)}: {name}", file=name)
         for path, image_id, name in zip(files, ids, relative, strict=True)
     ]
+
+
+def image_file_sample(path: Path) -> Sample:
+    """One image file as a sample: its id from its name, as :func:`read_image_folder` names
+    ids, and its name as the file results show."""
+    return Sample(image=path, image_id=image_id_from_name(path), origin=str(path), file=path.name)

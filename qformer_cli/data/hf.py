@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import glob
 import re
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,24 +150,28 @@ def read_hf_dataset(
     return HFSampleSource(dataset, columns, f"{source} [{split}]")
 
 
-def _pick(record: dict[str, Any], explicit: str | None, usual: tuple[str, ...]) -> str | None:
+def pick_column(
+    present: Container[str], explicit: str | None, usual: tuple[str, ...]
+) -> str | None:
+    """The field a record (or a table's columns, ``present``) holds a thing in: the one named
+    explicitly (``data.columns``) when present, else the first of the usual names present."""
     if explicit is not None:
-        return explicit if explicit in record else None
-    return next((name for name in usual if name in record), None)
+        return explicit if explicit in present else None
+    return next((name for name in usual if name in present), None)
 
 
 def record_to_sample(
     record: dict[str, Any], columns: Columns, where: str, fallback_id: str
 ) -> Sample:
     """A sample from one record; ``fallback_id`` is its image id when no id column exists."""
-    image_column = _pick(record, columns.image, IMAGE_COLUMNS)
+    image_column = pick_column(record, columns.image, IMAGE_COLUMNS)
     if image_column is None:
         looked_for = columns.image or ", ".join(IMAGE_COLUMNS)
         raise DataError(f"{where}: no image field (looked for {looked_for})")
     if record[image_column] is None:
         raise DataError(f"{where}: missing field '{image_column}'")
-    id_column = _pick(record, columns.image_id, IMAGE_ID_COLUMNS)
-    caption_column = _pick(record, columns.caption, CAPTION_COLUMNS)
+    id_column = pick_column(record, columns.image_id, IMAGE_ID_COLUMNS)
+    caption_column = pick_column(record, columns.caption, CAPTION_COLUMNS)
     question = record.get(columns.question) if columns.question else None
     answers = record.get(columns.answers) if columns.answers else None
     image = _image_source(record[image_column], where)

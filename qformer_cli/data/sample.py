@@ -88,6 +88,15 @@ def image_id_from_name(path: str | Path) -> int | str:
     return int(match.group(1)) if match else Path(path).name
 
 
+def ids_from_names(names: list[str]) -> list[int | str]:
+    """Image ids for image files: the numbers ending their names when every file has a
+    distinct one (COCO-style names), else the names (paths) themselves."""
+    numbers = [image_id_from_name(name) for name in names]
+    if all(isinstance(n, int) for n in numbers) and len(set(numbers)) == len(numbers):
+        return numbers
+    return list(names)
+
+
 class ImageError(DataError):
     """A sample's image is missing or cannot be decoded; ``reason`` names which, for counts."""
 

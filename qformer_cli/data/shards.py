@@ -21,6 +21,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from qformer_cli.data.hf import pick_column
 from qformer_cli.data.json_files import shown
 from qformer_cli.data.sample import (
     IMAGE_EXTENSIONS,
@@ -136,9 +137,9 @@ def _parquet_samples(path: Path, bad: BadSampleLog | None, named: dict[str, str]
     except Exception as error:  # pyarrow raises many kinds for a bad file
         raise DataError(f"{shown(path)}: not a readable parquet file ({error})") from None
     columns = table.column_names
-    image_column = _column(named.get("image"), PARQUET_IMAGE_COLUMNS, columns)
-    caption_column = _column(named.get("caption"), PARQUET_CAPTION_COLUMNS, columns)
-    id_column = _column(named.get("image_id"), ("image_id",), columns)
+    image_column = pick_column(columns, named.get("image"), PARQUET_IMAGE_COLUMNS)
+    caption_column = pick_column(columns, named.get("caption"), PARQUET_CAPTION_COLUMNS)
+    id_column = pick_column(columns, named.get("image_id"), ("image_id",))
     if image_column is None or caption_column is None:
         raise DataError(
             f"{shown(path)}: needs an image column ({', '.join(PARQUET_IMAGE_COLUMNS)}) and a "
@@ -168,13 +169,6 @@ def _parquet_samples(path: Path, bad: BadSampleLog | None, named: dict[str, str]
             )
         )
     return samples
-
-
-def _column(named: str | None, usual: tuple[str, ...], present: list[str]) -> str | None:
-    """The column ``data.columns`` names (when present), else the first usual name present."""
-    if named is not None:
-        return named if named in present else None
-    return next((name for name in usual if name in present), None)
 
 
 def _parquet_image(value: Any, path: Path, where: str) -> bytes | Path:

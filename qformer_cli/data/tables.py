@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qformer_cli.data.json_files import read_json, shown
-from qformer_cli.data.sample import image_id_from_name
+from qformer_cli.data.sample import ids_from_names
 from qformer_cli.errors import DataError
 
 TABLE_SUFFIXES = (".jsonl", ".csv", ".tsv")
@@ -69,10 +69,7 @@ def _image_ids(files: list[str], rows: list[tuple[str, dict[str, Any]]]) -> dict
     given = {_text(row, "image", where): row.get("image_id") for where, row in rows}
     if all(isinstance(given[f], int | str) and given[f] != "" for f in files):
         return {f: given[f] for f in files}  # type: ignore[misc]
-    numbers = [image_id_from_name(f) for f in files]
-    if all(isinstance(n, int) for n in numbers) and len(set(numbers)) == len(numbers):
-        return dict(zip(files, numbers, strict=True))
-    return {f: f for f in files}
+    return dict(zip(files, ids_from_names(files), strict=True))
 
 
 def caption_table_as_coco(path: str | Path) -> dict[str, Any]:

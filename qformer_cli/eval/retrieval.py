@@ -145,8 +145,7 @@ def read_retrieval_samples(
 
 
 def load_retrieval_set(
-    annotations: Path | list[Sample],
-    image_root: Path | None,
+    samples: list[Sample],
     vision: VisionEncoder,
     transform_source: str,
     tokenizer,
@@ -157,15 +156,10 @@ def load_retrieval_set(
     max_image_pixels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> RetrievalSet:
-    """Images and their captions, encoded: ``annotations`` is a caption file (see
-    :func:`read_retrieval_samples`) or its samples already read. Bad samples follow ``bad``
-    (default: raise); a skipped image leaves the set with its captions. ``progress`` is told
-    (images done, images) after each batch."""
+    """The captioned images ``samples`` (:func:`read_retrieval_samples`), encoded. Bad samples
+    follow ``bad`` (default: raise); a skipped image leaves the set with its captions.
+    ``progress`` is told (images done, images) after each batch."""
     bad = bad or BadSampleLog()
-    if isinstance(annotations, list):
-        samples = annotations
-    else:
-        samples = read_retrieval_samples(annotations, image_root, bad)
     transform = build_transform(load_transform_config(transform_source), train=False)
     dataset = SampleDataset(samples, transform, bad_samples=bad, max_image_pixels=max_image_pixels)
     features, loaded, done = [], [], 0

@@ -16,7 +16,7 @@ from qformer_cli.data import (
     read_image_folder,
     sample_split_files,
 )
-from qformer_cli.data.sample import image_id_from_name
+from qformer_cli.data.folder import image_file_sample
 from qformer_cli.errors import DataError
 from qformer_cli.inference.generators import Generator, generate_for_samples, generate_to_file
 
@@ -36,8 +36,7 @@ def caption_inputs(
             return read_image_folder(images), None
         if not images.is_file():
             raise DataError(f"{images}: no such image file or folder")
-        image_id = image_id_from_name(images)
-        return [Sample(image=images, image_id=image_id, origin=str(images), file=images.name)], None
+        return [image_file_sample(images)], None
     files = sample_split_files(split)
     if files.coco_captions is None:
         raise DataError(f"split '{split}' has no caption ground truth; use --images")

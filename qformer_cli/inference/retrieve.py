@@ -40,7 +40,6 @@ def retrieval_to_file(
     ``out_dir/skipped.json``); the command's result."""
     data = load_retrieval_set(
         samples,
-        None,
         pipeline.vision,
         pipeline.image_processor_source,
         pipeline.tokenizer,

@@ -3,6 +3,7 @@ format, and their accuracy. ``eval-vqa --model`` runs :func:`answer_to_file`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from qformer_cli.config import GenerationConfig
 from qformer_cli.data import BadSampleLog, Sample
+from qformer_cli.data.folder import image_file_sample
 from qformer_cli.errors import UsageError
 from qformer_cli.inference.generators import Generator, generate_for_samples, generate_to_file
 
@@ -138,7 +140,7 @@ def ask(
 ) -> list[str]:
     """One text per prompt (each already holding its question), all about one image file."""
     samples = [
-        Sample(image=image, image_id=0, question=prompt, question_id=index, file=image.name)
+        dataclasses.replace(image_file_sample(image), question=prompt, question_id=index)
         for index, prompt in enumerate(prompts)
     ]
     generated = generate_for_samples(

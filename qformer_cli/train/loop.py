@@ -28,7 +28,7 @@ from qformer_cli.config import TrainConfig
 from qformer_cli.errors import Interrupted, QformerError, UsageError
 from qformer_cli.flops import count_flops
 from qformer_cli.losses import global_sum
-from qformer_cli.runtime import PRECISION_DTYPES, Ranks, autocast
+from qformer_cli.runtime import PRECISION_DTYPES, Ranks, autocast, matmul_rate
 
 
 class Losses(Protocol):
@@ -89,20 +89,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """The machine's achievable dense matmul rate (FLOP/s): median of a few 1024^3 products."""
-    size = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    timings = []
-    for _ in range(4):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    return 2 * size**3 / sorted(timings[1:])[1]
+    """The machine's achievable dense matmul rate (FLOP/s), the MFU denominator: the median of
+    a few 1024^3 products (8192^3 on a GPU)."""
+    return matmul_rate(device, dtype, size=1024 if device.type == "cpu" else 8192)
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,9 +75,7 @@ def stage1_validator(
     def validate() -> dict[str, float]:
         if not cached:
             cached.append(
-                load_retrieval_set(
-                    samples, None, vision, image_processor_source, tokenizer, device, 64
-                )
+                load_retrieval_set(samples, vision, image_processor_source, tokenizer, device, 64)
             )
         data = cached[0]
         was_training = model.training

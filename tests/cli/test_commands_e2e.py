@@ -20,7 +20,7 @@ import transformers
 from safetensors.torch import load_file
 
 from qformer_cli import checkpoint
-from qformer_cli.eval.retrieval import itc_similarity, load_retrieval_set
+from qformer_cli.eval.retrieval import itc_similarity, load_retrieval_set, read_retrieval_samples
 from qformer_cli.inference.vqa import VQA_PROMPTS
 from qformer_cli.pretrained import load_stage1_pipeline
 from tests.tiny_runs import ROOT, invoke_json, metrics_rows
@@ -96,8 +96,7 @@ def test_eval_retrieval_writes_recalls_that_match_the_itc_ranking(
     # (caption j of entry i belongs to image i, captions in file order), recall by top-k sets.
     loaded = load_stage1_pipeline(stage1_run, torch.device("cpu"))
     data = load_retrieval_set(
-        karpathy_subset,
-        SAMPLE,
+        read_retrieval_samples(karpathy_subset, SAMPLE),
         loaded.vision,
         loaded.image_processor_source,
         loaded.tokenizer,

@@ -24,7 +24,7 @@ from qformer_cli.data import (
 from qformer_cli.data.sample import load_image
 from qformer_cli.data.sample_data import sample_split_files
 from qformer_cli.errors import QformerError, UsageError
-from qformer_cli.eval.retrieval import itc_similarity, load_retrieval_set
+from qformer_cli.eval.retrieval import itc_similarity, load_retrieval_set, read_retrieval_samples
 from qformer_cli.export.onnx_export import check_parity, export_onnx
 from qformer_cli.export.onnx_runtime import OnnxPipeline, generate_text_onnx
 from qformer_cli.inference.generate import generate_text, stop_token_ids
@@ -411,8 +411,7 @@ def test_stage1_onnx_itc_similarity_matches_torch_retrieval(
     out, manifest = stage1_exported
     files = sample_split_files("val")
     data = load_retrieval_set(
-        files.karpathy,
-        None,
+        read_retrieval_samples(files.karpathy, None),
         stage1_pipeline.vision,
         stage1_pipeline.image_processor_source,
         stage1_pipeline.tokenizer,

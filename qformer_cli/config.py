@@ -94,6 +94,13 @@ class DataConfig:
     # decompression-bomb guard: images declaring more pixels are bad samples; large photos
     # below it are decoded reduced (qformer_cli.data.sample.REDUCE_ABOVE_PIXELS)
     max_image_pixels: int = 256_000_000  # a 108 MP phone photo passes
+    # Read webdataset shards front to back, never indexed, each DataLoader worker of each rank
+    # its own files (qformer_cli/data/streams.py); runs then count train.max_steps. Off: shards
+    # are indexed once (their tar headers) and shuffled as one set, like JSON files.
+    streaming: bool = False
+    # streamed shards: samples shuffled within a file through a buffer of this many (held
+    # encoded, per source and DataLoader worker)
+    shuffle_buffer: int = 1000
 
 
 @dataclass
@@ -286,6 +293,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "num_workers": AT_LEAST_0,
         "max_image_pixels": AT_LEAST_1,
         "val_limit": AT_LEAST_0,
+        "shuffle_buffer": AT_LEAST_0,
     },
     GenerationConfig: {
         "num_beams": AT_LEAST_1,

@@ -8,8 +8,9 @@ reports it to the :class:`BadSampleLog` in the main process, which raises a one-
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from qformer_cli.data.mixture import MixtureSampler
 from qformer_cli.data.sample import BadSampleLog, ImageError, Sample, load_image
+from qformer_cli.errors import UsageError
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
@@ -112,6 +114,9 @@ class Batch:
     images: torch.Tensor
     samples: list[Sample]
     skipped: list[BadSample]
+    # streamed training (qformer_cli.data.streams): where each item came from, so the main
+    # process knows each reader's place after the batches it consumed
+    marks: list[Any] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -142,11 +147,14 @@ class Batch:
         return [s.answers for s in self.samples]
 
 
-def collate_samples(items: list[LoadedSample | BadSample]) -> Batch:
+def collate_samples(items: list[Any]) -> Batch:
+    """Loaded and bad samples, or (item, mark) pairs from a streamed training set."""
+    marks = [item[1] for item in items if isinstance(item, tuple)]
+    items = [item[0] if isinstance(item, tuple) else item for item in items]
     loaded = [item for item in items if isinstance(item, LoadedSample)]
     skipped = [item for item in items if isinstance(item, BadSample)]
     images = torch.stack([item.image for item in loaded]) if loaded else torch.empty(0, 3, 0, 0)
-    return Batch(images, [item.sample for item in loaded], skipped)
+    return Batch(images, [item.sample for item in loaded], skipped, marks)
 
 
 class RankSampler(Sampler[int]):
@@ -232,9 +240,14 @@ class SampleLoader:
         self.bad_samples: BadSampleLog = dataset.bad_samples  # every dataset here carries one
 
     def __iter__(self) -> Iterator[Batch]:
+        streamed = getattr(self.dataset, "state", None)  # a StreamingTrainingSet's progress
+        if streamed is not None:
+            self.dataset.begin()  # type: ignore[attr-defined]
         for batch in self.loader:
             for bad in batch.skipped:
                 self.bad_samples.handle(bad.message, bad.reason, bad.sample)
+            if batch.marks:
+                self.dataset.state.advance(batch.marks)  # type: ignore[attr-defined]
             if len(batch):
                 yield batch
 
@@ -245,11 +258,29 @@ class SampleLoader:
         """Start this epoch's next pass after ``count`` batches, without loading them
         (resuming mid-epoch); call after :meth:`set_epoch`."""
         sampler = self.loader.sampler
+        if hasattr(self.dataset, "state"):  # streamed: each reader resumes at its saved place
+            return
         if not isinstance(sampler, RankSampler | MixtureSampler):
             if count:
                 raise ValueError("only map-style datasets can resume mid-epoch")
             return
         sampler.skip = count * (self.loader.batch_size or 1)
+
+    def data_state(self) -> dict[str, Any] | None:
+        """A streamed set's place (for the checkpoint); None for map-style data, whose place
+        is the step."""
+        state = getattr(self.dataset, "state", None)
+        return state.to_dict() if state is not None else None
+
+    def restore_data_state(self, saved: dict[str, Any] | None) -> None:
+        """Continue a streamed set at a checkpoint's :meth:`data_state`."""
+        if not hasattr(self.dataset, "state"):
+            return
+        if saved is None:
+            raise UsageError(
+                "the checkpoint holds no stream places: resume with data.streaming off"
+            )
+        self.dataset.load_state(saved)  # type: ignore[attr-defined]
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for a new epoch (call before iterating, as with DistributedSampler)."""
@@ -259,6 +290,15 @@ class SampleLoader:
             sampler.skip = 0
         if isinstance(self.dataset, StreamingSampleDataset):
             self.dataset.set_epoch(epoch)
+
+
+def leave_stop_signals_to_main(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT. A scheduler stopping a job (SLURM, docker
+    stop, Ctrl-C in a terminal) signals the whole process group: a worker killed by it would
+    crash the main process before it could save its checkpoint and stop at a step boundary; the
+    main process shuts its workers down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_dataloader(
@@ -302,5 +342,6 @@ def make_dataloader(
         collate_fn=collate_samples,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed * 1000 + rank),
+        worker_init_fn=leave_stop_signals_to_main,
     )
     return SampleLoader(loader, dataset)

@@ -18,6 +18,8 @@ the global batches of one process, and ``skip`` resumes mid-epoch at the next sa
 
 from __future__ import annotations
 
+import itertools
+import random
 from collections.abc import Iterator
 
 import torch
@@ -26,6 +28,27 @@ from torch.utils.data import Sampler
 from qformer_cli.errors import UsageError
 
 MIXTURE_ORDERS = ("interleaved", "random")
+
+
+def interleaved_sources(weights: list[float]) -> Iterator[int]:
+    """The source of each step, endlessly: the one furthest behind its weighted share so far
+    (ties to the first)."""
+    shares = [weight / sum(weights) for weight in weights]
+    taken = [0] * len(weights)
+    for step in itertools.count(1):
+        behind = [share * step - count for share, count in zip(shares, taken, strict=True)]
+        source = behind.index(max(behind))
+        taken[source] += 1
+        yield source
+
+
+def source_schedule(weights: list[float], order: str, seed: int) -> Iterator[int]:
+    """The source of each batch of a streamed run (:mod:`qformer_cli.data.streams`), endlessly:
+    ``interleaved`` as in an epoch here, ``random`` drawn by weight from the run's seed."""
+    if order == "interleaved":
+        return interleaved_sources(weights)
+    draw = random.Random(f"mixture:{seed}")
+    return (draw.choices(range(len(weights)), weights)[0] for _ in itertools.count())
 
 
 class MixtureSampler(Sampler[int]):
@@ -94,14 +117,7 @@ class MixtureSampler(Sampler[int]):
             return torch.multinomial(
                 self.weights, steps, replacement=True, generator=generator
             ).tolist()
-        shares = self.weights / self.weights.sum()
-        taken = torch.zeros_like(shares)
-        chosen = []
-        for step in range(1, steps + 1):
-            source = int(torch.argmax(shares * step - taken))  # furthest behind its share
-            taken[source] += 1
-            chosen.append(source)
-        return chosen
+        return list(itertools.islice(interleaved_sources(self.weights.tolist()), steps))
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._order()[self.skip :])

@@ -43,6 +43,11 @@ def is_shard_source(source: str) -> bool:
     return source.endswith((".tar", ".parquet"))
 
 
+def is_tar_source(source: str) -> bool:
+    """Webdataset shards: a ``.tar`` file, glob or brace range (streamable)."""
+    return source.endswith(".tar")
+
+
 def expand_source(source: str) -> list[Path]:
     """The files a ``--data`` value names: brace ranges expanded (zero-padded as written),
     globs matched, sorted."""

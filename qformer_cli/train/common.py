@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from qformer_cli.config import DataConfig, RunConfig, from_dict
 from qformer_cli.data import (
@@ -28,8 +29,19 @@ from qformer_cli.data import (
 from qformer_cli.data.features import FeatureDataset, FeatureIndex
 from qformer_cli.data.hf import Columns, hub_source, read_hub_samples
 from qformer_cli.data.karpathy import TRAINING_SPLITS
+from qformer_cli.data.loader import (
+    ImageTransform,
+    collate_samples,
+    leave_stop_signals_to_main,
+)
 from qformer_cli.data.mixture import MixtureSampler
-from qformer_cli.data.shards import is_shard_source, read_shard_source
+from qformer_cli.data.shards import (
+    expand_source,
+    is_shard_source,
+    is_tar_source,
+    read_shard_source,
+)
+from qformer_cli.data.streams import ListStream, Stream, StreamingTrainingSet, TarStream
 from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
@@ -96,6 +108,8 @@ def _read_training_source(train: str, data: DataConfig, bad: BadSampleLog) -> li
     if train and hub_source(train) is not None:
         samples = read_hub_samples(train, data_columns(data), bad)
         return one_caption_per_sample([s for s in samples if s.captions])
+    if train and is_tar_source(train) and data.streaming:
+        return []  # read by its stream while training (build_train_loader)
     if train and is_shard_source(train):
         return read_shard_source(str(resolve_embedded_path(train)), bad, data.columns)
     if train:
@@ -138,20 +152,23 @@ def build_train_loader(
     ranks: Ranks,
     features: FeatureIndex | None = None,
 ) -> SampleLoader:
-    """Shuffled, sharded batches of images, or of their cached encoder features."""
+    """Shuffled, sharded batches of images, or of their cached encoder features; streamed
+    with ``data.streaming``."""
+    global_batch = config.train.batch_size
+    if global_batch % ranks.world_size:
+        raise UsageError(
+            f"train.batch_size {global_batch} is not divisible by {ranks.world_size} processes"
+        )
     if features is not None:
         dataset: SampleDataset | FeatureDataset = FeatureDataset(samples, features, bad)
     else:
         transform = build_transform(
             train_transform_config(config), train=config.data.augment, hflip=config.data.hflip
         )
+        if config.data.streaming:
+            return _stream_loader(config, samples, transform, bad, ranks)
         dataset = SampleDataset(
             samples, transform, bad_samples=bad, max_image_pixels=config.data.max_image_pixels
-        )
-    global_batch = config.train.batch_size
-    if global_batch % ranks.world_size:
-        raise UsageError(
-            f"train.batch_size {global_batch} is not divisible by {ranks.world_size} processes"
         )
     sampler = None
     if config.data.sources:  # samples come grouped by source, in data.sources' order
@@ -177,6 +194,52 @@ def build_train_loader(
         drop_last=True,
         sampler=sampler,
     )
+
+
+def _stream_loader(
+    config: RunConfig,
+    samples: list[Sample],
+    transform: ImageTransform,
+    bad: BadSampleLog,
+    ranks: Ranks,
+) -> SampleLoader:
+    """Batches of a streamed training set (``data.streaming``): tar shard sources read front to
+    back, the others dealt from memory (:mod:`qformer_cli.data.streams`)."""
+    data, train = config.data, config.train
+    named = mixture_sources(data) if data.sources else [{"path": data.train, "weight": 1.0}]
+    streams: list[Stream] = []
+    for index, source in enumerate(named):
+        path = source["path"]
+        common = {"index": index, "seed": train.seed}
+        if path and is_tar_source(path):
+            files = expand_source(str(resolve_embedded_path(path)))
+            streams.append(TarStream(files, path, buffer=data.shuffle_buffer, **common))
+        else:
+            own = [s for s in samples if s.source == (path if data.sources else "")]
+            streams.append(ListStream(own, path or "the embedded default", **common))
+    dataset = StreamingTrainingSet(
+        streams,
+        [source["weight"] for source in named],
+        transform,
+        batch_size=train.batch_size // ranks.world_size,
+        nominal_batches=(train.max_steps + 1) * train.grad_accum,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+        workers=data.num_workers,
+        seed=train.seed,
+        order=data.mixture_order,
+        max_image_pixels=data.max_image_pixels,
+        bad_samples=bad,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=dataset.batch_size,
+        num_workers=data.num_workers,
+        collate_fn=collate_samples,
+        generator=torch.Generator().manual_seed(train.seed * 1000 + ranks.rank),
+        worker_init_fn=leave_stop_signals_to_main,
+    )
+    return SampleLoader(loader, dataset)
 
 
 def trained_vision(saved_run: dict) -> tuple[BackboneConfig, int] | None:

@@ -118,7 +118,9 @@ class StageRecipe:
     objective: nn.Module
     trainable: nn.Module  # whose state_dict is the checkpoint's weights
     prepare: Callable[[Any], Any]  # data batch -> objective input
-    loader: Any  # iterable of data batches with set_epoch / skip_batches / __len__
+    # iterable of data batches with set_epoch / skip_batches / __len__ / data_state /
+    # restore_data_state (a SampleLoader)
+    loader: Any
     checkpoint_meta: checkpoint.CheckpointMeta  # its step is set at each save
     save_extra: Callable[[Path], None] | None = None
     batch_size_of: Callable[[Any], int] = len
@@ -183,6 +185,7 @@ class Trainer:
         own = {
             "torch_rng": torch.get_rng_state(),
             "generators": {k: g.get_state() for k, g in self.recipe.generators.items()},
+            "data": self.recipe.loader.data_state(),  # a streamed set's places; else None
         }
         if self.ranks.world_size == 1:
             return [own]
@@ -234,6 +237,12 @@ class Trainer:
             {"torch_rng": state["torch_rng"], "generators": state["generators"]}
         ]
         own = saved[self.ranks.rank % len(saved)]
+        if own.get("data") is not None and len(saved) != self.ranks.world_size:
+            raise UsageError(
+                f"a streamed run resumes on the {len(saved)} processes it had, "
+                f"not {self.ranks.world_size}"
+            )
+        self.recipe.loader.restore_data_state(own.get("data"))
         torch.set_rng_state(own["torch_rng"])
         for key, generator in self.recipe.generators.items():
             generator.set_state(own["generators"][key])

@@ -65,10 +65,25 @@ def _check_stage_options(stage: int, config: RunConfig) -> None:
     if config.data.sources:
         mixture_sources(config.data)  # each {path, weight}, and not with data.train
     data_columns(config.data)
+    if config.data.streaming:
+        _check_streaming(stage, config)
     if config.train.eval_every:
         best_metric(stage, config)  # a name the stage reports
         if config.data.features:
             raise UsageError("train.eval_every needs the vision encoder: not with --features")
+
+
+def _check_streaming(stage: int, config: RunConfig) -> None:
+    """A streamed set has no length and reads images (qformer_cli/data/streams.py)."""
+    if not config.train.max_steps:
+        raise UsageError("data.streaming: a stream has no epochs; set train.max_steps")
+    if config.data.features:
+        raise UsageError("data.streaming reads images: not with a feature cache (--features)")
+    if stage == 2 and config.data.vqa_questions:
+        raise UsageError(
+            "data.streaming does not stream stage 2's data.vqa_questions: "
+            "--set data.vqa_questions='' or data.streaming=false"
+        )
 
 
 def _check_data_files(config: RunConfig) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from qformer_cli.checkpoint import CheckpointMeta
 from qformer_cli.config import RunConfig, Stage1Config
-from qformer_cli.data import BadSampleLog
+from qformer_cli.data import BadSampleLog, Sample
 from qformer_cli.losses import (
     ItcOutput,
     NegativeMining,
@@ -340,6 +340,14 @@ def tokenize(tokenizer, texts: list[str], max_len: int, device: torch.device) ->
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
+def image_number(sample: Sample) -> int:
+    """A number naming the sample's image, equal for its captions on every rank (ITC does not
+    take another caption of the same image as a negative); from its source and id, so that
+    streamed samples need no index of the whole set and equal ids of two sources differ."""
+    digest = hashlib.blake2b(f"{sample.source}\0{sample.image_id}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
 def build_stage1_recipe(
     config: RunConfig, device: torch.device, ranks: Ranks, report: Callable[[str], None]
 ) -> StageRecipe:
@@ -357,9 +365,6 @@ def build_stage1_recipe(
 
     bad = BadSampleLog(skip=config.data.skip_bad_samples)
     samples = read_caption_samples(config.data, bad)
-    image_index = {
-        image_id: i for i, image_id in enumerate(dict.fromkeys(s.image_id for s in samples))
-    }
     loader = build_train_loader(config, samples, bad, ranks, features=cache)
     if cache:
         report(f"training on cached features from {cache.directory} ({cache.dtype}; no images)")
@@ -374,7 +379,7 @@ def build_stage1_recipe(
         input_ids, text_mask = tokenize(
             tokenizer, batch.captions, config.model.max_text_len, device
         )
-        ids = torch.tensor([image_index[i] for i in batch.image_ids], device=device)
+        ids = torch.tensor([image_number(s) for s in batch.samples], device=device)
         if vision is None:  # (B, N, C) cached features
             features = batch.images.to(device)
         else:

@@ -158,16 +158,17 @@ def test_a_stopped_and_resumed_run_trains_on_the_same_shard_samples(
 def test_two_torchrun_agents_with_a_c10d_rendezvous_split_the_shards(
     written: Path, tmp_path: Path
 ) -> None:
-    """`torchrun --nnodes 2 --nproc_per_node 1` twice on localhost, as two nodes run it: the
-    two ranks saw disjoint samples covering the shard set."""
+    """`torchrun --nnodes 2 --nproc_per_node 1` twice on localhost, as two nodes run it, the
+    shards streamed by two DataLoader workers per rank (four readers, one shard each): over one
+    pass the two ranks saw disjoint samples covering the shard set."""
     run = tmp_path / "run"
     agent = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29547", "--rdzv-id", "shards",
         "-m", "qformer_cli", "pretrain-stage1",
         "--data", str(written / "shards/{00000..00003}.tar"), "--out", str(run),
-        *FAST, "--max-steps", "0", "--set", "train.epochs=1", "--quiet",
-        "--set", "train.log_sample_ids=true",
+        *FAST, "--max-steps", "12", "--quiet", "--set", "train.log_sample_ids=true",
+        "--set", "data.streaming=true", "--set", "data.num_workers=2",
     ]  # fmt: skip
     agents = [
         subprocess.Popen(

@@ -225,6 +225,7 @@ def test_the_129m_mixture_config_is_the_stage1_recipe_over_six_sources() -> None
     assert [s["weight"] for s in mixture.data.sources] == [113, 100, 860, 3000, 10000, 115000]
     assert sum(s["weight"] for s in mixture.data.sources) == 129073  # thousand images: 129M
     assert mixture.data.mixture_order == "random"  # as LAVIS draws its loaders
+    assert mixture.data.streaming  # no index of 129M samples before the first step
 
 
 def test_long_values_are_cut_and_huge_files_refused_unread(tmp_path: Path) -> None:

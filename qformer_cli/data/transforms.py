@@ -1,7 +1,9 @@
 """Image transforms BLIP-2 uses, built with PIL + torch (torchvision is not a dependency).
 
 - eval: resize to a square (bicubic), scale to [0, 1], normalize with the encoder's mean/std
-  (LAVIS ``BlipImageEvalProcessor``).
+  (LAVIS ``BlipImageEvalProcessor``); or, when the model's processor says so (CLIP, DINOv2:
+  ``size.shortest_edge`` with ``do_center_crop``), the shorter side resized and the centre square
+  cropped, as that processor does.
 - train: RandomResizedCrop(scale 0.5-1.0, bicubic) + horizontal flip, then the same tensor steps
   (LAVIS ``BlipImageTrainProcessor`` without RandAugment, as the BLIP-2 configs use it).
 
@@ -49,6 +51,9 @@ class ImageTransformConfig:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     resample: Image.Resampling = Image.Resampling.BICUBIC
+    # 0: resize to an image_size square (BLIP-2's eval transform); N: the shorter side to N, then
+    # the centre image_size square (a CLIP / DINOv2 processor's shortest_edge + center crop)
+    resize_shortest: int = 0
     # where the settings came from, for messages (not part of the transform)
     source: str = field(default="defaults", compare=False)
 
@@ -91,7 +96,19 @@ def transform_config_from_processor(
     if len(mean) != 3 or len(std) != 3:
         raise DataError(f"image processor config: image_mean/image_std need 3 values, got {mean}")
     resample = Image.Resampling(config.get("resample", default.resample))
-    return ImageTransformConfig(side, mean, std, resample, source)  # type: ignore[arg-type]
+    # an image_size of one's own (BLIP-2 fine-tunes at 364 px) is BLIP-2's square resize
+    shortest = 0 if image_size else _shortest_edge_before_crop(config)
+    return ImageTransformConfig(side, mean, std, resample, shortest, source)  # type: ignore[arg-type]
+
+
+def _shortest_edge_before_crop(config: dict[str, Any]) -> int:
+    """The shorter side a processor resizes to before its centre crop (0: none of that)."""
+    size, crop = config.get("size"), config.get("crop_size")
+    if not config.get("do_center_crop") or crop is None:
+        return 0
+    if isinstance(size, dict) and size.get("shortest_edge"):
+        return int(size["shortest_edge"])
+    return 0
 
 
 def load_transform_config(
@@ -192,12 +209,23 @@ def _read_json_object(path: Path, what: str) -> dict[str, Any]:
     return config
 
 
-def blip_image_processor_settings(config: ImageTransformConfig) -> dict[str, Any]:
-    """``config`` as transformers ``BlipImageProcessor`` keyword arguments: BLIP-2's eval
-    transform (a square resize, rescale to [0, 1], normalize), which is :class:`EvalTransform`."""
-    return {
+def image_processor_settings(config: ImageTransformConfig) -> tuple[str, dict[str, Any]]:
+    """:class:`EvalTransform` as a transformers image processor: its class name and keyword
+    arguments. ``BlipImageProcessor`` for BLIP-2's square resize; ``CLIPImageProcessor`` for a
+    shorter-side resize and centre crop."""
+    side = config.image_size
+    if config.resize_shortest:
+        kind = "CLIPImageProcessor"
+        sizes = {
+            "size": {"shortest_edge": config.resize_shortest},
+            "do_center_crop": True,
+            "crop_size": {"height": side, "width": side},
+        }
+    else:
+        kind, sizes = "BlipImageProcessor", {"size": {"height": side, "width": side}}
+    return kind, {
         "do_resize": True,
-        "size": {"height": config.image_size, "width": config.image_size},
+        **sizes,
         "resample": int(config.resample),
         "do_rescale": True,
         "rescale_factor": 1 / 255,
@@ -225,9 +253,24 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         side = self.config.image_size
-        if image.size != (side, side):
+        if self.config.resize_shortest:
+            image = _shorter_side_to(image, self.config.resize_shortest, self.config.resample)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))  # (transformers' offsets)
+        elif image.size != (side, side):
             image = image.resize((side, side), self.config.resample)
         return to_normalized_tensor(image, self.config)
+
+
+def _shorter_side_to(image: Image.Image, shortest: int, resample: Image.Resampling) -> Image.Image:
+    """The shorter side resized to ``shortest``, the longer one to ``int(shortest * long /
+    short)``, as transformers computes it."""
+    width, height = image.size
+    if width <= height:
+        size = (shortest, int(shortest * height / width))
+    else:
+        size = (int(shortest * width / height), shortest)
+    return image if size == image.size else image.resize(size, resample)
 
 
 class TrainTransform:

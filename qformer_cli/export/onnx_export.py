@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from qformer_cli.config import GenerationConfig
-from qformer_cli.data.transforms import blip_image_processor_settings, load_transform_config
+from qformer_cli.data.transforms import image_processor_settings, load_transform_config
 from qformer_cli.errors import QformerError, UsageError
 from qformer_cli.eval.retrieval import RETRIEVAL_MAX_TEXT_LEN
 from qformer_cli.inference.generate import generation_stop_ids
@@ -645,10 +645,10 @@ def _write_graphs(
 
 def _write_preprocessing(tokenizer: Any, image_processor_source: str, out_dir: Path) -> str:
     """Save the tokenizer, and the image transform the model uses (wherever its settings were
-    found) as a ``BlipImageProcessor`` config; return the latter's file name."""
+    found) as a transformers image processor config; return the latter's file name."""
     tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
-    settings = blip_image_processor_settings(load_transform_config(image_processor_source))
-    processor = {"image_processor_type": "BlipImageProcessor", **settings}
+    kind, settings = image_processor_settings(load_transform_config(image_processor_source))
+    processor = {"image_processor_type": kind, **settings}
     (out_dir / IMAGE_PROCESSOR).write_text(json.dumps(processor, indent=2) + "\n")
     return IMAGE_PROCESSOR
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from qformer_cli.data.transforms import blip_image_processor_settings, load_transform_config
+from qformer_cli.data.transforms import image_processor_settings, load_transform_config
 from qformer_cli.models.convert import save_transformers_blip2
 from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline
 
@@ -17,11 +17,11 @@ IMAGE_TOKEN = "<image>"
 
 
 def _image_processor(source: str):
-    from transformers import BlipImageProcessor
+    import transformers
 
     # The transform our inference uses for this model, so both sides see the same pixels.
-    transform = load_transform_config(source)
-    return BlipImageProcessor(**blip_image_processor_settings(transform))
+    kind, settings = image_processor_settings(load_transform_config(source))
+    return getattr(transformers, kind)(**settings)
 
 
 def _processor(pipeline: Stage2Pipeline):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -128,3 +129,41 @@ def test_crop_box_lies_inside_and_keeps_its_area(width: int, height: int, seed: 
     area = (right - left) * (bottom - top) / (width * height)
     if min(width, height) >= 50 and 0.75 <= width / height <= 1.33:
         assert 0.45 <= area <= 1.0  # scale (0.5, 1.0), up to rounding
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    """A smooth non-square test picture (gradients and a disc), like a photo's low frequencies."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    disc = ((x - width * 0.6) ** 2 + (y - height * 0.4) ** 2) < (min(width, height) / 4) ** 2
+    pixels = np.stack([x / width * 255, y / height * 255, disc * 200.0 + 30], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "processor_class, settings",
+    [
+        ("CLIPImageProcessorPil", {}),  # shortest edge 224 + centre crop 224
+        (  # DINOv2's: shortest edge 256 + centre crop 224, ImageNet mean/std
+            "BitImageProcessorPil",
+            {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224},
+             "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+        ),
+        ("SiglipImageProcessorPil", {}),  # a 224 square, mean/std 0.5
+        ("BlipImageProcessorPil", {}),  # a 384 square (BLIP-2's)
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("width, height", [(320, 240), (200, 330)])
+def test_eval_transform_equals_the_models_own_processor(
+    tmp_path: Path, processor_class: str, settings: dict, width: int, height: int
+) -> None:
+    """The processor saved as transformers saves it, read back by us: the same pixels as the
+    processor gives, landscape and portrait."""
+    import transformers
+
+    processor = getattr(transformers, processor_class)(**settings)
+    processor.save_pretrained(tmp_path)
+    image = _photo(width, height)
+    expected = processor(image, return_tensors="pt")["pixel_values"][0]
+    ours = build_transform(load_transform_config(tmp_path), train=False)(image)
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max() < 1e-5

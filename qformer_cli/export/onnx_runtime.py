@@ -20,6 +20,7 @@ import numpy as np
 
 from qformer_cli.config import GenerationConfig
 from qformer_cli.errors import CheckpointError, UsageError
+from qformer_cli.inference.generate import decode_until_stop
 
 
 def _gpu_usable() -> bool:
@@ -253,5 +254,4 @@ def generate_text_onnx(
         if finished.all() or step + 1 == settings.max_new_tokens:
             break
         scores = decode_step(pipeline, state, tokens)
-    texts = pipeline.tokenizer.batch_decode(generated, skip_special_tokens=True)
-    return [text.strip() for text in texts]
+    return decode_until_stop(pipeline.tokenizer, generated, stop_ids.tolist())

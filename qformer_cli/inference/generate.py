@@ -8,6 +8,8 @@ left-padded (pads between the soft prompt and the text, masked out).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from qformer_cli.config import GenerationConfig
@@ -15,25 +17,26 @@ from qformer_cli.models.backbones import LanguageModel
 from qformer_cli.models.blip2 import Stage2Model, soft_prompt_inputs
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS and the newline token (BLIP-2 ends every training caption with "\\n")."""
+def stop_token_ids(tokenizer, model_ends: list[int] | tuple[int, ...] = ()) -> list[int]:
+    """EOS, ``model_ends`` and the newline token (BLIP-2 ends every training caption with
+    "\\n"), once each."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     newline = tokenizer("\n", add_special_tokens=False).input_ids
-    if newline:
-        ids.append(newline[-1])
-    return ids
+    return list(dict.fromkeys([*ids, *model_ends, *newline[-1:]]))
 
 
 def generation_stop_ids(llm: LanguageModel, tokenizer) -> list[int]:
-    """The token ids generation stops at: EOS and newline for decoder-only LLMs (BLIP-2's
-    caption ending), the LLM's own ``eos_token_id`` for encoder-decoder ones (T5 never emits a
-    newline token: its tokenizer has none)."""
-    if llm.family == "decoder-only":
-        return stop_token_ids(tokenizer)
+    """The token ids generation stops at. Decoder-only LLMs: the tokenizer's EOS, every end
+    token of the model's ``generation_config`` (chat models end turns with their own: Llama 3's
+    ``<|eot_id|>``, Qwen2's ``<|im_end|>``) and newline (BLIP-2's caption ending).
+    Encoder-decoder ones: the model's own ``eos_token_id`` (T5 never emits a newline token: its
+    tokenizer has none)."""
     eos = llm.model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+    model_ends = [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+    if llm.family == "decoder-only":
+        return stop_token_ids(tokenizer, model_ends)
+    tokenizer_eos = tokenizer.eos_token_id
+    return model_ends or ([tokenizer_eos] if tokenizer_eos is not None else [])
 
 
 @torch.no_grad()
@@ -68,5 +71,15 @@ def generate_text(
         if settings.do_sample and settings.seed is not None:
             torch.manual_seed(settings.seed)  # this batch's draws only: the caller's RNG is kept
         output = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options)
-    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
-    return [text.strip() for text in texts]
+    return decode_until_stop(tokenizer, output, options["eos_token_id"])
+
+
+def decode_until_stop(tokenizer, sequences: Any, stop_ids: list[int]) -> list[str]:
+    """Each generated sequence (rows of token ids, torch or numpy) decoded up to its first stop
+    token: a chat model's end token that its tokenizer does not mark special is not text."""
+    texts = []
+    for row in sequences.tolist():
+        ends = [index for index, token in enumerate(row) if token in stop_ids]
+        kept = row[: ends[0]] if ends else row
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+    return texts

@@ -150,3 +150,25 @@ def test_a_vision_tower_trains_stage2_captions_and_exports(tmp_path: Path, famil
 
     means = {"siglip": [0.5] * 3, "dinov2": IMAGENET_DEFAULT_MEAN, "blip2vision": OPENAI_CLIP_MEAN}
     assert processor["image_mean"] == pytest.approx(list(means[family]))
+
+
+def test_a_chat_models_own_end_token_ends_its_captions(tmp_path: Path) -> None:
+    """Chat models end a turn with a token of their own, listed in generation_config.json's
+    eos_token_id (Qwen2-Instruct: <|im_end|>): generation stops there, in both backends."""
+    llm = _llm(tmp_path / "qwen2", "qwen2")
+    run, folder, ours = _train_caption_export(tmp_path, ["--llm", str(llm)])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llm)
+    first = tokenizer(ours[0], add_special_tokens=False).input_ids
+    end = first[2]  # the third token of the first image's caption
+    config = transformers.GenerationConfig.from_pretrained(llm)
+    config.eos_token_id = [2, end]
+    config.save_pretrained(llm)
+    ended = cli_captions(run, folder, tmp_path / "ended")
+    assert ended[0] == tokenizer.decode(first[:2]).strip()  # stopped there, the end token cut
+    assert all(end not in tokenizer(c, add_special_tokens=False).input_ids for c in ended)
+    exported = runner.invoke(
+        app, ["export-onnx", "--model", str(run), "--out", str(tmp_path / "o")]
+    )
+    assert exported.exit_code == 0, exported.output
+    onnx = cli_captions(tmp_path / "o", folder, tmp_path / "ended-onnx", "--backend", "onnx")
+    assert onnx == ended

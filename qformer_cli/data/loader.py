@@ -239,15 +239,21 @@ class SampleLoader:
         self.dataset = dataset
         self.bad_samples: BadSampleLog = dataset.bad_samples  # every dataset here carries one
 
+    @property
+    def _stream(self) -> Any:
+        """The dataset when it is a streamed training set (qformer_cli.data.streams, which
+        imports this module), else None."""
+        return self.dataset if hasattr(self.dataset, "state") else None
+
     def __iter__(self) -> Iterator[Batch]:
-        streamed = getattr(self.dataset, "state", None)  # a StreamingTrainingSet's progress
-        if streamed is not None:
-            self.dataset.begin()  # type: ignore[attr-defined]
+        stream = self._stream
+        if stream is not None:
+            stream.begin()  # the workers start where the batches consumed so far end
         for batch in self.loader:
             for bad in batch.skipped:
                 self.bad_samples.handle(bad.message, bad.reason, bad.sample)
-            if batch.marks:
-                self.dataset.state.advance(batch.marks)  # type: ignore[attr-defined]
+            if stream is not None:
+                stream.state.advance(batch.marks)
             if len(batch):
                 yield batch
 
@@ -258,7 +264,7 @@ class SampleLoader:
         """Start this epoch's next pass after ``count`` batches, without loading them
         (resuming mid-epoch); call after :meth:`set_epoch`."""
         sampler = self.loader.sampler
-        if hasattr(self.dataset, "state"):  # streamed: each reader resumes at its saved place
+        if self._stream is not None:  # each reader resumes at its saved place instead
             return
         if not isinstance(sampler, RankSampler | MixtureSampler):
             if count:
@@ -269,18 +275,19 @@ class SampleLoader:
     def data_state(self) -> dict[str, Any] | None:
         """A streamed set's place (for the checkpoint); None for map-style data, whose place
         is the step."""
-        state = getattr(self.dataset, "state", None)
-        return state.to_dict() if state is not None else None
+        return self._stream.state.to_dict() if self._stream is not None else None
 
     def restore_data_state(self, saved: dict[str, Any] | None) -> None:
         """Continue a streamed set at a checkpoint's :meth:`data_state`."""
-        if not hasattr(self.dataset, "state"):
+        if self._stream is None:
+            if saved is not None:
+                raise UsageError("the checkpoint was streamed: resume with data.streaming=true")
             return
         if saved is None:
             raise UsageError(
                 "the checkpoint holds no stream places: resume with data.streaming off"
             )
-        self.dataset.load_state(saved)  # type: ignore[attr-defined]
+        self._stream.load_state(saved)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for a new epoch (call before iterating, as with DistributedSampler)."""

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from qformer_cli.config import DataConfig, RunConfig, from_dict
 from qformer_cli.data import (
@@ -29,11 +28,7 @@ from qformer_cli.data import (
 from qformer_cli.data.features import FeatureDataset, FeatureIndex
 from qformer_cli.data.hf import Columns, hub_source, read_hub_samples
 from qformer_cli.data.karpathy import TRAINING_SPLITS
-from qformer_cli.data.loader import (
-    ImageTransform,
-    collate_samples,
-    leave_stop_signals_to_main,
-)
+from qformer_cli.data.loader import ImageTransform
 from qformer_cli.data.mixture import MixtureSampler
 from qformer_cli.data.shards import (
     expand_source,
@@ -231,15 +226,13 @@ def _stream_loader(
         max_image_pixels=data.max_image_pixels,
         bad_samples=bad,
     )
-    loader = DataLoader(
+    return make_dataloader(
         dataset,
         batch_size=dataset.batch_size,
         num_workers=data.num_workers,
-        collate_fn=collate_samples,
-        generator=torch.Generator().manual_seed(train.seed * 1000 + ranks.rank),
-        worker_init_fn=leave_stop_signals_to_main,
+        rank=ranks.rank,
+        seed=train.seed,
     )
-    return SampleLoader(loader, dataset)
 
 
 def trained_vision(saved_run: dict) -> tuple[BackboneConfig, int] | None:

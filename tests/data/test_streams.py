@@ -186,3 +186,7 @@ def test_streaming_refusals_name_the_setting(even: Path, tmp_path: Path) -> None
     )
     assert other_workers.exit_code == 2
     assert "resumes with the data.num_workers it had (0)" in other_workers.output
+    not_streamed = [arg.replace("=true", "=false") for arg in base]
+    map_style = runner.invoke(app, [*not_streamed, "--max-steps", "4", "--resume", "auto"])
+    assert map_style.exit_code == 2
+    assert "the checkpoint was streamed: resume with data.streaming=true" in map_style.output

@@ -135,13 +135,11 @@ def _generator(model: Model) -> Generator:
 
 
 def _settings(base: GenerationConfig, model: Model, overrides: dict[str, Any]) -> GenerationConfig:
-    """``base`` with keyword overrides; greedy on onnxruntime unless told otherwise."""
+    """``base`` with keyword overrides."""
     known = {field.name for field in dataclasses.fields(GenerationConfig)} - {"prompt"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise UsageError(f"unknown generation settings {unknown} (known: {sorted(known)})")
-    if model.backend == "onnx":
-        overrides = {"num_beams": 1, **overrides}
     settings = dataclasses.replace(base, **overrides)
     check_ranges(settings, "settings")
     return settings

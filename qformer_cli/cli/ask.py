@@ -77,7 +77,6 @@ def ask(
     section = "vqa" if questions else "generate"
     flags = generation_flags(
         section,
-        backend,
         prompt=prompt,
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,

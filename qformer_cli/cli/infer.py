@@ -77,7 +77,7 @@ def _decoding(flag: str, key: str, what: str) -> Any:
 
 NumBeamsOption = Annotated[
     int | None,
-    _decoding("--num-beams", "num_beams", "Beams searched (1: greedy; --backend onnx: 1)."),
+    _decoding("--num-beams", "num_beams", "Beams searched (1: greedy)."),
 ]
 MaxNewOption = Annotated[
     int | None, _decoding("--max-new-tokens", "max_new_tokens", "Most tokens generated.")
@@ -143,11 +143,8 @@ def load_generator_for(model: Path, backend: str, device: str, run_config: Any) 
     return generator
 
 
-def generation_flags(section: str, backend: str, **flags: Any) -> dict[str, Any]:
-    """Dedicated generation flags as ``section.key`` overrides; the onnxruntime backend decodes
-    greedily, so it takes 1 beam unless told otherwise."""
-    if flags.get("num_beams") is None and backend == "onnx":
-        flags["num_beams"] = 1
+def generation_flags(section: str, **flags: Any) -> dict[str, Any]:
+    """Dedicated generation flags as ``section.key`` overrides."""
     return {f"{section}.{key}": value for key, value in flags.items()}
 
 
@@ -262,7 +259,6 @@ def caption(
         raise UsageError("--resume continues the run in --out (give it), without --blind")
     flags = generation_flags(
         "generate",
-        backend,
         prompt=prompt,
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
@@ -449,7 +445,6 @@ def eval_vqa(
     )
     flags = generation_flags(
         "vqa",
-        backend,
         prompt=prompt,
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,

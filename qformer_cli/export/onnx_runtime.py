@@ -1,12 +1,12 @@
 """Run a stage-2 ``export_onnx`` directory with onnxruntime and numpy: soft prompt, LLM steps.
 
-Greedy decoding here follows ``inference.generate.generate_text`` with ``num_beams=1``: the
-soft prompt goes before the left-padded prompt tokens; a decoder-only LLM continues that
-sequence (prefill, then one decode step per token), an encoder-decoder LLM encodes it and
-decodes from ``decoder_start_token_id`` (the first decoder step also returns the cross-attention
-K/V, which every later step takes back unchanged). Generation stops per sequence at a stop
-token (EOS, and newline for decoder-only LLMs) and finished sequences are padded until all are
-done or ``max_new_tokens`` is reached.
+Decoding follows ``inference.generate.generate_text`` (greedy, or beam search as transformers
+runs it): the soft prompt goes before the left-padded prompt tokens; a decoder-only LLM
+continues that sequence (prefill, then one decode step per token), an encoder-decoder LLM
+encodes it and decodes from ``decoder_start_token_id`` (the first decoder step also returns the
+cross-attention K/V, which every later step takes back unchanged). Generation stops per
+sequence at a stop token (EOS, the model's end tokens, and newline for decoder-only LLMs) and
+finished sequences are padded until all are done or ``max_new_tokens`` is reached.
 """
 
 from __future__ import annotations
@@ -229,16 +229,29 @@ def generate_text_onnx(
     settings: GenerationConfig,
 ) -> list[str]:
     """One generated text per soft prompt (B, Q, D) (``pipeline.soft_prompt`` of the images)
-    for the prompts (B strings); greedy only."""
-    if settings.num_beams != 1 or settings.do_sample:
-        raise UsageError("the ONNX backend decodes greedily: use num_beams=1 without sampling")
+    for the prompts (B strings): greedy, or beam search with ``num_beams`` > 1."""
+    if settings.do_sample:
+        raise UsageError("the ONNX backend searches (greedy or beams): sampling is torch-only")
     if settings.repetition_penalty != 1.0:
         raise UsageError("the ONNX backend does not apply a repetition penalty")
     embeds, mask = prompt_inputs(pipeline, soft_prompt, prompts)
     stop_ids = np.asarray(pipeline.manifest["stop_token_ids"], dtype=np.int64)
     pad_id = pipeline.manifest.get("pad_token_id")
     pad_id = int(pad_id if pad_id is not None else stop_ids[0])
+    search = _greedy if settings.num_beams == 1 else _beam_search
+    generated = search(pipeline, embeds, mask, settings, stop_ids, pad_id)
+    return decode_until_stop(pipeline.tokenizer, generated, stop_ids.tolist())
 
+
+def _greedy(
+    pipeline: OnnxPipeline,
+    embeds: np.ndarray,
+    mask: np.ndarray,
+    settings: GenerationConfig,
+    stop_ids: np.ndarray,
+    pad_id: int,
+) -> np.ndarray:
+    """The most likely token at each step; (B, L) generated tokens."""
     scores, state = start_decoding(pipeline, embeds, mask)  # (B, V)
     batch = embeds.shape[0]
     generated = np.zeros((batch, 0), dtype=np.int64)
@@ -254,4 +267,88 @@ def generate_text_onnx(
         if finished.all() or step + 1 == settings.max_new_tokens:
             break
         scores = decode_step(pipeline, state, tokens)
-    return decode_until_stop(pipeline.tokenizer, generated, stop_ids.tolist())
+    return generated
+
+
+_FINISHED = np.float32(-1.0e9)  # the score that takes a candidate out of a ranking
+
+
+def _top(values: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` largest values of each row, largest first (ties: lower index)."""
+    return np.argsort(-values, axis=-1, kind="stable")[:, :count]
+
+
+def _log_softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _beam_search(
+    pipeline: OnnxPipeline,
+    embeds: np.ndarray,
+    mask: np.ndarray,
+    settings: GenerationConfig,
+    stop_ids: np.ndarray,
+    pad_id: int,
+) -> np.ndarray:
+    """Beam search as transformers' ``generate`` runs it (its vectorized beam search with the
+    default ``early_stopping=False``): each step ranks (1 + stop tokens, at least 2) x beams
+    continuations of all beams; those that end (a stop token or the last step) compete, scored
+    ``sum log p / length ** length_penalty``, for the beams' finished hypotheses; the best of
+    the others run on. The prompt is prefilled once per image and its cache copied to the beams.
+    Returns the best finished hypothesis of each image, (B, L) tokens."""
+    beams, max_new = settings.num_beams, settings.max_new_tokens
+    scores, state = start_decoding(pipeline, embeds, mask)  # (B, V)
+    batch, vocab = scores.shape
+    state = state.select(np.repeat(np.arange(batch), beams))  # (B * beams, ...)
+    log_probs = np.repeat(_log_softmax(scores), beams, axis=0)  # (B * beams, V)
+    keep = max(2, 1 + stop_ids.size) * beams
+    candidate_is_top = np.arange(keep) < beams  # only these may end as finished hypotheses
+    rows = np.arange(batch)[:, None]
+    running = np.full((batch, beams, max_new), pad_id, dtype=np.int64)
+    running_scores = np.zeros((batch, beams), dtype=np.float32)
+    running_scores[:, 1:] = _FINISHED  # the beams start as one: rank only the first
+    done = running.copy()
+    done_scores = np.full((batch, beams), _FINISHED, dtype=np.float32)
+    done_flags = np.zeros((batch, beams), dtype=bool)
+    improvable = np.ones((batch, 1), dtype=bool)
+    for step in range(max_new):
+        if step < settings.min_new_tokens and stop_ids.size:
+            log_probs[:, stop_ids] = -np.inf
+        totals = (log_probs.reshape(batch, beams, vocab) + running_scores[:, :, None]).reshape(
+            batch, beams * vocab
+        )
+        chosen = _top(totals, keep)  # (B, K)
+        chosen_scores = totals[rows, chosen].astype(np.float32)
+        source, tokens = chosen // vocab, chosen % vocab  # (B, K) beam and token of each
+        candidates = running[rows, source]  # (B, K, max_new)
+        candidates[:, :, step] = tokens
+        ends = np.isin(tokens, stop_ids) | (step + 1 >= max_new)  # (B, K)
+
+        # the best candidates that go on are next step's beams
+        going_on = chosen_scores + ends.astype(np.float32) * _FINISHED
+        best = _top(going_on, beams)  # (B, beams)
+        running, running_scores = candidates[rows, best], going_on[rows, best]
+        running_source = source[rows, best]
+
+        # the top candidates that end join the finished hypotheses when better
+        ended = ends & candidate_is_top[None, :]
+        ended_scores = chosen_scores / np.float32((step + 1) ** settings.length_penalty)
+        ended_scores = ended_scores + (~improvable).astype(np.float32) * _FINISHED
+        ended_scores = ended_scores + (~ended).astype(np.float32) * _FINISHED
+        merged_scores = np.concatenate([done_scores, ended_scores], axis=1)
+        kept = _top(merged_scores, beams)
+        done = np.concatenate([done, candidates], axis=1)[rows, kept]
+        done_scores = merged_scores[rows, kept]
+        done_flags = np.concatenate([done_flags, ended], axis=1)[rows, kept]
+
+        # can a running beam still beat the worst finished one? (transformers' heuristic)
+        best_running = running_scores[:, :1] / np.float32((step + 1) ** settings.length_penalty)
+        worst_done = np.where(done_flags, done_scores.min(axis=1, keepdims=True), _FINISHED)
+        improvable &= np.any(best_running > worst_done, axis=1, keepdims=True)
+        if not improvable.any() or ends.all():
+            break
+        state = state.select((np.arange(batch)[:, None] * beams + running_source).reshape(-1))
+        tokens_now = running[:, :, step].reshape(-1)
+        log_probs = _log_softmax(decode_step(pipeline, state, tokens_now))
+    return done[:, 0, : step + 1]

@@ -3,9 +3,10 @@
 A :class:`Generator` turns preprocessed images into a per-image representation
 (``encode_images``) and continues prompts from it (``generate``). :class:`TorchGenerator` runs a
 stage-2 pipeline with transformers' ``generate`` (beam search, sampling); :class:`OnnxGenerator`
-runs an ``export-onnx`` directory with onnxruntime (greedy). :func:`generate_for_samples` is the
-loop both use: load and preprocess images in batches, optionally shuffle the encoded images
-across the batch (the grounding check), build each sample's prompt, generate;
+runs an ``export-onnx`` directory with onnxruntime (greedy or beam search).
+:func:`generate_for_samples` is the loop both use: load and preprocess images in batches,
+optionally shuffle the encoded images across the batch (the grounding check), build each
+sample's prompt, generate;
 :func:`rows_to_file` writes what it yields, keeping the rows done when a run fails.
 """
 
@@ -82,7 +83,8 @@ class TorchGenerator:
 
 
 class OnnxGenerator:
-    """An ``export-onnx`` directory run by onnxruntime: greedy decoding with the KV cache."""
+    """An ``export-onnx`` directory run by onnxruntime: greedy or beam search with the KV
+    cache."""
 
     backend = "onnx"
 

@@ -115,7 +115,17 @@ def test_manifest_describes_graphs_tokenizer_and_generation(exported, pipeline) 
     assert (out / manifest["image_processor"]).is_file()
 
 
-def test_onnx_greedy_generation_matches_torch(exported, pipeline) -> None:
+SEARCHES = [
+    GenerationConfig(num_beams=1, max_new_tokens=8, min_new_tokens=0),
+    GenerationConfig(num_beams=1, max_new_tokens=6, min_new_tokens=4),
+    GenerationConfig(num_beams=5, max_new_tokens=8, min_new_tokens=0),  # caption's default beams
+    GenerationConfig(num_beams=3, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0),  # VQA
+    GenerationConfig(num_beams=4, max_new_tokens=6, min_new_tokens=5, length_penalty=2.0),
+]
+
+
+def test_onnx_generation_matches_torch(exported, pipeline) -> None:
+    """Greedy and beam search (transformers' generate on the torch side) give the same texts."""
     out, _ = exported
     runtime = OnnxPipeline.load(out)
     assert runtime.provider == "CPUExecutionProvider" or torch.cuda.is_available()
@@ -130,25 +140,23 @@ def test_onnx_greedy_generation_matches_torch(exported, pipeline) -> None:
     assert torch.equal(pixels, torch.stack([torch_transform(load_image(s)) for s in samples]))
     # Prompts of different lengths exercise the left padding.
     prompts = ["a photo of", "", "Question: what is on the left? Answer:"]
-    for settings in (
-        GenerationConfig(num_beams=1, max_new_tokens=8, min_new_tokens=0),
-        GenerationConfig(num_beams=1, max_new_tokens=6, min_new_tokens=4),
-    ):
+    for settings in SEARCHES:
         with torch.no_grad():
             features = pipeline.vision(pixels)
         expected = generate_text(
             pipeline.bridge, pipeline.llm, pipeline.tokenizer, features, prompts, settings
         )
         got = generate_text_onnx(runtime, runtime.soft_prompt(pixels.numpy()), prompts, settings)
-        assert got == expected
+        assert got == expected, settings
 
 
-def test_beam_search_is_refused(exported) -> None:
+def test_sampling_and_repetition_penalty_are_refused(exported) -> None:
     out, _ = exported
     runtime = OnnxPipeline.load(out)
-    with pytest.raises(UsageError):
-        soft_prompt = runtime.soft_prompt(np.zeros((1, 3, 64, 64), np.float32))
-        generate_text_onnx(runtime, soft_prompt, [""], GenerationConfig())
+    soft_prompt = runtime.soft_prompt(np.zeros((1, 3, 64, 64), np.float32))
+    for settings in (GenerationConfig(do_sample=True), GenerationConfig(repetition_penalty=1.2)):
+        with pytest.raises(UsageError):
+            generate_text_onnx(runtime, soft_prompt, [""], settings)
 
 
 def test_parity_check_catches_a_changed_weight(exported, pipeline) -> None:
@@ -291,7 +299,7 @@ def test_t5_with_untied_decoder_embeddings_is_refused(t5_pipeline, tmp_path: Pat
     assert not list(tmp_path.glob("*.onnx"))
 
 
-def test_t5_onnx_greedy_generation_matches_torch(t5_exported, t5_pipeline) -> None:
+def test_t5_onnx_generation_matches_torch(t5_exported, t5_pipeline) -> None:
     out, _ = t5_exported
     runtime = OnnxPipeline.load(out)
     files = sample_split_files("val")
@@ -304,6 +312,8 @@ def test_t5_onnx_greedy_generation_matches_torch(t5_exported, t5_pipeline) -> No
     for settings in (
         GenerationConfig(num_beams=1, max_new_tokens=12, min_new_tokens=0),
         GenerationConfig(num_beams=1, max_new_tokens=6, min_new_tokens=4),
+        GenerationConfig(num_beams=5, max_new_tokens=12, min_new_tokens=0),
+        GenerationConfig(num_beams=3, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0),
     ):
         expected = generate_text(
             t5_pipeline.bridge, t5_pipeline.llm, t5_pipeline.tokenizer, features, prompts, settings
@@ -338,7 +348,7 @@ def test_t5_vqa_answers_onnx_equal_torch(t5_exported, t5_trained, tmp_path: Path
         result = runner.invoke(
             app,
             [
-                "eval-vqa", "--model", str(model), "--backend", backend, "--num-beams", "1",
+                "eval-vqa", "--model", str(model), "--backend", backend,  # default beams (5)
                 "--questions", str(questions), "--annotations", str(annotations),
                 "--images", str(files.image_dir), "--batch-size", "5",
                 "--out", str(tmp_path / backend), "--json",

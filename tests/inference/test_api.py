@@ -96,7 +96,7 @@ def test_every_kind_of_model_directory_captions_alike(
     trained_stage2: Path, onnx_dir: Path, few_images: Path, tmp_path: Path
 ) -> None:
     """A run, one of its checkpoints, its transformers BLIP-2 conversion and its ONNX export
-    give the same greedy captions."""
+    give the same captions at the config's decoding settings (beam search, 5 beams)."""
     transformers_dir = tmp_path / "hf"
     invoke_json("convert", "--model", str(trained_stage2), str(transformers_dir))
     sources = {
@@ -109,7 +109,7 @@ def test_every_kind_of_model_directory_captions_alike(
     for kind, source in sources.items():
         model = qf.load_model(source, device="cpu")
         assert model.backend == ("onnx" if kind == "onnx" else "torch")
-        rows = qf.caption(model, few_images, num_beams=1, prompt="a photo of")
+        rows = qf.caption(model, few_images, prompt="a photo of")
         captions[kind] = [row["caption"] for row in rows]
     assert any(captions["run"])
     assert all(texts == captions["run"] for texts in captions.values()), captions
@@ -187,8 +187,9 @@ def test_blind_vqa_runs_on_onnx_as_on_torch(
     trained_stage2: Path, onnx_dir: Path, tmp_path: Path
 ) -> None:
     """--blind through the command on the onnxruntime backend (refused before the one loop):
-    the same answers as torch's greedy --blind. (That the two backends shuffle alike is
-    checked exactly in test_generators.py; this tiny model's answers barely depend on it.)"""
+    the same answers as torch's --blind, both at the config's 5 beams. (That the two backends
+    shuffle alike is checked exactly in test_generators.py; this tiny model's answers barely
+    depend on it.)"""
     questions, annotations = vqa_subset(tmp_path, 12)
     files = ["--questions", str(questions), "--annotations", str(annotations)]
     files += ["--images", str(VAL_IMAGES)]
@@ -200,7 +201,7 @@ def test_blind_vqa_runs_on_onnx_as_on_torch(
         return json.loads((tmp_path / name / "vqa_results.json").read_text())
 
     onnx_blind = answers(onnx_dir, "onnx", "--backend", "onnx", "--blind")
-    assert onnx_blind == answers(trained_stage2, "torch", "--num-beams", "1", "--blind")
+    assert onnx_blind == answers(trained_stage2, "torch", "--blind")
 
 
 def test_eval_vqa_reads_its_settings_from_the_config(trained_stage2: Path, tmp_path: Path) -> None:

@@ -9,6 +9,10 @@ temporary directory. The step row: the BLIP-2 Q-Former, B=8, on ViT-g-shaped fea
 how many worker processes the loader needs (on a GPU node the step is ~100x faster, so size
 ``data.num_workers`` from its own step rate the same way).
 
+A second table captions a folder of the same JPEGs with a tiny BLIP-2 (greedy, batch 32):
+images decoded in the main process between generation batches (as before 2026-12-01) vs by
+loader workers while the model generates (``inference_workers``, what ``caption`` does now).
+
     python -m bench.loader [--quick] [--images 256]
 """
 
@@ -50,17 +54,29 @@ WORKERS = (0, 1, 2)
 IMAGE_SIZE = (640, 480)
 
 
+CAPTION_BATCH = 32
+
+
+def jpeg_bytes(count: int) -> list[bytes]:
+    """``count`` deterministic 640x480 JPEGs (quality 90): blurred noise, photo-sized."""
+    rng = np.random.default_rng(0)
+    encoded = []
+    for _ in range(count):
+        pixels = rng.integers(0, 255, (IMAGE_SIZE[1] // 8, IMAGE_SIZE[0] // 8, 3))
+        image = Image.fromarray(pixels.astype(np.uint8)).resize(IMAGE_SIZE)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
 def write_jpeg_shards(directory: Path, count: int, per_shard: int = 64) -> str:
     """``count`` deterministic 640x480 JPEGs with captions, as img2dataset lays shards out."""
-    rng = np.random.default_rng(0)
+    images = jpeg_bytes(count)
     for shard in range(math.ceil(count / per_shard)):
         with tarfile.open(directory / f"{shard:05d}.tar", "w") as archive:
             for index in range(shard * per_shard, min(count, (shard + 1) * per_shard)):
-                pixels = rng.integers(0, 255, (IMAGE_SIZE[1] // 8, IMAGE_SIZE[0] // 8, 3))
-                image = Image.fromarray(pixels.astype(np.uint8)).resize(IMAGE_SIZE)
-                encoded = io.BytesIO()
-                image.save(encoded, "JPEG", quality=90)
-                for name, data in ((f"{index:06d}.jpg", encoded.getvalue()),
+                for name, data in ((f"{index:06d}.jpg", images[index]),
                                    (f"{index:06d}.txt", b"a synthetic photo")):  # fmt: skip
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
@@ -115,7 +131,56 @@ def run(
         "steps on cached features: the loader's hardest case (no encoder in the step)",
     ]
     title = f"Loader (shards -> decode -> transform) vs stage-1 step ({machine.device.type})"
-    return [Table(title, columns, rows, notes=notes)]
+    return [Table(title, columns, rows, notes=notes), caption_table(options, images)]
+
+
+def caption_table(options: BenchOptions, images: int) -> Table:
+    """Captioning a folder of photo-sized JPEGs: decoding between batches vs overlapped."""
+    from bench.common import throughput_rows, timeit_interleaved
+    from bench.generation import build_tiny_blip2
+    from qformer_cli.config import GenerationConfig
+    from qformer_cli.data import inference_workers
+    from qformer_cli.data.folder import read_image_folder
+    from qformer_cli.inference.generators import TorchGenerator, generate_for_samples
+    from qformer_cli.pretrained import load_stage2
+
+    settings = GenerationConfig(num_beams=1, max_new_tokens=20, min_new_tokens=8)
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory) / "photos"
+        folder.mkdir()
+        for index, data in enumerate(jpeg_bytes(images)):
+            (folder / f"IMG_{index:04d}.jpg").write_bytes(data)
+        build_tiny_blip2(Path(directory) / "blip2", None, None)
+        generator = TorchGenerator(load_stage2(Path(directory) / "blip2", torch.device("cpu")))
+        samples = read_image_folder(folder)
+        overlapped = inference_workers(len(samples), CAPTION_BATCH)
+
+        def caption(workers: int) -> list[str]:
+            rows = generate_for_samples(
+                generator, samples, settings, lambda _: "a photo of",
+                batch_size=CAPTION_BATCH, workers=workers,
+            )  # fmt: skip
+            return [text for _, text in rows]
+
+        same = "yes" if caption(0) == caption(overlapped) else "no"
+        fns = {
+            "decoded between batches (0 workers)": lambda: caption(0),
+            f"decoded while generating ({overlapped} worker(s))": lambda: caption(overlapped),
+        }
+        timings = timeit_interleaved(fns, options)
+    rows = throughput_rows(timings, next(iter(fns)), images, same)
+    columns = [
+        Column("s / folder", "seconds", "{:.2f}"),
+        Column("images/s", "items_per_s", "{:.1f}"),
+        Column("× before", "ratio", "{:.2f}×"),
+        Column("same captions", "same", "{}"),
+    ]
+    notes = [
+        f"{images} synthetic 640x480 JPEGs (q90) in a folder; a tiny BLIP-2 (bench/generation.py), "
+        f"greedy, up to 20 new tokens, batch {CAPTION_BATCH}; worker start-up included",
+    ]
+    return Table("Captioning a folder: image decoding overlapped with generation (cpu)", columns,
+                 rows, notes=notes)  # fmt: skip
 
 
 def main() -> None:

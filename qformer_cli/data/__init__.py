@@ -32,6 +32,7 @@ from qformer_cli.data.loader import (
     SampleLoader,
     StreamingSampleDataset,
     collate_samples,
+    inference_workers,
     make_dataloader,
 )
 from qformer_cli.data.sample import (
@@ -82,6 +83,7 @@ __all__ = [
     "build_transform",
     "collate_samples",
     "image_id_from_name",
+    "inference_workers",
     "load_image",
     "load_transform_config",
     "local_builder",

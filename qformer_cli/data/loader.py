@@ -8,6 +8,7 @@ reports it to the :class:`BadSampleLog` in the main process, which raises a one-
 from __future__ import annotations
 
 import math
+import os
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -306,6 +307,15 @@ def leave_stop_signals_to_main(_worker_id: int) -> None:
     main process shuts its workers down itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def inference_workers(sample_count: int, batch_size: int) -> int:
+    """Loader workers for a pass over ``sample_count`` images in batches: none for one batch
+    (nothing to overlap), else workers that decode and transform the next batches while the
+    model runs on this one (2 where there are more than 4 cores, else 1)."""
+    if sample_count <= batch_size:
+        return 0
+    return 2 if (os.cpu_count() or 1) > 4 else 1
 
 
 def make_dataloader(

@@ -19,6 +19,7 @@ from qformer_cli.data import (
     Sample,
     SampleDataset,
     build_transform,
+    inference_workers,
     load_transform_config,
     make_dataloader,
     read_caption_file,
@@ -163,7 +164,8 @@ def load_retrieval_set(
     transform = build_transform(load_transform_config(transform_source), train=False)
     dataset = SampleDataset(samples, transform, bad_samples=bad, max_image_pixels=max_image_pixels)
     features, loaded, done = [], [], 0
-    for batch in make_dataloader(dataset, batch_size=batch_size):
+    workers = inference_workers(len(samples), batch_size)  # decoding overlaps the encoder
+    for batch in make_dataloader(dataset, batch_size=batch_size, num_workers=workers):
         with torch.no_grad():
             features.append(vision(batch.images.to(device)).float())
         loaded += batch.samples

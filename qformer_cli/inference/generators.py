@@ -27,6 +27,7 @@ from qformer_cli.data import (
     Sample,
     SampleDataset,
     build_transform,
+    inference_workers,
     load_transform_config,
     make_dataloader,
 )
@@ -154,17 +155,22 @@ def generate_for_samples(
     bad: BadSampleLog | None = None,
     max_image_pixels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> Iterator[tuple[Sample, str]]:
     """One generated text per sample (its image + its prompt), batched, in input order, yielded
     batch by batch (so that a failure keeps what was done). With ``shuffle_images`` each
     batch's images are deranged first (batch ``i`` with seed ``i``). Bad images follow ``bad``
-    (default: raise); ``progress`` is told (samples done, samples) after each batch."""
+    (default: raise); ``progress`` is told (samples done, samples) after each batch. Images
+    are decoded by ``workers`` loader processes (default :func:`inference_workers`)."""
     bad = bad if bad is not None else BadSampleLog()
     transform_settings = load_transform_config(generator.image_processor_source)
     transform = build_transform(transform_settings, train=False)
     dataset = SampleDataset(samples, transform, bad_samples=bad, max_image_pixels=max_image_pixels)
     done = 0
-    for index, batch in enumerate(make_dataloader(dataset, batch_size=batch_size)):
+    if workers is None:  # decoding the next batches overlaps generation
+        workers = inference_workers(len(samples), batch_size)
+    loader = make_dataloader(dataset, batch_size=batch_size, num_workers=workers)
+    for index, batch in enumerate(loader):
         encoded = generator.encode_images(batch.images)
         if shuffle_images:
             encoded = shuffled(encoded, seed=index)

@@ -25,6 +25,7 @@ from qformer_cli.models.backbones import (
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
 from qformer_cli.models.convert import (
     BLIP2_MODEL_TYPES,
+    INSTRUCTBLIP_MODEL_TYPES,
     import_state_dict,
     load_external_weights,
     qformer_config_from_transformers,
@@ -247,12 +248,16 @@ class Stage2Pipeline:
     image_processor_source: str  # where the image transform's settings are read
     directory: Path
     prompt: str  # the prompt the model was trained with
+    # an instruction-aware Q-Former's (InstructBLIP) tokenizer for the instruction; else None
+    qformer_tokenizer: PreTrainedTokenizerBase | None = None
 
 
 def _is_transformers_blip2(path: Path) -> bool:
+    """A transformers BLIP-2 or InstructBLIP directory (not one of our checkpoints)."""
     if not (path / "config.json").is_file() or (path / checkpoint.MANIFEST).is_file():
         return False
-    return read_config_json(path).get("model_type") in BLIP2_MODEL_TYPES
+    model_type = read_config_json(path).get("model_type")
+    return model_type in BLIP2_MODEL_TYPES + INSTRUCTBLIP_MODEL_TYPES
 
 
 def load_stage2(
@@ -283,17 +288,17 @@ def load_stage2(
 def _load_transformers_blip2(
     path: Path, device: torch.device, dtype: torch.dtype
 ) -> Stage2Pipeline:
-    """A transformers ``Blip2ForConditionalGeneration`` directory, split into our parts."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSeq2SeqLM,
-        Blip2Config,
-        Blip2VisionModel,
-    )
+    """A transformers ``Blip2ForConditionalGeneration`` or
+    ``InstructBlipForConditionalGeneration`` directory, split into our parts (InstructBLIP's
+    Q-Former with its text parts and its own tokenizer, ``qformer_tokenizer/``)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    config = Blip2Config.from_pretrained(path)
+    instruct = read_config_json(path).get("model_type") in INSTRUCTBLIP_MODEL_TYPES
+    kind = "InstructBlip" if instruct else "Blip2"
+    config = getattr(transformers, f"{kind}Config").from_pretrained(path)
     tensors = read_safetensors_dir(path)
-    vision_model = Blip2VisionModel(config.vision_config)
+    vision_model = getattr(transformers, f"{kind}VisionModel")(config.vision_config)
     _load_prefixed(vision_model, tensors, "vision_model.", path)
     family = "decoder-only" if config.use_decoder_only_language_model else "encoder-decoder"
     llm_class = AutoModelForCausalLM if family == "decoder-only" else AutoModelForSeq2SeqLM
@@ -302,10 +307,11 @@ def _load_transformers_blip2(
     language_model.tie_weights()
     qformer_config = qformer_config_from_transformers(config)
     llm = LanguageModel(language_model.to(dtype).eval().requires_grad_(False), family)
-    bridge = Stage2Model(qformer_config, llm.embedding_dim)
-    report = import_state_dict(bridge, tensors, "transformers")
+    bridge = Stage2Model(qformer_config, llm.embedding_dim, instruction_aware=instruct)
+    layout = "transformers-instructblip" if instruct else "transformers"
+    report = import_state_dict(bridge, tensors, layout)
     if report.missing:
-        raise CheckpointError(f"{path}: missing BLIP-2 weights: {report.missing[:5]}")
+        raise CheckpointError(f"{path}: missing {kind} weights: {report.missing[:5]}")
     return Stage2Pipeline(
         vision=VisionEncoder(vision_model.to(dtype)).to(device),
         bridge=bridge.to(device).eval(),
@@ -314,7 +320,17 @@ def _load_transformers_blip2(
         image_processor_source=str(path),
         directory=path,
         prompt="",
+        qformer_tokenizer=_instruction_tokenizer(path) if instruct else None,
     )
+
+
+def _instruction_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """An InstructBLIP directory's Q-Former tokenizer (``InstructBlipProcessor`` saves it in
+    ``qformer_tokenizer/``)."""
+    folder = path / "qformer_tokenizer"
+    if not folder.is_dir():
+        raise CheckpointError(f"{path}: an InstructBLIP model without its qformer_tokenizer/")
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, path: Path) -> None:

@@ -676,6 +676,11 @@ def export_onnx(
     ``UsageError`` for bad options or an LLM that cannot be exported.
     """
     _check_options(precision, opset)
+    if isinstance(source, Stage2Pipeline) and source.bridge.instruction_aware:
+        raise UsageError(
+            "export-onnx: an instruction-aware Q-Former (InstructBLIP) is not exported yet; "
+            "run it with --backend torch"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Graphs are traced from fp32 CPU copies, leaving the caller's models untouched; fp16 graphs

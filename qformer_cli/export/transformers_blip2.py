@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from qformer_cli.data.transforms import image_processor_settings, load_transform_config
+from qformer_cli.errors import UsageError
 from qformer_cli.models.convert import save_transformers_blip2
 from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline
 
@@ -54,6 +55,8 @@ def _make_room_for_image_token(language_model: torch.nn.Module, token_id: int, p
 def export_to_transformers(pipeline: Stage2Pipeline, out: Path) -> Path:
     """Write ``out`` so that ``Blip2ForConditionalGeneration.from_pretrained(out)`` and
     ``Blip2Processor.from_pretrained(out)`` load it (needs a ``Blip2VisionModel`` encoder)."""
+    if pipeline.bridge.instruction_aware:
+        raise UsageError("convert --to transformers writes BLIP-2; this model is InstructBLIP")
     processor = _processor(pipeline)
     image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     language_model = copy.deepcopy(pipeline.llm.model)

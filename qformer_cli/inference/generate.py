@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from qformer_cli.config import GenerationConfig
+from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import LanguageModel
 from qformer_cli.models.blip2 import Stage2Model, soft_prompt_inputs
 
@@ -47,9 +48,12 @@ def generate_text(
     image_embeds: torch.Tensor,
     prompts: list[str],
     settings: GenerationConfig,
+    qformer_tokenizer=None,
 ) -> list[str]:
-    """One generated text per image (B, N, C) for the given text prompts (B strings)."""
-    soft_prompt = bridge.soft_prompt(image_embeds)  # (B, Q, D)
+    """One generated text per image (B, N, C) for the given text prompts (B strings). An
+    instruction-aware Q-Former (InstructBLIP) reads each prompt too, tokenized by
+    ``qformer_tokenizer``, as the LLM does."""
+    soft_prompt = instructed_soft_prompt(bridge, image_embeds, prompts, qformer_tokenizer)
     tokenizer.padding_side = "left"
     encoded = tokenizer(prompts, padding="longest", return_tensors="pt").to(soft_prompt.device)
     embeds, mask = soft_prompt_inputs(
@@ -72,6 +76,20 @@ def generate_text(
             torch.manual_seed(settings.seed)  # this batch's draws only: the caller's RNG is kept
         output = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options)
     return decode_until_stop(tokenizer, output, options["eos_token_id"])
+
+
+def instructed_soft_prompt(
+    bridge: Stage2Model, image_embeds: torch.Tensor, prompts: list[str], qformer_tokenizer
+) -> torch.Tensor:
+    """The soft prompt (B, Q, D); an instruction-aware bridge also reads the prompts."""
+    if not bridge.instruction_aware:
+        return bridge.soft_prompt(image_embeds)
+    if qformer_tokenizer is None:
+        raise UsageError("an instruction-aware Q-Former needs its tokenizer (qformer_tokenizer/)")
+    qformer_tokenizer.padding_side = "right"
+    encoded = qformer_tokenizer(prompts, padding="longest", return_tensors="pt")
+    encoded = encoded.to(image_embeds.device)
+    return bridge.soft_prompt(image_embeds, encoded["input_ids"], encoded["attention_mask"])
 
 
 def decode_until_stop(tokenizer, sequences: Any, stop_ids: list[int]) -> list[str]:

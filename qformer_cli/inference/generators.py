@@ -79,7 +79,13 @@ class TorchGenerator:
         pipeline = self.pipeline
         features = torch.as_tensor(encoded).float()
         return generate_text(
-            pipeline.bridge, pipeline.llm, pipeline.tokenizer, features, prompts, settings
+            pipeline.bridge,
+            pipeline.llm,
+            pipeline.tokenizer,
+            features,
+            prompts,
+            settings,
+            pipeline.qformer_tokenizer,
         )
 
 

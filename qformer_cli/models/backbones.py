@@ -211,13 +211,13 @@ class VisionEncoder(nn.Module):
 
     Features are the last layer's hidden states (``last_hidden_state``), or with ``layer`` < -1
     an earlier layer's (``hidden_states[layer]``, before any final norm). For
-    ``Blip2VisionModel`` the final ``post_layernorm`` is removed: BLIP-2 applies its own
-    trainable ``ln_vision`` instead.
+    ``Blip2VisionModel`` (and InstructBLIP's) the final ``post_layernorm`` is removed: BLIP-2
+    applies its own trainable ``ln_vision`` instead.
     """
 
     def __init__(self, model: nn.Module, layer: int = -1) -> None:
         super().__init__()
-        if isinstance(model, transformers.Blip2VisionModel):
+        if isinstance(model, transformers.Blip2VisionModel | transformers.InstructBlipVisionModel):
             model.post_layernorm = nn.Identity()
         self.model = model.eval().requires_grad_(False)
         self.hidden_size: int = _vision_config(model.config).hidden_size

@@ -141,14 +141,24 @@ class Stage1Model(nn.Module):
 
 
 class Stage2Model(nn.Module):
-    """Q-Former without text parts + ``Linear(H -> LLM hidden)``: the LLM's soft visual prompt."""
+    """Q-Former + ``Linear(H -> LLM hidden)``: the LLM's soft visual prompt.
+
+    BLIP-2's Q-Former has no text parts here. ``instruction_aware`` (InstructBLIP) keeps them:
+    the instruction's tokens join the queries in self-attention (the queries and the
+    instruction see each other; only the queries cross-attend to the image and leave)."""
 
     def __init__(
-        self, config: QFormerConfig, llm_hidden_size: int, proj_init_std: float = 0.02
+        self,
+        config: QFormerConfig,
+        llm_hidden_size: int,
+        proj_init_std: float = 0.02,
+        *,
+        instruction_aware: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
-        self.qformer = QFormer(config, with_text=False)
+        self.instruction_aware = instruction_aware
+        self.qformer = QFormer(config, with_text=instruction_aware)
         self.llm_proj = nn.Linear(config.hidden_size, llm_hidden_size)
         # normal(0, 0.02) by default, as transformers initializes BLIP-2's language_projection.
         # The soft prompt's scale should be near the LLM's token embeddings': a small LLM reads
@@ -157,9 +167,25 @@ class Stage2Model(nn.Module):
         nn.init.normal_(self.llm_proj.weight, std=proj_init_std)
         nn.init.zeros_(self.llm_proj.bias)
 
-    def soft_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Frozen image features (B, N, C) -> soft prompt (B, Q, LLM hidden)."""
-        return self.llm_proj(self.qformer.query_features(image_embeds))
+    def soft_prompt(
+        self,
+        image_embeds: torch.Tensor,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Frozen image features (B, N, C) -> soft prompt (B, Q, LLM hidden); an
+        instruction-aware model also reads the instruction's Q-Former tokens (B, T) + mask."""
+        if not self.instruction_aware:
+            return self.llm_proj(self.qformer.query_features(image_embeds))
+        if instruction_ids is None:
+            raise ValueError("an instruction-aware Q-Former needs the instruction's tokens")
+        output = self.qformer(
+            image_kv=self.qformer.encode_image(image_embeds),
+            input_ids=instruction_ids,
+            text_mask=instruction_mask,
+            pattern="bidirectional",
+        )
+        return self.llm_proj(output.query_output)
 
 
 def soft_prompt_inputs(

@@ -32,7 +32,9 @@ from qformer_cli.models.blip2 import Stage1Model, Stage2Model
 from qformer_cli.models.config import QFormerConfig
 from qformer_cli.models.qformer import QFormer
 
-Layout = Literal["transformers", "transformers-qformer", "lavis", "bert"]
+Layout = Literal[
+    "transformers", "transformers-qformer", "transformers-instructblip", "lavis", "bert"
+]
 
 _LAYER = r"qformer\.layers\.(\d+)\."
 
@@ -78,6 +80,17 @@ _TRANSFORMERS_RULES: list[tuple[str, str | None]] = [
     (r"lm_head\.", None),
 ]
 
+# transformers' InstructBLIP: the Q-Former's text embeddings and their LayerNorm (which also
+# normalizes the queries) live under qformer.embeddings; everything else as in BLIP-2.
+_INSTRUCTBLIP_EMBEDDINGS = {
+    r"qformer\.word_embeddings\.": "qformer.embeddings.word_embeddings.",
+    r"qformer\.position_embeddings\.": "qformer.embeddings.position_embeddings.",
+    r"qformer\.embed_layer_norm\.": "qformer.embeddings.layernorm.",
+}
+_INSTRUCTBLIP_RULES = [
+    (ours, _INSTRUCTBLIP_EMBEDDINGS.get(ours, theirs)) for ours, theirs in _TRANSFORMERS_RULES
+]
+
 _LAVIS_RULES: list[tuple[str, str | None]] = [
     (r"qformer\.query_tokens$", "query_tokens"),
     (r"qformer\.ln_vision\.", "ln_vision."),
@@ -120,6 +133,7 @@ _BERT_RULES: list[tuple[str, str | None]] = [
 
 _RULES: dict[str, list[tuple[str, str | None]]] = {
     "transformers": _TRANSFORMERS_RULES,
+    "transformers-instructblip": _INSTRUCTBLIP_RULES,
     "lavis": _LAVIS_RULES,
     "bert": _BERT_RULES,
 }
@@ -130,6 +144,11 @@ _IGNORED: dict[str, list[str]] = {
         r"vision_model\.(?!post_layernorm\.)",  # the frozen vision encoder (loaded separately)
         r"language_model\.",  # the frozen LLM (loaded separately)
         r"embeddings\.position_ids$",
+    ],
+    "transformers-instructblip": [
+        r"vision_model\.(?!post_layernorm\.)",
+        r"language_model\.",
+        r"qformer\.embeddings\.position_ids$",
     ],
     "lavis": [
         r"visual_encoder\.",
@@ -315,6 +334,7 @@ def read_config_json(directory: Path) -> dict:
 
 # model_type of a full transformers BLIP-2 config (Blip2Model, Blip2ForConditionalGeneration)
 BLIP2_MODEL_TYPES = ("blip-2", "blip_2")
+INSTRUCTBLIP_MODEL_TYPES = ("instructblip",)
 
 
 def _source_prefix(config: dict, directory: Path) -> str:

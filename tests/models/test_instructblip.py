@@ -1,0 +1,124 @@
+"""transformers' InstructBlipForConditionalGeneration through our commands: the instruction goes
+to the Q-Former (beside the queries) and to the LLM, and `caption` / `ask` give the greedy texts
+transformers' processor and `generate` give. A tiny random model built and saved by the
+installed transformers, with the shipped OPT tokenizer and the shipped BERT tokenizer as the
+Q-Former's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    BlipImageProcessor,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+)
+
+from qformer_cli.cli import app
+from qformer_cli.data import sample_backbone_dir
+from qformer_cli.inference.generate import stop_token_ids
+from tests.conftest import TINY_VISION
+from tests.models.test_transformers_interop import INIT_STD, _image_folder, _images, _opt_config
+from tests.tiny_runs import runner
+
+IMAGE_SIZE = 48
+MAX_NEW_TOKENS = 6
+INSTRUCTIONS = ["describe the image in detail.", "what colour is the shape on the left?"]
+
+
+@pytest.fixture(scope="module")
+def instructblip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("instructblip")
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=AutoTokenizer.from_pretrained(sample_backbone_dir("opt")),
+        qformer_tokenizer=AutoTokenizer.from_pretrained(sample_backbone_dir("bert")),
+        num_query_tokens=8,
+    )
+    config = InstructBlipConfig(
+        vision_config={**TINY_VISION, "image_size": IMAGE_SIZE, "initializer_range": INIT_STD},
+        qformer_config=dict(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            encoder_hidden_size=TINY_VISION["hidden_size"], initializer_range=INIT_STD,
+            vocab_size=len(processor.qformer_tokenizer),
+        ),
+        text_config=_opt_config(len(processor.tokenizer)).to_dict(),
+        num_query_tokens=8,
+        image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
+        initializer_range=INIT_STD,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    InstructBlipForConditionalGeneration(config).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def transformers_texts(directory: Path, images: list, instruction: str) -> list[str]:
+    """Greedy texts from transformers alone: its processor and model, loaded from directory."""
+    model = InstructBlipForConditionalGeneration.from_pretrained(directory).eval()
+    processor = InstructBlipProcessor.from_pretrained(directory)
+    inputs = processor(images=images, text=[instruction] * len(images), return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(
+            **inputs, do_sample=False, num_beams=1, max_new_tokens=MAX_NEW_TOKENS,
+            eos_token_id=stop_token_ids(processor.tokenizer),
+        )  # fmt: skip
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [
+        t.strip() for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    ]
+
+
+def cli_texts(model: Path, images: Path, out: Path, instruction: str) -> list[str]:
+    result = runner.invoke(
+        app,
+        ["caption", "--model", str(model), "--images", str(images), "--prompt", instruction,
+         "--num-beams", "1", "--max-new-tokens", str(MAX_NEW_TOKENS), "--min-new-tokens", "0",
+         "--out", str(out), "--json", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return [row["caption"] for row in json.loads((out / "captions.json").read_text())]
+
+
+def test_caption_with_an_instruction_is_transformers_instructblip(
+    instructblip: Path, tmp_path: Path
+) -> None:
+    folder = _image_folder(tmp_path)
+    texts = {}
+    for number, instruction in enumerate(INSTRUCTIONS):
+        expected = transformers_texts(instructblip, _images(folder), instruction)
+        assert len(set(expected)) > 1, expected  # the texts depend on the image
+        texts[instruction] = cli_texts(instructblip, folder, tmp_path / f"out{number}", instruction)
+        assert texts[instruction] == expected
+    assert texts[INSTRUCTIONS[0]] != texts[INSTRUCTIONS[1]]
+
+
+def test_ask_takes_the_question_to_the_qformer(instructblip: Path, tmp_path: Path) -> None:
+    """`ask --image IMAGE QUESTION --prompt "{}"`: the question is the instruction."""
+    folder = _image_folder(tmp_path, count=1)
+    image = next(folder.glob("*.png"))
+    question = INSTRUCTIONS[1]
+    result = runner.invoke(
+        app,
+        ["ask", question, "--image", str(image), "--model", str(instructblip), "--prompt", "{}",
+         "--num-beams", "1", "--max-new-tokens", str(MAX_NEW_TOKENS),
+         "--set", "vqa.min_new_tokens=0", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [expected] = transformers_texts(instructblip, _images(folder), question)
+    assert json.loads(result.stdout)["answers"][0]["answer"] == expected
+
+
+def test_export_of_an_instructblip_model_is_refused_in_one_line(
+    instructblip: Path, tmp_path: Path
+) -> None:
+    result = runner.invoke(
+        app, ["export-onnx", "--model", str(instructblip), "--out", str(tmp_path / "onnx")]
+    )
+    assert result.exit_code == 2
+    assert "instruction-aware Q-Former (InstructBLIP) is not exported yet" in result.output

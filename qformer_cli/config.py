@@ -47,6 +47,10 @@ class ModelConfig:
     # An LLM whose token embeddings are much larger (the tiny T5's rows have norm ~11) reads a
     # soft prompt of matching scale far sooner: configs/tiny_t5.yaml uses 0.1 (README: demo).
     llm_proj_init_std: float = 0.02
+    # Stage 2: an instruction-aware Q-Former (InstructBLIP): each sample's prompt (the caption
+    # prompt, or the formatted VQA question) is also the Q-Former's text input, beside the
+    # queries (models/blip2.py Stage2Model); the Q-Former keeps its text parts for it.
+    instruction_aware: bool = False
 
     def qformer_config(self) -> QFormerConfig:
         known = {f.name for f in dataclasses.fields(QFormerConfig)}

@@ -196,6 +196,9 @@ def _stage2_pipeline(
         image_processor_source=resolve_model_name(run_config.model.vision.model),
         directory=directory,
         prompt=run_config.generate.prompt,
+        qformer_tokenizer=load_qformer_tokenizer(run_config.model.bert)
+        if bridge.instruction_aware
+        else None,
     )
 
 
@@ -280,7 +283,11 @@ def load_stage2(
     run_config = from_dict(RunConfig, saved.run)
     vision = build_vision_encoder(run_config.model.vision, dtype=dtype)
     llm = build_language_model(run_config.model.llm, dtype=dtype)
-    bridge = Stage2Model(saved.qformer, saved.llm_embedding_dim)
+    bridge = Stage2Model(
+        saved.qformer,
+        saved.llm_embedding_dim,
+        instruction_aware=run_config.model.instruction_aware,
+    )
     _load_state(bridge, directory)
     return _stage2_pipeline(run_config, vision, bridge, llm, device, directory)
 
@@ -357,6 +364,7 @@ def load_trainable(path: Path) -> tuple[Stage1Model | Stage2Model, Path]:
     if saved.stage == 1:
         model: Stage1Model | Stage2Model = Stage1Model(saved.qformer)
     else:
-        model = Stage2Model(saved.qformer, saved.llm_embedding_dim)
+        instruct = from_dict(RunConfig, saved.run).model.instruction_aware
+        model = Stage2Model(saved.qformer, saved.llm_embedding_dim, instruction_aware=instruct)
     _load_state(model, directory)
     return model, directory

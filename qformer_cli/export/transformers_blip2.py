@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from qformer_cli.data.transforms import image_processor_settings, load_transform_config
-from qformer_cli.errors import UsageError
 from qformer_cli.models.convert import save_transformers_blip2
 from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline
 
@@ -26,13 +25,20 @@ def _image_processor(source: str):
 
 
 def _processor(pipeline: Stage2Pipeline):
-    from transformers import Blip2Processor
+    """``Blip2Processor``, or ``InstructBlipProcessor`` (with the Q-Former's tokenizer)."""
+    from transformers import Blip2Processor, InstructBlipProcessor
 
     image_processor = _image_processor(pipeline.image_processor_source)
     tokenizer = copy.deepcopy(pipeline.tokenizer)
-    return Blip2Processor(
-        image_processor, tokenizer, num_query_tokens=pipeline.bridge.config.num_query_tokens
-    )
+    queries = pipeline.bridge.config.num_query_tokens
+    if pipeline.qformer_tokenizer is not None:
+        return InstructBlipProcessor(
+            image_processor,
+            tokenizer,
+            copy.deepcopy(pipeline.qformer_tokenizer),
+            num_query_tokens=queries,
+        )
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=queries)
 
 
 @torch.no_grad()
@@ -54,9 +60,9 @@ def _make_room_for_image_token(language_model: torch.nn.Module, token_id: int, p
 
 def export_to_transformers(pipeline: Stage2Pipeline, out: Path) -> Path:
     """Write ``out`` so that ``Blip2ForConditionalGeneration.from_pretrained(out)`` and
-    ``Blip2Processor.from_pretrained(out)`` load it (needs a ``Blip2VisionModel`` encoder)."""
-    if pipeline.bridge.instruction_aware:
-        raise UsageError("convert --to transformers writes BLIP-2; this model is InstructBLIP")
+    ``Blip2Processor.from_pretrained(out)`` load it (needs a ``Blip2VisionModel`` encoder); an
+    instruction-aware model as ``InstructBlipForConditionalGeneration`` and
+    ``InstructBlipProcessor``."""
     processor = _processor(pipeline)
     image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     language_model = copy.deepcopy(pipeline.llm.model)

@@ -450,7 +450,8 @@ def save_transformers_blip2(
     image_token_index: int | None = None,
 ) -> None:
     """Write a full transformers BLIP-2 directory: ``Blip2ForImageTextRetrieval`` for a stage-1
-    model, ``Blip2ForConditionalGeneration`` for a stage-2 one (with its frozen LLM).
+    model, ``Blip2ForConditionalGeneration`` for a stage-2 one (with its frozen LLM),
+    ``InstructBlipForConditionalGeneration`` for an instruction-aware stage-2 one.
 
     transformers' BLIP-2 vision tower is ``Blip2VisionModel`` (EVA ViT-g style); its
     ``post_layernorm`` is our trainable ``ln_vision``.
@@ -460,6 +461,8 @@ def save_transformers_blip2(
         Blip2ForConditionalGeneration,
         Blip2ForImageTextRetrieval,
         Blip2VisionModel,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
     )
 
     if not isinstance(vision_model, Blip2VisionModel):
@@ -468,13 +471,17 @@ def save_transformers_blip2(
             f"not {type(vision_model).__name__}"
         )
     is_stage1 = isinstance(model, Stage1Model)
-    qformer_config = transformers_qformer_config(model.config, with_text=is_stage1)
+    instruct = isinstance(model, Stage2Model) and model.instruction_aware
+    qformer_config = transformers_qformer_config(model.config, with_text=is_stage1 or instruct)
+    vision_config = vision_model.config.to_dict()
+    if instruct:  # the same tower under InstructBLIP's config class
+        vision_config.pop("model_type", None)
     config_kwargs = {
-        "vision_config": vision_model.config.to_dict(),
+        "vision_config": vision_config,
         "qformer_config": qformer_config,
         "num_query_tokens": model.config.num_query_tokens,
     }
-    state = export_state_dict(model, "transformers")
+    state = export_state_dict(model, "transformers-instructblip" if instruct else "transformers")
     for key, value in vision_model.state_dict().items():
         if not key.startswith("post_layernorm."):
             state[f"vision_model.{key}"] = value
@@ -486,7 +493,10 @@ def save_transformers_blip2(
             raise CheckpointError("a stage-2 export needs its language model")
         config_kwargs["text_config"] = language_model.config.to_dict()
         config_kwargs["image_token_index"] = image_token_index
-        hf_model = Blip2ForConditionalGeneration(Blip2Config(**config_kwargs))
+        if instruct:
+            hf_model = InstructBlipForConditionalGeneration(InstructBlipConfig(**config_kwargs))
+        else:
+            hf_model = Blip2ForConditionalGeneration(Blip2Config(**config_kwargs))
         for key, value in language_model.state_dict().items():
             state[f"language_model.{key}"] = value
     _load_exactly(hf_model, state, f"{type(hf_model).__name__} export")

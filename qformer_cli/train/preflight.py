@@ -189,7 +189,9 @@ def trainable_parameters(stage: int, config: RunConfig, llm_width: int | None = 
             model: torch.nn.Module = Stage1Model(qformer_config)
         else:
             width = llm_width if llm_width is not None else llm_embedding_width(config)
-            model = Stage2Model(qformer_config, width)
+            model = Stage2Model(
+                qformer_config, width, instruction_aware=config.model.instruction_aware
+            )
     return sum(p.numel() for p in model.parameters())
 
 

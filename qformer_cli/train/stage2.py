@@ -20,10 +20,12 @@ from qformer_cli import checkpoint
 from qformer_cli.config import RunConfig
 from qformer_cli.data import BadSampleLog
 from qformer_cli.errors import CheckpointError, UsageError
+from qformer_cli.inference.generate import instructed_soft_prompt
 from qformer_cli.models.backbones import (
     LanguageModel,
     build_language_model,
     load_llm_tokenizer,
+    load_qformer_tokenizer,
     resolve_model_name,
     same_backbone,
 )
@@ -123,9 +125,11 @@ class Stage2Objective(nn.Module):
         *,
         max_text_len: int,
         generator: torch.Generator | None = None,
+        qformer_tokenizer=None,
     ) -> None:
         super().__init__()
         self.bridge = bridge
+        self.qformer_tokenizer = qformer_tokenizer  # an instruction-aware bridge's
         self.prompted_lm = PromptedLM(llm.model)
         self.family = llm.family
         self.tokenizer = tokenizer
@@ -138,7 +142,9 @@ class Stage2Objective(nn.Module):
         return self
 
     def forward(self, batch: Stage2Batch) -> Stage2Losses:
-        soft_prompt = self.bridge.soft_prompt(batch.image_embeds)  # (B, Q, D)
+        soft_prompt = instructed_soft_prompt(  # (B, Q, D)
+            self.bridge, batch.image_embeds, batch.prompts, self.qformer_tokenizer
+        )
         if self.family == "decoder-only":
             return Stage2Losses(self._decoder_only_loss(soft_prompt, batch))
         return Stage2Losses(self._encoder_decoder_loss(soft_prompt, batch))
@@ -281,11 +287,24 @@ def build_stage2_recipe(
     llm = build_language_model(config.model.llm, dtype=dtype)
     llm.model.to(device)
     tokenizer = load_llm_tokenizer(config.model.llm.model)
+    instruct = config.model.instruction_aware
+    # an instruction-aware Q-Former embeds the prompt: its vocabulary is its tokenizer's
+    qformer_tokenizer = load_qformer_tokenizer(config.model.bert) if instruct else None
+    vocabulary = (
+        {"vocab_size": len(qformer_tokenizer), "pad_token_id": qformer_tokenizer.pad_token_id or 0}
+        if qformer_tokenizer is not None
+        else {}
+    )
     qformer_config: QFormerConfig = config.model.qformer_config().fitted_to_backbones(
-        encoder_width=vision.hidden_size
+        encoder_width=vision.hidden_size, **vocabulary
     )
     torch.manual_seed(config.train.seed)
-    bridge = Stage2Model(qformer_config, llm.embedding_dim, config.model.llm_proj_init_std)
+    bridge = Stage2Model(
+        qformer_config,
+        llm.embedding_dim,
+        config.model.llm_proj_init_std,
+        instruction_aware=instruct,
+    )
     source = init or Path(resolve_model_name(config.model.bert))
     loaded = init_bridge(bridge, source)
     report(f"Q-Former init from {source}: {loaded.summary()}")
@@ -301,6 +320,7 @@ def build_stage2_recipe(
         tokenizer,
         max_text_len=config.model.max_text_len,
         generator=generator,
+        qformer_tokenizer=qformer_tokenizer,
     )
 
     _save_llm_memory(config, objective, device, ranks, report)
@@ -338,7 +358,7 @@ def build_stage2_recipe(
             llm_embedding_dim=llm.embedding_dim,
         ),
         generators={"prefix_split": generator},
-        validate=_validator(config, vision, bridge, llm, tokenizer)
+        validate=_validator(config, vision, bridge, llm, tokenizer, qformer_tokenizer)
         if config.train.eval_every
         else None,
         best_metric=best_metric(2, config),
@@ -346,7 +366,12 @@ def build_stage2_recipe(
 
 
 def _validator(
-    config: RunConfig, vision: Any, bridge: Stage2Model, llm: LanguageModel, tokenizer: Any
+    config: RunConfig,
+    vision: Any,
+    bridge: Stage2Model,
+    llm: LanguageModel,
+    tokenizer: Any,
+    qformer_tokenizer: Any,
 ) -> Validator:
     """Caption CIDEr with the parts being trained, as `caption` would run them."""
     from qformer_cli.pretrained import Stage2Pipeline
@@ -359,5 +384,6 @@ def _validator(
         image_processor_source=resolve_model_name(config.model.vision.model),
         directory=Path("."),
         prompt=config.generate.prompt,
+        qformer_tokenizer=qformer_tokenizer,
     )
     return stage2_validator(pipeline, config)

@@ -122,3 +122,26 @@ def test_export_of_an_instructblip_model_is_refused_in_one_line(
     )
     assert result.exit_code == 2
     assert "instruction-aware Q-Former (InstructBLIP) is not exported yet" in result.output
+
+
+def test_an_instruction_aware_run_converts_to_transformers_instructblip(tmp_path: Path) -> None:
+    """pretrain-stage2 with model.instruction_aware on the embedded default (captions and VQA
+    pairs, the prompt also the Q-Former's input) -> convert --to transformers: transformers'
+    InstructBLIP generates what the run does, for an instruction and for a VQA question."""
+    run, converted = tmp_path / "run", tmp_path / "hf"
+    trained = runner.invoke(
+        app,
+        ["pretrain-stage2", "--set", "model.instruction_aware=true", "--out", str(run),
+         "--max-steps", "3", "--batch-size", "8", "--set", "model.qformer.num_layers=2",
+         "--quiet"],
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["convert", str(converted), "--model", str(run)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((converted / "config.json").read_text())["model_type"] == "instructblip"
+    folder = _image_folder(tmp_path, count=6)
+    for number, instruction in enumerate([INSTRUCTIONS[0], "Question: is there a circle? Answer:"]):
+        ours = cli_texts(run, folder, tmp_path / f"run{number}", instruction)
+        assert any(ours)
+        assert transformers_texts(converted, _images(folder), instruction) == ours
+        assert cli_texts(converted, folder, tmp_path / f"hf{number}", instruction) == ours

@@ -72,6 +72,35 @@ def test_gradients_reach_the_bridge_but_not_the_llm():
     assert all(p.grad is None for p in llm.model.parameters())
 
 
+def test_an_instruction_aware_bridge_learns_from_the_prompt_it_reads():
+    """model.instruction_aware: the prompt's Q-Former tokens get gradients (they were read
+    beside the queries), and two prompts give two soft prompts for the same image."""
+    from qformer_cli.models.backbones import load_qformer_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sample_backbone_dir("opt"))
+    qformer_tokenizer = load_qformer_tokenizer(str(sample_backbone_dir("bert")))
+    config = qformer_preset("tiny", num_layers=2, hidden_dropout=0.0)
+    config = config.fitted_to_backbones(encoder_width=128, vocab_size=len(qformer_tokenizer))
+    bridge = Stage2Model(config, 32, instruction_aware=True)
+    objective = Stage2Objective(
+        bridge, _opt(len(tokenizer)), tokenizer, max_text_len=16,
+        qformer_tokenizer=qformer_tokenizer,
+    )  # fmt: skip
+    images = torch.randn(2, 9, 128)
+    batch = Stage2Batch(images, ["what colour is the circle?", "a photo of"], ["red", "a cat"],
+                        [False, True])  # fmt: skip
+    objective(batch).total.backward()
+    read = qformer_tokenizer("what colour is the circle?").input_ids
+    grads = bridge.qformer.word_embeddings.weight.grad
+    assert all(grads[token].abs().sum() > 0 for token in read)
+    with torch.no_grad():
+        ids = qformer_tokenizer(["a photo of", "what colour?"], padding=True, return_tensors="pt")
+        prompts = bridge.soft_prompt(
+            images[:1].expand(2, -1, -1), ids.input_ids, ids.attention_mask
+        )
+    assert not torch.allclose(prompts[0], prompts[1])
+
+
 def test_encoder_decoder_loss_predicts_the_suffix():
     tokenizer = AutoTokenizer.from_pretrained(sample_backbone_dir("t5"))
     config = T5Config(

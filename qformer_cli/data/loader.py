@@ -313,7 +313,7 @@ def inference_workers(sample_count: int, batch_size: int) -> int:
     """Loader workers for a pass over ``sample_count`` images in batches: 2 that decode and
     transform the next batches while the model runs on this one, where there are more than 4
     cores; none for a single batch (nothing to overlap) or on a small CPU, where the model's
-    own threads need the cores (2 cores: 0.72x with a worker, BENCHMARKS.md)."""
+    own threads need the cores (BENCHMARKS.md, "Captioning a folder")."""
     if sample_count <= batch_size or (os.cpu_count() or 1) <= 4:
         return 0
     return 2

@@ -149,7 +149,7 @@ MUTANTS: tuple[Mutant, ...] = (
                 '        name.replace("present.", "past.", 1): value[:, :, -1:]\n',
             ),
         ),
-        ("tests/export/test_onnx_export.py::test_onnx_greedy_generation_matches_torch",),
+        ("tests/export/test_onnx_export.py::test_onnx_generation_matches_torch",),
         "the ONNX decode loop keeps only the last token of the KV cache",
     ),
     Mutant(

@@ -13,7 +13,7 @@ A second table captions a folder of the same JPEGs with a tiny BLIP-2 (greedy, b
 images decoded in the main process between generation batches (as before 2026-12-01) vs by
 loader workers while the model generates (``inference_workers``, what ``caption`` does now).
 
-    python -m bench.loader [--quick] [--images 256]
+    python -m bench.loader [--quick] [--images 256] [--captions-only]
 """
 
 from __future__ import annotations
@@ -188,11 +188,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--images", type=int, default=256)
+    parser.add_argument(
+        "--captions-only", action="store_true", help="only the folder-captioning table"
+    )
     args = parser.parse_args()
     options = options_from_args(args)
     machine = measure_machine(options.device, options.quick)
     print_header(machine, "Loader throughput")
-    for table in run(machine, options, images=args.images):
+    if args.captions_only:
+        tables = [caption_table(options, args.images)]
+    else:
+        tables = run(machine, options, images=args.images)
+    for table in tables:
         print_table(table, options.table_format)
 
 

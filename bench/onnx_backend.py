@@ -8,7 +8,7 @@
    tokens), greedy and with 5 beams: ``qformer caption --backend onnx``'s generation loop vs
    ``--backend torch``'s.
 
-    python -m bench.onnx_backend [--quick] [--repeats N]
+    python -m bench.onnx_backend [--quick] [--repeats N] [--captions-only]
 """
 
 from __future__ import annotations
@@ -187,10 +187,19 @@ def run(machine: Machine, options: BenchOptions, batch_size: int = 8) -> list[Ta
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    options = options_from_args(parser.parse_args(argv))
+    parser.add_argument(
+        "--captions-only", action="store_true", help="only the end-to-end captioning tables"
+    )
+    args = parser.parse_args(argv)
+    options = options_from_args(args)
     machine = measure_machine(options.device, options.quick)
     print_header(machine, "ONNX backend vs PyTorch eager")
-    for table in run(machine, options):
+    tables = (
+        [caption_table(options, search) for search in SEARCHES]
+        if args.captions_only
+        else run(machine, options)
+    )
+    for table in tables:
         print_table(table, options.table_format)
     return 0
 

@@ -274,8 +274,15 @@ _FINISHED = np.float32(-1.0e9)  # the score that takes a candidate out of a rank
 
 
 def _top(values: np.ndarray, count: int) -> np.ndarray:
-    """Indices of the ``count`` largest values of each row, largest first (ties: lower index)."""
-    return np.argsort(-values, axis=-1, kind="stable")[:, :count]
+    """Indices of the ``count`` largest values of each row, largest first (ties: lower index).
+    A partial selection first: a full sort of beams x vocabulary scores per step cost a quarter
+    of the search."""
+    if count < values.shape[-1]:
+        chosen = np.argpartition(-values, count - 1, axis=-1)[:, :count]
+    else:
+        chosen = np.broadcast_to(np.arange(values.shape[-1]), values.shape)
+    order = np.lexsort((chosen, -np.take_along_axis(values, chosen, axis=-1)), axis=-1)
+    return np.take_along_axis(chosen, order, axis=-1)
 
 
 def _log_softmax(scores: np.ndarray) -> np.ndarray:
@@ -348,7 +355,9 @@ def _beam_search(
         improvable &= np.any(best_running > worst_done, axis=1, keepdims=True)
         if not improvable.any() or ends.all():
             break
-        state = state.select((np.arange(batch)[:, None] * beams + running_source).reshape(-1))
+        sources = (np.arange(batch)[:, None] * beams + running_source).reshape(-1)
+        if not np.array_equal(sources, np.arange(sources.size)):  # else no beam moved: no copy
+            state = state.select(sources)
         tokens_now = running[:, :, step].reshape(-1)
         log_probs = _log_softmax(decode_step(pipeline, state, tokens_now))
     return done[:, 0, : step + 1]

@@ -87,7 +87,13 @@ def instructed_soft_prompt(
     if qformer_tokenizer is None:
         raise UsageError("an instruction-aware Q-Former needs its tokenizer (qformer_tokenizer/)")
     qformer_tokenizer.padding_side = "right"
-    encoded = qformer_tokenizer(prompts, padding="longest", return_tensors="pt")
+    encoded = qformer_tokenizer(
+        prompts,
+        padding="longest",
+        truncation=True,  # as LAVIS's InstructBLIP truncates (it: 128 tokens)
+        max_length=bridge.config.max_position_embeddings,
+        return_tensors="pt",
+    )
     encoded = encoded.to(image_embeds.device)
     return bridge.soft_prompt(image_embeds, encoded["input_ids"], encoded["attention_mask"])
 

@@ -121,17 +121,23 @@ def _shard_samples(shard: Path, bad: BadSampleLog | None) -> list[Sample]:
 
 
 def _caption_text(member: ShardMember | None, where: str) -> str:
-    if member is None:
+    return shard_caption(None if member is None else member.read(), where)
+
+
+def shard_caption(raw: bytes | None, where: str) -> str:
+    """The caption in a sample's ``.txt`` or ``.json`` member (None: it has neither); a
+    :class:`DataError` naming ``where`` when it is missing, unreadable or empty."""
+    if raw is None:
         raise DataError(f"{where}: no .txt or .json caption")
-    raw = member.read().decode("utf-8", errors="replace")
-    if member.size and raw.lstrip().startswith("{"):
+    text = raw.decode("utf-8", errors="replace")
+    if text.lstrip().startswith("{"):
         try:
-            raw = str(json.loads(raw).get("caption") or "")
+            text = str(json.loads(text).get("caption") or "")
         except (json.JSONDecodeError, AttributeError):
             raise DataError(f"{where}: unreadable .json caption") from None
-    if not raw.strip():
+    if not text.strip():
         raise DataError(f"{where}: empty caption")
-    return raw.strip()
+    return text.strip()
 
 
 def _parquet_samples(path: Path, bad: BadSampleLog | None, named: dict[str, str]) -> list[Sample]:

@@ -27,7 +27,6 @@ source, as in map-style training. A tar's members belong to one sample while the
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import tarfile
 from collections.abc import Iterator
@@ -41,9 +40,8 @@ from qformer_cli.data.json_files import shown
 from qformer_cli.data.loader import BadSample, ImageTransform, LoadedSample, load_sample
 from qformer_cli.data.mixture import source_schedule
 from qformer_cli.data.sample import IMAGE_EXTENSIONS, Sample
+from qformer_cli.data.shards import CAPTION_EXTENSIONS, shard_caption
 from qformer_cli.errors import DataError, UsageError
-
-CAPTION_EXTENSIONS = (".txt", ".json")
 
 # A reader's place in one source: (pass, file of the reader's pass, samples taken from it).
 Place = tuple[int, int, int]
@@ -181,24 +179,10 @@ def _sample(
 ) -> Sample | BadSample:
     where = f"{shown(shard)}: {key}"
     sample = Sample(image=image, image_id=str(key), origin=where, file=f"{shard.name}/{key}")
-    text = _caption(caption, where)
-    if isinstance(text, BadSample):
-        return BadSample(text.message, text.reason, sample)
-    return replace(sample, captions=(text,))
-
-
-def _caption(raw: bytes | None, where: str) -> str | BadSample:
-    if raw is None:
-        return BadSample(f"{where}: no .txt or .json caption", "missing caption")
-    text = raw.decode("utf-8", errors="replace")
-    if text.lstrip().startswith("{"):
-        try:
-            text = str(json.loads(text).get("caption") or "")
-        except (json.JSONDecodeError, AttributeError):
-            return BadSample(f"{where}: unreadable .json caption", "missing caption")
-    if not text.strip():
-        return BadSample(f"{where}: empty caption", "missing caption")
-    return text.strip()
+    try:
+        return replace(sample, captions=(shard_caption(caption, where),))
+    except DataError as error:
+        return BadSample(str(error), "missing caption", sample)
 
 
 @dataclass

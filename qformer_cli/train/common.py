@@ -41,7 +41,7 @@ from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import VisionEncoder, build_vision_encoder, resolve_model_name
-from qformer_cli.models.config import BackboneConfig
+from qformer_cli.models.config import BackboneConfig, QFormerConfig
 from qformer_cli.runtime import PRECISION_DTYPES, Ranks, autocast
 
 # A run directory's resolved config (RunConfig.to_dict(); usable as --config). Runs written
@@ -138,6 +138,22 @@ def train_transform_config(config: RunConfig) -> ImageTransformConfig:
     """Image size and normalization of the configured vision encoder (its processor config)."""
     vision_name = resolve_model_name(config.model.vision.model)
     return load_transform_config(vision_name, config.data.image_size or None)
+
+
+def fitted_qformer_config(
+    config: RunConfig, vision_width: int, tokenizer: Any = None
+) -> QFormerConfig:
+    """The preset's sizes fitted to the backbones: the image feature width, and the Q-Former
+    tokenizer's vocabulary where the Q-Former embeds text (stage 1, an instruction-aware
+    stage 2; None: it does not)."""
+    vocabulary = (
+        {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id or 0}
+        if tokenizer is not None
+        else {}
+    )
+    return config.model.qformer_config().fitted_to_backbones(
+        encoder_width=vision_width, **vocabulary
+    )
 
 
 def build_train_loader(

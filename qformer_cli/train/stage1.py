@@ -37,12 +37,12 @@ from qformer_cli.losses import (
 )
 from qformer_cli.models.backbones import DEC_TOKEN, load_qformer_tokenizer, resolve_model_name
 from qformer_cli.models.blip2 import Stage1Model
-from qformer_cli.models.config import QFormerConfig
 from qformer_cli.models.convert import load_external_weights
 from qformer_cli.models.qformer import ImageKV, KeyValue
 from qformer_cli.runtime import Ranks
 from qformer_cli.train.common import (
     build_train_loader,
+    fitted_qformer_config,
     image_features,
     load_frozen_vision,
     read_caption_samples,
@@ -314,15 +314,6 @@ class Stage1Objective(nn.Module):
 # The stage-1 recipe: model, tokenizer, frozen encoder, data -> the shared training loop.
 
 
-def stage1_qformer_config(config: RunConfig, vision_width: int, tokenizer) -> QFormerConfig:
-    """The preset's sizes, fitted to the backbones: image feature width and vocabulary."""
-    return config.model.qformer_config().fitted_to_backbones(
-        encoder_width=vision_width,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id or 0,
-    )
-
-
 def caption_ids(captions: list[str], device: torch.device) -> torch.Tensor:
     """(B,) int64 fingerprints of the caption texts, equal on every rank for equal texts.
 
@@ -356,7 +347,7 @@ def build_stage1_recipe(
     tokenizer = load_qformer_tokenizer(config.model.bert)
     vision = None if cache else load_frozen_vision(config, device)
     vision_width = cache.encoder_width if cache else vision.hidden_size
-    qformer_config = stage1_qformer_config(config, vision_width, tokenizer)
+    qformer_config = fitted_qformer_config(config, vision_width, tokenizer)
     torch.manual_seed(config.train.seed)
     model = Stage1Model(qformer_config, head_init=config.stage1.head_init)
     init = load_external_weights(model, Path(resolve_model_name(config.model.bert)))

@@ -30,11 +30,11 @@ from qformer_cli.models.backbones import (
     same_backbone,
 )
 from qformer_cli.models.blip2 import Stage2Model, soft_prompt_inputs
-from qformer_cli.models.config import QFormerConfig
 from qformer_cli.models.convert import LoadReport, load_external_weights
 from qformer_cli.runtime import PRECISION_DTYPES, Ranks
 from qformer_cli.train.common import (
     build_train_loader,
+    fitted_qformer_config,
     image_features,
     load_frozen_vision,
     read_caption_samples,
@@ -290,14 +290,7 @@ def build_stage2_recipe(
     instruct = config.model.instruction_aware
     # an instruction-aware Q-Former embeds the prompt: its vocabulary is its tokenizer's
     qformer_tokenizer = load_qformer_tokenizer(config.model.bert) if instruct else None
-    vocabulary = (
-        {"vocab_size": len(qformer_tokenizer), "pad_token_id": qformer_tokenizer.pad_token_id or 0}
-        if qformer_tokenizer is not None
-        else {}
-    )
-    qformer_config: QFormerConfig = config.model.qformer_config().fitted_to_backbones(
-        encoder_width=vision.hidden_size, **vocabulary
-    )
+    qformer_config = fitted_qformer_config(config, vision.hidden_size, qformer_tokenizer)
     torch.manual_seed(config.train.seed)
     bridge = Stage2Model(
         qformer_config,

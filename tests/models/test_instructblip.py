@@ -22,8 +22,7 @@ from transformers import (
 from qformer_cli.cli import app
 from qformer_cli.data import sample_backbone_dir
 from qformer_cli.inference.generate import stop_token_ids
-from tests.conftest import TINY_VISION
-from tests.models.test_transformers_interop import INIT_STD, _image_folder, _images, _opt_config
+from tests.models.test_transformers_interop import _image_folder, _images, tiny_blip2_settings
 from tests.tiny_runs import runner
 
 IMAGE_SIZE = 48
@@ -41,17 +40,8 @@ def instructblip(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_query_tokens=8,
     )
     config = InstructBlipConfig(
-        vision_config={**TINY_VISION, "image_size": IMAGE_SIZE, "initializer_range": INIT_STD},
-        qformer_config=dict(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-            encoder_hidden_size=TINY_VISION["hidden_size"], initializer_range=INIT_STD,
-            vocab_size=len(processor.qformer_tokenizer),
-        ),
-        text_config=_opt_config(len(processor.tokenizer)).to_dict(),
-        num_query_tokens=8,
-        image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
-        initializer_range=INIT_STD,
-    )  # fmt: skip
+        **tiny_blip2_settings(processor, IMAGE_SIZE, vocab_size=len(processor.qformer_tokenizer))
+    )
     torch.manual_seed(0)
     InstructBlipForConditionalGeneration(config).save_pretrained(directory)
     processor.save_pretrained(directory)

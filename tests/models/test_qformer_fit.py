@@ -15,7 +15,7 @@ from qformer_cli.config import load_config
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import load_qformer_tokenizer
 from qformer_cli.models.config import QFormerConfig, qformer_preset
-from qformer_cli.train.stage1 import stage1_qformer_config
+from qformer_cli.train.common import fitted_qformer_config
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -54,13 +54,13 @@ def test_stage1_fits_the_vision_width_and_the_tokenizer():
     config = load_config()
     tokenizer = load_qformer_tokenizer(str(ROOT / config.model.bert))
     vision = AutoConfig.from_pretrained(ROOT / config.model.vision.model)
-    fitted = stage1_qformer_config(config, vision.hidden_size, tokenizer)
+    fitted = fitted_qformer_config(config, vision.hidden_size, tokenizer)
     assert fitted.encoder_width == vision.hidden_size
     assert fitted.vocab_size == len(tokenizer)
     assert fitted.pad_token_id == tokenizer.pad_token_id
     tokenizer.pad_token = "[SEP]"  # a tokenizer whose padding is not id 0
     assert tokenizer.pad_token_id != 0
-    assert stage1_qformer_config(config, 8, tokenizer).pad_token_id == tokenizer.pad_token_id
+    assert fitted_qformer_config(config, 8, tokenizer).pad_token_id == tokenizer.pad_token_id
 
 
 def test_info_fits_the_qformer_to_the_configured_vision_width():

@@ -135,6 +135,23 @@ def cli_vqa_answers(model: Path, questions: Path, annotations: Path, out: Path) 
     return json.loads(Path(json.loads(result.stdout)["results"]).read_text())
 
 
+def tiny_blip2_settings(processor, image_size: int, **qformer: object) -> dict:
+    """Config arguments of a random tiny BLIP-2 (or InstructBLIP) over ``processor``'s
+    tokenizer: a ``image_size`` px vision tower, a 2-layer Q-Former (``qformer`` added to its
+    settings) and an OPT, all drawn wider than transformers' 0.02 (``INIT_STD``)."""
+    return dict(
+        vision_config={**TINY_VISION, "image_size": image_size, "initializer_range": INIT_STD},
+        qformer_config=dict(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            encoder_hidden_size=TINY_VISION["hidden_size"], initializer_range=INIT_STD, **qformer,
+        ),
+        text_config=_opt_config(len(processor.tokenizer)).to_dict(),
+        num_query_tokens=8,
+        image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
+        initializer_range=INIT_STD,
+    )  # fmt: skip
+
+
 def _save_blip2(directory: Path, image_size: int, **image_processor: object) -> Blip2Processor:
     """A random tiny Blip2ForConditionalGeneration (vision ``image_size`` px, an OPT with the
     shipped tokenizer) and its Blip2Processor (BlipImageProcessor defaults updated with
@@ -144,17 +161,7 @@ def _save_blip2(directory: Path, image_size: int, **image_processor: object) -> 
     processor = Blip2Processor(
         BlipImageProcessor(size=size, **image_processor), tokenizer, num_query_tokens=8
     )
-    config = Blip2Config(
-        vision_config={**TINY_VISION, "image_size": image_size, "initializer_range": INIT_STD},
-        qformer_config=dict(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-            encoder_hidden_size=TINY_VISION["hidden_size"], initializer_range=INIT_STD,
-        ),
-        text_config=_opt_config(len(processor.tokenizer)).to_dict(),
-        num_query_tokens=8,
-        image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
-        initializer_range=INIT_STD,
-    )  # fmt: skip
+    config = Blip2Config(**tiny_blip2_settings(processor, image_size))
     torch.manual_seed(0)
     Blip2ForConditionalGeneration(config).save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -14,7 +14,7 @@ from qformer_cli.models.backbones import load_qformer_tokenizer, resolve_model_n
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.config import QFormerConfig
 from qformer_cli.train import preflight, stage1, stage2
-from qformer_cli.train.stage1 import stage1_qformer_config
+from qformer_cli.train.common import fitted_qformer_config
 from tests.tiny_runs import FAST, ROOT, runner
 
 TINY_VISION_WIDTH = json.loads((ROOT / "sample_data/backbones/vision/config.json").read_text())[
@@ -127,7 +127,7 @@ def test_too_little_disk_for_one_checkpoint(tmp_path: Path, monkeypatch: pytest.
 def test_checkpoint_size_estimate_counts_the_stage1_model():
     config = load_config(None, [])
     tokenizer = load_qformer_tokenizer(resolve_model_name(config.model.bert))
-    model = Stage1Model(stage1_qformer_config(config, TINY_VISION_WIDTH, tokenizer))
+    model = Stage1Model(fitted_qformer_config(config, TINY_VISION_WIDTH, tokenizer))
     assert preflight.trainable_parameters(1, config) == sum(p.numel() for p in model.parameters())
 
 

@@ -3,6 +3,8 @@
 A checkpoint is a directory ``<run>/checkpoints/step-00000100/``:
 
 * ``model.safetensors`` -- the trainable weights, under this package's parameter names;
+* ``vision.safetensors`` -- the vision tower's weights, when it was trained too
+  (``train.vision_lr``), under its transformers names;
 * ``config.json`` -- what is needed to rebuild the model (:class:`CheckpointMeta`: stage, step,
   Q-Former sizes, the run config it was trained with);
 * ``train_state.pt`` -- optimizer, scheduler, RNG and data position (tensors and plain values
@@ -34,6 +36,7 @@ from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.models.config import QFormerConfig
 
 WEIGHTS = "model.safetensors"
+VISION_WEIGHTS = "vision.safetensors"
 # A checkpoint's metadata (CheckpointMeta). A run directory's resolved config has its own name,
 # run_config.json (train/common.py RUN_CONFIG): another schema, a RunConfig alone.
 CONFIG = "config.json"
@@ -153,8 +156,10 @@ def save_checkpoint(
     meta: CheckpointMeta,
     train_state: dict[str, Any] | None = None,
     extra_files: Callable[[Path], None] | None = None,
+    vision_weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` under ``run_dir/checkpoints`` atomically; return its path."""
+    """Write checkpoint ``step`` under ``run_dir/checkpoints`` atomically; return its path.
+    ``vision_weights``: a trained vision tower's."""
     final = checkpoint_path(run_dir, step)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +168,9 @@ def save_checkpoint(
         shutil.rmtree(temp)
     temp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(temp / WEIGHTS))
+    if vision_weights is not None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in vision_weights.items()}
+        save_file(tensors, str(temp / VISION_WEIGHTS))
     (temp / CONFIG).write_text(json.dumps(meta.to_dict(), indent=1, default=str))
     if train_state is not None:
         torch.save(train_state, temp / TRAIN_STATE)
@@ -254,6 +262,17 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
         return load_file(str(directory / WEIGHTS))
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{directory / WEIGHTS}: unreadable ({exc})") from None
+
+
+def load_vision_weights(directory: Path) -> dict[str, torch.Tensor] | None:
+    """The trained vision tower's weights of a checkpoint; None where the tower stayed frozen."""
+    path = directory / VISION_WEIGHTS
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
 
 
 def load_config(directory: Path) -> dict[str, Any]:

@@ -74,6 +74,15 @@ class DataConfig:
     vqa_annotations: str = ""
     vqa_images: str = ""  # default: images/train beside the questions file
     vqa_prompt: str = "Question: {} Answer:"
+    # Stage 2: whether the training captions (train / sources) are learned; off trains on the
+    # VQA questions and instructions alone (finetune --task vqa)
+    captions: bool = True
+    # Stage 2: instruction data, a JSONL / CSV table with image, instruction, response (images
+    # beside it), learned as the response after the instruction (finetune --task instruct)
+    instructions: str = ""
+    # Stage 2: captions and VQA questions given as instructions from built-in templates, several
+    # per task (qformer_cli/data/instructions.py; finetune --task instruct)
+    instruction_templates: bool = False
     # Stage 1 only: a feature cache from `qformer extract-features` (the frozen encoder's outputs)
     # read instead of the images; the encoder is then not loaded at all. Excludes `augment`.
     features: str = ""
@@ -145,6 +154,15 @@ class TrainConfig:
     # samples each rank saw: coverage across ranks, the same samples after a resume)
     log_sample_ids: bool = False
     max_nonfinite_steps: int = 5  # this many non-finite steps in a row stop the run; 0: never
+    # The vision encoder trains too when vision_lr > 0 (the paper's fine-tuning): held in fp32,
+    # its peak learning rate vision_lr on lr's warmup + cosine schedule, saved with each
+    # checkpoint (vision.safetensors). 0: frozen, as in pre-training.
+    vision_lr: float = 0.0
+    # Layer-wise decay of vision_lr: block i of L gets vision_lr * decay^(L - i), the patch
+    # embeddings decay^(L + 1) (LAVIS's retrieval fine-tuning: 0.95; 1: none)
+    vision_layer_decay: float = 1.0
+    # recompute the vision encoder's block activations in backward (less memory, more time)
+    vision_checkpointing: bool = False
 
 
 @dataclass
@@ -291,6 +309,8 @@ RANGES: dict[type, dict[str, Range]] = {
         "eval_every": AT_LEAST_0,
         "keep_last": AT_LEAST_1,
         "max_nonfinite_steps": AT_LEAST_0,
+        "vision_lr": AT_LEAST_0,
+        "vision_layer_decay": Range(high=1, above=0),
     },
     BackboneConfig: {"layer": Range(high=-1)},  # counted from the last: -1, -2, ...
     DataConfig: {

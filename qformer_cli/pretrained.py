@@ -52,6 +52,24 @@ def _checkpoint_meta(directory: Path, stage: int) -> checkpoint.CheckpointMeta:
     return saved
 
 
+def checkpoint_vision(
+    run_config: RunConfig, directory: Path, dtype: torch.dtype = torch.float32
+) -> VisionEncoder:
+    """The vision encoder a checkpoint was trained with: the one its run config names, with the
+    checkpoint's own tower weights where the run fine-tuned it (``vision.safetensors``)."""
+    vision = build_vision_encoder(run_config.model.vision, dtype=dtype)
+    weights = checkpoint.load_vision_weights(directory)
+    if weights is None:
+        return vision
+    result = vision.model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{directory / checkpoint.VISION_WEIGHTS}: does not fit {run_config.model.vision.model}"
+            f" (missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+    return vision
+
+
 def _load_state(model: torch.nn.Module, directory: Path) -> None:
     result = model.load_state_dict(checkpoint.load_weights(directory), strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -98,7 +116,7 @@ def load_stage1_pipeline(
     vision_spec = loaded.run_config.model.vision
     return Stage1Pipeline(
         model=loaded.model,
-        vision=build_vision_encoder(vision_spec).to(device),
+        vision=checkpoint_vision(loaded.run_config, loaded.directory).to(device),
         tokenizer=loaded.tokenizer,
         image_processor_source=resolve_model_name(vision_spec.model),
         directory=loaded.directory,
@@ -281,7 +299,7 @@ def load_stage2(
     directory = checkpoint.resolve_checkpoint(path)
     saved = _checkpoint_meta(directory, stage=2)
     run_config = from_dict(RunConfig, saved.run)
-    vision = build_vision_encoder(run_config.model.vision, dtype=dtype)
+    vision = checkpoint_vision(run_config, directory, dtype)
     llm = build_language_model(run_config.model.llm, dtype=dtype)
     bridge = Stage2Model(
         saved.qformer,

@@ -28,6 +28,11 @@ EXAMPLES: dict[str, list[str]] = {
         "qformer pretrain-stage2 --init runs/s1 --out runs/s2",
         "qformer pretrain-stage2 --init runs/s1 --llm facebook/opt-2.7b --data captions.jsonl",
     ],
+    "finetune": [
+        "qformer finetune --task caption --init runs/s2 --out runs/caption-ft",
+        "qformer finetune --task instruct --init runs/s2 --instructions instructions.jsonl",
+        "qformer finetune --task retrieval --init runs/s1 --config blip2_finetune_retrieval_coco",
+    ],
     "extract-features": [
         "qformer extract-features --out features/ && qformer pretrain-stage1 --features features/",
     ],
@@ -74,6 +79,7 @@ def _epilog(name: str) -> str:
 COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("pretrain-stage1", train.pretrain_stage1),
     ("pretrain-stage2", train.pretrain_stage2),
+    ("finetune", train.finetune),
     ("extract-features", train.extract_features),
     ("caption", infer.caption),
     ("eval-caption", infer.eval_caption),

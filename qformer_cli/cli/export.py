@@ -112,10 +112,16 @@ def convert(
             export.export_to_transformers(pipeline, out)
             source = pipeline.directory
     elif to == "lavis":
+        from qformer_cli.checkpoint import VISION_WEIGHTS
         from qformer_cli.models.convert import save_lavis
         from qformer_cli.pretrained import load_trainable
 
         trainable, source = load_trainable(model)
+        if (source / VISION_WEIGHTS).is_file():  # a .pth of the Q-Former alone would lose it
+            raise UsageError(
+                f"{source}: its vision encoder was fine-tuned, and --to lavis writes the "
+                "Q-Former alone: use --to transformers"
+            )
         save_lavis(trainable, out)
     else:
         raise UsageError(f"--to {to!r}: choose transformers or lavis")

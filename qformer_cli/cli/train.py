@@ -1,4 +1,5 @@
-"""The training commands: ``pretrain-stage1``, ``pretrain-stage2``, ``extract-features``."""
+"""The training commands: ``pretrain-stage1``, ``pretrain-stage2``, ``finetune``,
+``extract-features``."""
 
 from __future__ import annotations
 
@@ -194,6 +195,95 @@ def pretrain_stage2(
         overwrite,
         quiet=quiet,
         adjust=functools.partial(inherit_init_vision, init=init, given=given),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# qformer finetune
+
+
+@handles_errors
+def finetune(
+    task: Annotated[
+        str, typer.Option("--task", help="caption | vqa | retrieval | instruct (see README).")
+    ],
+    init: Annotated[
+        Path,
+        typer.Option(
+            "--init",
+            help="The run to fine-tune (RUN:best: its best validated checkpoint): stage 1 for "
+            "retrieval, stage 2 otherwise. Its model is kept.",
+        ),
+    ],
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    resume: ResumeOption = None,
+    overwrite: OverwriteOption = False,
+    data: TrainDataOption = None,
+    instructions: Annotated[
+        Path | None,
+        typer.Option(
+            "--instructions",
+            help="Instruction data: a JSONL / CSV table with image, instruction, response.",
+        ),
+    ] = None,
+    vision_lr: Annotated[
+        float | None,
+        typer.Option(
+            "--vision-lr",
+            min=0,
+            help="Peak learning rate of the vision encoder, trained with the Q-Former (0: "
+            "frozen). Default: train.lr for caption, vqa and retrieval; frozen for instruct.",
+        ),
+    ] = None,
+    max_steps: MaxStepsOption = None,
+    batch_size: BatchSizeOption = None,
+    precision: PrecisionOption = None,
+    seed: SeedOption = None,
+    skip_bad_samples: SkipBadOption = False,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Fine-tune a trained run for captioning, VQA, retrieval or instructions (InstructBLIP)."""
+    import functools
+
+    from qformer_cli.train.finetune import finetune_config, task_stage
+    from qformer_cli.train.stage1 import build_stage1_recipe
+    from qformer_cli.train.stage2 import build_stage2_recipe
+
+    stage = task_stage(task)
+    init = model_location(init)
+    require_inputs(init=init, instructions=instructions)
+    flags = {
+        **data_flags(data),
+        "data.instructions": str(instructions) if instructions else None,
+        "train.vision_lr": vision_lr,
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "train.precision": precision,
+        "train.seed": seed,
+        "data.skip_bad_samples": skip_bad_samples or None,
+    }
+    given = {text.split("=", 1)[0].strip() for text in overrides or []}
+    given |= {key for key, value in flags.items() if value is not None}
+    builder = build_stage1_recipe if stage == 1 else build_stage2_recipe
+    _pretrain(
+        f"finetune-{task}",
+        stage,
+        functools.partial(builder, init=init),
+        config,
+        overrides,
+        flags,
+        out,
+        resume,
+        device,
+        as_json,
+        overwrite,
+        quiet=quiet,
+        adjust=functools.partial(finetune_config, task=task, init=init, given=given),
     )
 
 

@@ -53,7 +53,8 @@ class Sample:
 
     Caption datasets fill ``captions`` (one entry per caption for training files, all of an
     image's captions for evaluation files); VQA datasets fill ``question`` and, when the
-    annotations are known, ``answers`` (the ten human answers) and ``answer`` (the majority).
+    annotations are known, ``answers`` (the ten human answers) and ``answer`` (the majority);
+    instruction data fills ``instruction`` and ``answer`` (the response).
     ``origin`` names the file and the entry, for error messages; ``file`` is the image's path
     as its source names it (relative to the image root), written next to the id in results.
     """
@@ -70,6 +71,7 @@ class Sample:
     origin: str = ""
     file: str = ""
     source: str = ""  # the training source it came from, in a mixture (data.sources)
+    instruction: str | None = None  # instruction data: the prompt, ``answer`` the response
 
 
 def one_caption_per_sample(samples: list[Sample]) -> list[Sample]:

@@ -5,7 +5,8 @@ A caption table has the columns ``image`` (a path relative to the image folder) 
 answers are known, ``answers`` (JSONL: a list of strings; CSV: one string, several answers
 separated by ``|``) or ``answer`` (one). ``image_id`` and ``question_id`` columns are used when
 present. Each table is read into the official layouts (COCO captions; VQAv2 questions and
-annotations), so everything downstream reads one format.
+annotations), so everything downstream reads one format. An instruction table (``image``,
+``instruction``, ``response``) has no official layout and is read into samples directly.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qformer_cli.data.json_files import read_json, shown
-from qformer_cli.data.sample import ids_from_names
+from qformer_cli.data.sample import BadSampleLog, Sample, ids_from_names, raise_or_skip
 from qformer_cli.errors import DataError
 
 TABLE_SUFFIXES = (".jsonl", ".csv", ".tsv")
@@ -170,3 +171,34 @@ def read_vqa_annotations_payload(path: str | Path) -> Any:
 
 def vqa_table_has_answers(path: str | Path) -> bool:
     return is_table(path) and vqa_table_as_vqav2(path)[1] is not None
+
+
+def read_instruction_table(path: str | Path, bad: BadSampleLog | None = None) -> list[Sample]:
+    """Instruction data, one sample per row: its ``image`` (relative to the table's folder)
+    with the ``instruction`` as the prompt and the ``response`` to learn."""
+    path = Path(path)
+    rows = read_rows(path)
+    if not rows:
+        raise DataError(f"{shown(path)}: no rows")
+    files = [_text(row, "image", where) for where, row in rows]
+    ids = _image_ids(list(dict.fromkeys(files)), rows)
+    samples = []
+    for (where, row), file in zip(rows, files, strict=True):
+        image = path.parent / file
+        image_missing = not image.is_file()
+        try:
+            if image_missing:
+                raise DataError(f"{where}: no image {shown(image)}")
+            samples.append(
+                Sample(
+                    image=image,
+                    image_id=ids[file],
+                    instruction=_text(row, "instruction", where),
+                    answer=_text(row, "response", where),
+                    origin=where,
+                    file=file,
+                )
+            )
+        except DataError as error:
+            raise_or_skip(bad, error, "missing image" if image_missing else "missing field")
+    return samples

@@ -224,9 +224,19 @@ class VisionEncoder(nn.Module):
         self.layer = layer
 
     def train(self, mode: bool = True) -> VisionEncoder:
-        # Frozen: dropout and the like stay off even when the surrounding model trains.
+        # Dropout and the like stay off even when the surrounding model trains (also when the
+        # encoder itself is fine-tuned: LAVIS fine-tunes BLIP-2's ViT with drop-path 0).
         super().train(False)
         return self
+
+    def unfreeze(self) -> VisionEncoder:
+        """Train the tower's weights (the paper's fine-tuning); hold them in fp32 first."""
+        self.model.requires_grad_(True)
+        return self
+
+    @property
+    def trains(self) -> bool:
+        return any(param.requires_grad for param in self.model.parameters())
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.layer == -1:

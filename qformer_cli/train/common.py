@@ -8,8 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from qformer_cli.config import DataConfig, RunConfig, from_dict
 from qformer_cli.data import (
     BadSampleLog,
@@ -40,9 +38,9 @@ from qformer_cli.data.streams import ListStream, Stream, StreamingTrainingSet, T
 from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
-from qformer_cli.models.backbones import VisionEncoder, build_vision_encoder, resolve_model_name
+from qformer_cli.models.backbones import resolve_model_name
 from qformer_cli.models.config import BackboneConfig, QFormerConfig
-from qformer_cli.runtime import PRECISION_DTYPES, Ranks, autocast
+from qformer_cli.runtime import Ranks
 
 # A run directory's resolved config (RunConfig.to_dict(); usable as --config). Runs written
 # before it had this name called it config.json, the name a checkpoint's metadata keeps.
@@ -258,19 +256,3 @@ def trained_vision(saved_run: dict) -> tuple[BackboneConfig, int] | None:
         return None
     vision = from_dict(BackboneConfig, saved_run["model"]["vision"], "model.vision")
     return vision, int(saved_run.get("data", {}).get("image_size", 0))
-
-
-def load_frozen_vision(config: RunConfig, device: torch.device) -> VisionEncoder:
-    """The frozen vision encoder; held in bf16/fp16 when training in that precision."""
-    dtype = PRECISION_DTYPES[config.train.precision]
-    return build_vision_encoder(config.model.vision, dtype=dtype).to(device)
-
-
-@torch.no_grad()
-def image_features(
-    vision: VisionEncoder, pixel_values: torch.Tensor, device: torch.device, precision: str
-) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, N, C) frozen features, run once per batch without autograd."""
-    dtype = next(vision.parameters()).dtype
-    with autocast(device, precision):
-        return vision(pixel_values.to(device=device, dtype=dtype))

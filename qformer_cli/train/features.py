@@ -30,11 +30,10 @@ from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import backbone_config, check_vision_kind, resolve_model_name
 from qformer_cli.progress import ProgressReport
 from qformer_cli.train.common import (
-    image_features,
-    load_frozen_vision,
     read_caption_samples,
     train_transform_config,
 )
+from qformer_cli.train.vision import image_features, load_vision
 
 
 def expected_fingerprint(config: RunConfig) -> dict[str, str]:
@@ -84,7 +83,7 @@ def extract_features(
         batch_size=batch_size,
         num_workers=config.data.num_workers,
     )
-    vision = load_frozen_vision(config, device)
+    vision = load_vision(config, device)
     writer = FeatureWriter(out, fingerprint, dtype, shard_size)
     report(f"extracting {len(samples)} images with {fingerprint['model']} on {device}")
     started = time.perf_counter()

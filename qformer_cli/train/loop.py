@@ -28,7 +28,9 @@ from qformer_cli.config import TrainConfig
 from qformer_cli.errors import Interrupted, QformerError, UsageError
 from qformer_cli.flops import count_flops
 from qformer_cli.losses import global_sum
+from qformer_cli.models.backbones import VisionEncoder
 from qformer_cli.runtime import PRECISION_DTYPES, Ranks, autocast, matmul_rate
+from qformer_cli.train.vision import vision_param_groups
 
 
 class Losses(Protocol):
@@ -68,8 +70,11 @@ def learning_rate(step: int, config: TrainConfig, total_steps: int) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases, norms, embeddings of queries and the temperature get no weight decay."""
+def build_optimizer(
+    model: nn.Module, config: TrainConfig, vision: VisionEncoder | None = None
+) -> torch.optim.AdamW:
+    """AdamW; biases, norms, embeddings of queries and the temperature get no weight decay.
+    A trained ``vision`` encoder's groups carry an ``lr_scale`` (train/vision.py)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -80,6 +85,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if vision is not None:
+        groups += vision_param_groups(vision, config)
     betas = (config.betas[0], config.betas[1])
     return torch.optim.AdamW(groups, lr=config.lr, betas=betas)
 
@@ -131,6 +138,9 @@ class StageRecipe:
     # train.eval_every: a validation pass -> {"val_...": value}, and the metric kept best by
     validate: Callable[[], dict[str, float]] | None = None
     best_metric: str = ""
+    # the vision encoder when it trains too (train.vision_lr): inside ``objective``
+    # (VisionInFront), its tower's weights saved as the checkpoint's vision.safetensors
+    vision: VisionEncoder | None = None
 
 
 class Trainer:
@@ -153,13 +163,16 @@ class Trainer:
         model = recipe.objective
         if ranks.world_size > 1:
             model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                # a trained tower's parts after the layer read (final blocks, pooler) get none
+                find_unused_parameters=recipe.vision is not None,
             )
         self.eager_model = model
         if config.compile:
             model = torch.compile(model)  # after DDP: its optimizer splits graphs at buckets
         self.model = model
-        self.optimizer = build_optimizer(recipe.trainable, config)
+        self.optimizer = build_optimizer(recipe.trainable, config, recipe.vision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         self.steps_per_epoch = len(recipe.loader) // config.grad_accum
         if self.steps_per_epoch == 0:
@@ -219,14 +232,28 @@ class Trainer:
             self.recipe.checkpoint_meta.at_step(self.state.step),
             self._train_state(random_states),
             self.recipe.save_extra,
+            vision_weights=self._vision_tower().state_dict() if self.recipe.vision else None,
         )
         checkpoint.prune_checkpoints(self.out_dir, self.config.keep_last)
         self._barrier()
         return path
 
+    def _vision_tower(self) -> nn.Module:
+        assert self.recipe.vision is not None
+        return self.recipe.vision.model
+
     def resume(self, directory: Path) -> None:
         weights = checkpoint.load_weights(directory)
         self.recipe.trainable.load_state_dict(weights)
+        vision_weights = checkpoint.load_vision_weights(directory)
+        if (vision_weights is None) != (self.recipe.vision is None):
+            state = "frozen" if vision_weights is None else "trained"
+            raise UsageError(
+                f"{directory}: its vision encoder was {state}; resume with the "
+                "train.vision_lr it was trained with"
+            )
+        if vision_weights is not None:
+            self._vision_tower().load_state_dict(vision_weights)
         state = checkpoint.load_train_state(directory)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -336,7 +363,7 @@ class Trainer:
     def _step(self, micro_batches: list[Any]) -> tuple[dict[str, float], int]:
         lr = learning_rate(self.state.step, self.config, self.total_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for batch in self._prepare(micro_batches):
@@ -346,7 +373,12 @@ class Trainer:
         totals = self._mean_over_ranks(totals)
         self.scaler.unscale_(self.optimizer)
         faults.maybe_fail("mid_step", self.state.step + 1)
-        grads = [p.grad for p in self.recipe.trainable.parameters() if p.grad is not None]
+        grads = [
+            p.grad
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
         finite = math.isfinite(totals["loss"]) and bool(
             torch.stack([torch.isfinite(g).all() for g in grads]).all()
         )

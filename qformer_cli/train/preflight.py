@@ -67,10 +67,27 @@ def _check_stage_options(stage: int, config: RunConfig) -> None:
     data_columns(config.data)
     if config.data.streaming:
         _check_streaming(stage, config)
+    if config.train.vision_lr > 0:
+        _check_vision_training(stage, config)
+    if stage == 1 and (config.data.instructions or config.data.instruction_templates):
+        raise UsageError("data.instructions / instruction_templates are stage-2 data")
     if config.train.eval_every:
         best_metric(stage, config)  # a name the stage reports
         if config.data.features:
             raise UsageError("train.eval_every needs the vision encoder: not with --features")
+
+
+def _check_vision_training(stage: int, config: RunConfig) -> None:
+    """A trained vision encoder (train.vision_lr) runs in the step, on the images."""
+    if config.data.features:
+        raise UsageError("train.vision_lr trains the vision encoder: not with a feature cache")
+    if stage == 1 and config.train.grad_accum > 1:
+        raise UsageError(
+            "train.vision_lr with train.grad_accum > 1 is not supported in stage 1 (its shared "
+            "ITC features would need the encoder's graph of every micro-batch)"
+        )
+    if config.train.fsdp:
+        raise UsageError("train.vision_lr with --fsdp is not supported yet")
 
 
 def _check_streaming(stage: int, config: RunConfig) -> None:
@@ -94,6 +111,7 @@ def _check_data_files(config: RunConfig) -> None:
         "data.vqa_questions": data.vqa_questions,
         "data.vqa_annotations": data.vqa_annotations,
         "data.val": data.val,
+        "data.instructions": data.instructions,
     }
     for index, source in enumerate(data.sources):
         named[f"data.sources[{index}]"] = str(source.get("path") or "")
@@ -181,9 +199,12 @@ def _check_resume_vision(directory: Path, config: RunConfig, saved_run: dict) ->
 def trainable_parameters(stage: int, config: RunConfig, llm_width: int | None = None) -> int:
     """The stage's trainable parameter count, from shapes alone (meta device, no weights);
     stage 2 builds the LLM for its embedding width unless ``llm_width`` is given."""
+    vision = build_vision_encoder(config.model.vision, meta=True)
     qformer_config = config.model.qformer_config().fitted_to_backbones(
-        encoder_width=build_vision_encoder(config.model.vision, meta=True).hidden_size
+        encoder_width=vision.hidden_size
     )
+    # a trained vision encoder (train.vision_lr) is checkpointed with its optimizer state too
+    trained_vision = sum(p.numel() for p in vision.parameters()) if config.train.vision_lr else 0
     with torch.device("meta"):
         if stage == 1:
             model: torch.nn.Module = Stage1Model(qformer_config)
@@ -192,7 +213,7 @@ def trainable_parameters(stage: int, config: RunConfig, llm_width: int | None = 
             model = Stage2Model(
                 qformer_config, width, instruction_aware=config.model.instruction_aware
             )
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()) + trained_vision
 
 
 def free_disk_bytes(directory: Path) -> int:

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qformer_cli import checkpoint
 from qformer_cli.checkpoint import CheckpointMeta
 from qformer_cli.config import RunConfig, Stage1Config
 from qformer_cli.data import BadSampleLog, Sample
+from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.losses import (
     ItcOutput,
     NegativeMining,
@@ -43,13 +45,17 @@ from qformer_cli.runtime import Ranks
 from qformer_cli.train.common import (
     build_train_loader,
     fitted_qformer_config,
-    image_features,
-    load_frozen_vision,
     read_caption_samples,
 )
 from qformer_cli.train.features import open_feature_cache
 from qformer_cli.train.loop import StageRecipe
 from qformer_cli.train.validation import best_metric, stage1_validator
+from qformer_cli.train.vision import (
+    VisionInFront,
+    batch_images,
+    describe_vision_training,
+    load_vision,
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class GivenNegatives:
 
 @dataclass
 class Stage1Batch:
-    image_embeds: torch.Tensor  # (B, N, C) frozen vision features
+    image_embeds: torch.Tensor | None  # (B, N, C) vision features (None: from pixel_values)
     input_ids: torch.Tensor  # (B, T), [CLS] first
     text_mask: torch.Tensor  # (B, T), 1 = real token
     image_ids: torch.Tensor  # (B,) int64; same id = same image (not a negative)
@@ -86,6 +92,7 @@ class Stage1Batch:
     # number of losses averaged into its gradient; None: this batch alone is the step.
     itg_tokens_per_loss: torch.Tensor | None = None
     given_negatives: GivenNegatives | None = None  # used instead of drawing ITM negatives
+    pixel_values: torch.Tensor | None = None  # (B, 3, H, W) for a trained encoder (VisionInFront)
 
 
 @dataclass
@@ -339,19 +346,45 @@ def image_number(sample: Sample) -> int:
     return int.from_bytes(digest.digest(), "big", signed=True)
 
 
+def _init_stage1(model: Stage1Model, config: RunConfig, init: Path | None) -> str:
+    """Load the initial weights: a stage-1 checkpoint's (all of them: fine-tuning), else BERT's
+    for the Q-Former (pre-training); returns what was loaded, for the log."""
+    if init is None:
+        loaded = load_external_weights(model, Path(resolve_model_name(config.model.bert)))
+        return f"Q-Former init from {config.model.bert}: {loaded.summary()}"
+    saved = checkpoint.load_meta(init)
+    if saved.stage != 1:
+        raise UsageError(f"{init}: a stage-{saved.stage} checkpoint; stage 1 starts from stage 1")
+    weights = checkpoint.load_weights(init)
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{init}: weights do not fit this stage-1 model (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]})"
+        )
+    return f"stage-1 init from {init}: all {len(weights)} tensors"
+
+
 def build_stage1_recipe(
-    config: RunConfig, device: torch.device, ranks: Ranks, report: Callable[[str], None]
+    config: RunConfig,
+    device: torch.device,
+    ranks: Ranks,
+    report: Callable[[str], None],
+    init: Path | None = None,
 ) -> StageRecipe:
+    """Stage 1 from BERT, or (``init``: a stage-1 checkpoint directory) from a stage-1 run."""
+    init = checkpoint.resolve_checkpoint(Path(init)) if init is not None else None
     # A feature cache is checked first (configs only), and then no encoder is loaded at all.
     cache = open_feature_cache(config) if config.data.features else None
     tokenizer = load_qformer_tokenizer(config.model.bert)
-    vision = None if cache else load_frozen_vision(config, device)
+    vision = None if cache else load_vision(config, device, init)
+    if vision is not None and vision.trains:
+        report(describe_vision_training(vision, config.train))
     vision_width = cache.encoder_width if cache else vision.hidden_size
     qformer_config = fitted_qformer_config(config, vision_width, tokenizer)
     torch.manual_seed(config.train.seed)
     model = Stage1Model(qformer_config, head_init=config.stage1.head_init)
-    init = load_external_weights(model, Path(resolve_model_name(config.model.bert)))
-    report(f"Q-Former init from {config.model.bert}: {init.summary()}")
+    report(_init_stage1(model, config, init))
     model.to(device)
 
     bad = BadSampleLog(skip=config.data.skip_bad_samples)
@@ -371,11 +404,19 @@ def build_stage1_recipe(
             tokenizer, batch.captions, config.model.max_text_len, device
         )
         ids = torch.tensor([image_number(s) for s in batch.samples], device=device)
+        pixels = None
         if vision is None:  # (B, N, C) cached features
             features = batch.images.to(device)
         else:
-            features = image_features(vision, batch.images, device, config.train.precision)
-        return Stage1Batch(features, input_ids, text_mask, ids, caption_ids(batch.captions, device))
+            features, pixels = batch_images(vision, batch.images, device, config.train.precision)
+        return Stage1Batch(
+            features,
+            input_ids,
+            text_mask,
+            ids,
+            caption_ids(batch.captions, device),
+            pixel_values=pixels,
+        )
 
     def save_tokenizer(directory: Path) -> None:
         tokenizer.save_pretrained(directory / "tokenizer")
@@ -385,9 +426,11 @@ def build_stage1_recipe(
         source = resolve_model_name(config.model.vision.model)
         validate = stage1_validator(model, vision, tokenizer, source, config, device)
 
+    trained_vision = vision if vision is not None and vision.trains else None
     return StageRecipe(
         name="stage1",
-        objective=objective,
+        objective=VisionInFront(vision, objective) if trained_vision else objective,
+        vision=trained_vision,
         trainable=model,
         prepare=prepare,
         loader=loader,

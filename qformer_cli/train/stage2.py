@@ -18,7 +18,10 @@ from torch import nn
 
 from qformer_cli import checkpoint
 from qformer_cli.config import RunConfig
-from qformer_cli.data import BadSampleLog
+from qformer_cli.data import BadSampleLog, Sample
+from qformer_cli.data.instructions import caption_instruction, question_instruction
+from qformer_cli.data.tables import read_instruction_table
+from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.inference.generate import instructed_soft_prompt
 from qformer_cli.models.backbones import (
@@ -35,8 +38,6 @@ from qformer_cli.runtime import PRECISION_DTYPES, Ranks
 from qformer_cli.train.common import (
     build_train_loader,
     fitted_qformer_config,
-    image_features,
-    load_frozen_vision,
     read_caption_samples,
     read_vqa_training_samples,
     trained_vision,
@@ -44,6 +45,12 @@ from qformer_cli.train.common import (
 from qformer_cli.train.loop import StageRecipe
 from qformer_cli.train.sharding import checkpoint_activations, describe, shard_frozen_lm
 from qformer_cli.train.validation import Validator, best_metric, stage2_validator
+from qformer_cli.train.vision import (
+    VisionInFront,
+    batch_images,
+    describe_vision_training,
+    load_vision,
+)
 
 
 @dataclass
@@ -54,10 +61,11 @@ class Stage2Batch:
     random word: ``split_target``); VQA pairs learn the answer after "Question: ... Answer:".
     """
 
-    image_embeds: torch.Tensor  # (B, N, C) frozen vision features
+    image_embeds: torch.Tensor | None  # (B, N, C) vision features (None: from pixel_values)
     prompts: list[str]
     targets: list[str]
     split_target: list[bool]
+    pixel_values: torch.Tensor | None = None  # (B, 3, H, W) for a trained encoder (VisionInFront)
 
     @classmethod
     def captions(cls, image_embeds: torch.Tensor, captions: list[str], prompt: str) -> Stage2Batch:
@@ -75,6 +83,35 @@ class Stage2Losses:
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {"lm": self.lm}
+
+
+def prompt_and_target(
+    sample: Sample, caption_prompt: str, vqa_prompt: str, templates: bool
+) -> tuple[str, str]:
+    """What a training sample gives the LLM, and what it learns: an instruction and its
+    response; a question (in ``vqa_prompt``) and its answer; or the caption prompt and the
+    caption. ``templates``: questions and captions as instructions from the built-in templates."""
+    if sample.instruction is not None:
+        return sample.instruction, sample.answer or ""
+    if sample.question is not None:
+        prompt = question_instruction(sample) if templates else vqa_prompt.format(sample.question)
+        return prompt, sample.answer or ""
+    return caption_instruction(sample) if templates else caption_prompt, sample.captions[0]
+
+
+def read_stage2_samples(config: RunConfig, bad: BadSampleLog) -> list[Sample]:
+    """Stage 2's training samples: the captions (unless ``data.captions`` is off), the VQA
+    questions and the instruction table, each where configured."""
+    data = config.data
+    samples = read_caption_samples(data, bad) if data.captions else []
+    samples += read_vqa_training_samples(data, bad)
+    if data.instructions:
+        samples += read_instruction_table(resolve_embedded_path(data.instructions), bad)
+    if not samples:
+        raise UsageError(
+            "data.captions is off and there are no VQA questions or instructions to train on"
+        )
+    return samples
 
 
 def split_for_prefix_lm(caption: str, generator: torch.Generator) -> tuple[str, str]:
@@ -197,6 +234,14 @@ def _is_our_checkpoint(path: Path) -> bool:
     return (path / checkpoint.MANIFEST).is_file() or bool(checkpoint.list_checkpoints(path))
 
 
+def own_checkpoint(init: Path | None) -> Path | None:
+    """The checkpoint directory of an ``--init`` run or checkpoint of this package (None for
+    no init or an external weight file)."""
+    if init is None or not _is_our_checkpoint(Path(init)):
+        return None
+    return checkpoint.resolve_checkpoint(Path(init))
+
+
 def _touched(given: set[str], key: str) -> bool:
     """Whether the command line set ``key`` or a key below it."""
     return any(name == key or name.startswith(f"{key}.") for name in given)
@@ -283,7 +328,12 @@ def build_stage2_recipe(
     init: Path | None = None,
 ) -> StageRecipe:
     dtype = PRECISION_DTYPES[config.train.precision]
-    vision = load_frozen_vision(config, device)
+    init_checkpoint = (
+        checkpoint.resolve_checkpoint(init) if init and _is_our_checkpoint(init) else None
+    )
+    vision = load_vision(config, device, init_checkpoint)
+    if vision.trains:
+        report(describe_vision_training(vision, config.train))
     llm = build_language_model(config.model.llm, dtype=dtype)
     llm.model.to(device)
     tokenizer = load_llm_tokenizer(config.model.llm.model)
@@ -298,13 +348,20 @@ def build_stage2_recipe(
         config.model.llm_proj_init_std,
         instruction_aware=instruct,
     )
-    source = init or Path(resolve_model_name(config.model.bert))
-    loaded = init_bridge(bridge, source)
-    report(f"Q-Former init from {source}: {loaded.summary()}")
+    bert = Path(resolve_model_name(config.model.bert))
+    source = init or bert
+    if instruct and init is not None:  # the text parts a plain stage-2 run has not: from BERT
+        load_external_weights(bridge, bert)
+        loaded = init_bridge(bridge, source)
+        from_bert = f"; {len(loaded.missing)} more from {config.model.bert}" * bool(loaded.missing)
+        report(f"Q-Former init from {source}: {len(loaded.loaded)} tensors{from_bert}")
+    else:
+        loaded = init_bridge(bridge, source)
+        report(f"Q-Former init from {source}: {loaded.summary()}")
     bridge.to(device)
 
     bad = BadSampleLog(skip=config.data.skip_bad_samples)
-    samples = read_caption_samples(config.data, bad) + read_vqa_training_samples(config.data, bad)
+    samples = read_stage2_samples(config, bad)
     loader = build_train_loader(config, samples, bad, ranks)
     generator = torch.Generator().manual_seed(config.train.seed + ranks.rank)
     objective = Stage2Objective(
@@ -320,26 +377,23 @@ def build_stage2_recipe(
 
     caption_prompt = config.generate.prompt
     vqa_prompt = config.data.vqa_prompt
+    templates = config.data.instruction_templates
 
     def prepare(batch) -> Stage2Batch:
-        features = image_features(vision, batch.images, device, config.train.precision)
-        questions = [sample.question is not None for sample in batch.samples]
+        features, pixels = batch_images(vision, batch.images, device, config.train.precision)
+        texts = [prompt_and_target(s, caption_prompt, vqa_prompt, templates) for s in batch.samples]
         return Stage2Batch(
             features,
-            [
-                vqa_prompt.format(s.question) if q else caption_prompt
-                for s, q in zip(batch.samples, questions, strict=True)
-            ],
-            [
-                s.answer if q else s.captions[0]
-                for s, q in zip(batch.samples, questions, strict=True)
-            ],
-            [not q for q in questions],
+            [prompt for prompt, _ in texts],
+            [target for _, target in texts],
+            [not s.answer for s in batch.samples],  # captions are split for prefix LM
+            pixel_values=pixels,
         )
 
     return StageRecipe(
         name="stage2",
-        objective=objective,
+        objective=VisionInFront(vision, objective) if vision.trains else objective,
+        vision=vision if vision.trains else None,
         trainable=bridge,
         prepare=prepare,
         loader=loader,

@@ -78,6 +78,7 @@ def test_help_lists_only_working_commands():
     assert listed == {
         "info",
         "pretrain-stage1",
+        "finetune",
         "pretrain-stage2",
         "extract-features",
         "eval-retrieval",

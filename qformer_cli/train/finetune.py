@@ -1,0 +1,76 @@
+"""``qformer finetune --task T --init RUN``: the paper's fine-tuning recipes over a trained run.
+
+Every task keeps the model of the run it starts from (its backbones, Q-Former sizes and image
+size) and trains the stage that task needs:
+
+- ``caption``: stage 2 on the captions alone, the LLM frozen, the vision encoder trained (BLIP-2
+  fine-tunes the ViT with the Q-Former for captioning; LAVIS ``caption_coco_ft.yaml``);
+- ``vqa``: stage 2 on the VQA questions alone, the question given to the Q-Former too
+  (instruction-aware) and answered by open-ended generation, the vision encoder trained;
+- ``retrieval``: stage 1 (ITC + ITM + ITG) from a stage-1 run, the vision encoder trained
+  (LAVIS ``retrieval_coco_ft.yaml``);
+- ``instruct``: stage 2 with an instruction-aware Q-Former (InstructBLIP) on instruction data
+  (``data.instructions``) and the captions and questions as templated instructions, the vision
+  encoder frozen as in InstructBLIP.
+
+The vision encoder trains at ``train.vision_lr`` (``--vision-lr``; 0 keeps it frozen), by
+default the Q-Former's ``train.lr``, as LAVIS's fine-tuning configs use one learning rate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qformer_cli import checkpoint
+from qformer_cli.config import RunConfig, from_dict
+from qformer_cli.errors import UsageError
+
+FINETUNE_TASKS = ("caption", "vqa", "retrieval", "instruct")
+TRAINS_VISION = {"caption": True, "vqa": True, "retrieval": True, "instruct": False}
+
+
+def task_stage(task: str) -> int:
+    if task not in FINETUNE_TASKS:
+        raise UsageError(f"--task {task!r}: one of {', '.join(FINETUNE_TASKS)}")
+    return 1 if task == "retrieval" else 2
+
+
+def finetune_config(config: RunConfig, task: str, init: Path, given: set[str]) -> RunConfig:
+    """``config`` (the command's --config, --set and flags) made the run config of fine-tuning
+    ``init`` for ``task``: the model section and image size of ``init``'s run, the task's data
+    and settings where the command line (``given`` keys) leaves them open."""
+    stage = task_stage(task)
+    directory = checkpoint.resolve_checkpoint(init)
+    saved = checkpoint.load_meta(directory)
+    if saved.stage != stage:
+        needed = "a stage-1 run (pretrain-stage1)" if stage == 1 else "a stage-2 run"
+        raise UsageError(
+            f"--init {init}: a stage-{saved.stage} run; --task {task} starts from {needed}"
+        )
+    changed = sorted(key for key in given if key == "model" or key.startswith("model."))
+    if changed:
+        raise UsageError(
+            f"{changed[0]}: finetune keeps the model of --init {init}; drop the option"
+        )
+    trained = from_dict(RunConfig, saved.run)
+    config.model = trained.model
+    config.data.image_size = trained.data.image_size
+
+    def default(key: str, value: object) -> None:
+        if key not in given:
+            section, name = key.split(".")
+            setattr(getattr(config, section), name, value)
+
+    if task == "caption":
+        default("data.vqa_questions", "")
+    elif task == "vqa":
+        config.model.instruction_aware = True
+        default("data.captions", False)
+        if not config.data.vqa_questions:
+            raise UsageError("--task vqa trains on data.vqa_questions: give them (--set)")
+    elif task == "instruct":
+        config.model.instruction_aware = True
+        default("data.instruction_templates", True)
+    if TRAINS_VISION[task]:
+        default("train.vision_lr", config.train.lr)
+    return config

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole job on the embedded default (sample_data/), offline, on CPU:
-# stage 1 -> retrieval, stage 2 -> captions (+ shuffled-image check) -> VQA (+ blind check).
+# stage 1 -> retrieval, stage 2 -> captions (+ shuffled-image check) -> VQA (+ blind check),
+# an instruction-aware stage 2 -> VQA (+ blind check), ONNX export -> captions.
 # Step counts are sized for a 2-core machine; override with DEMO_STAGE1_STEPS etc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,12 @@ stamp "zero-shot VQA on sample_data val, then --blind"
 qformer eval-vqa --model "$OUT/stage2" --num-beams 3 --out "$OUT/vqa"
 qformer eval-vqa --model "$OUT/stage2" --num-beams 3 --blind --out "$OUT/vqa-blind" > /dev/null
 
+stamp "instruction-aware stage 2 (InstructBLIP: the question also goes to the Q-Former), same steps and data"
+qformer pretrain-stage2 --config configs/tiny.yaml --init "$OUT/stage1" --max-steps "$STAGE2_STEPS" \
+  --set model.instruction_aware=true --out "$OUT/stage2-instruct" --quiet > /dev/null
+qformer eval-vqa --model "$OUT/stage2-instruct" --num-beams 3 --out "$OUT/vqa-instruct" > /dev/null
+qformer eval-vqa --model "$OUT/stage2-instruct" --num-beams 3 --blind --out "$OUT/vqa-instruct-blind" > /dev/null
+
 stamp "ONNX export (parity-checked), then captions with --backend onnx vs torch (beam 3)"
 qformer export-onnx --model "$OUT/stage2" --out "$OUT/onnx"
 qformer caption --model "$OUT/onnx" --backend onnx --num-beams 3 --out "$OUT/caption-onnx" > /dev/null
@@ -68,6 +75,12 @@ v, vb = load("vqa/metrics.json"), load("vqa-blind/metrics.json")
 print(f"  VQA accuracy real {v['overall']:.2f} vs blind {vb['overall']:.2f}")
 for kind in v["per_answer_type"]:
     print(f"    {kind:8s} {v['per_answer_type'][kind]:6.2f} vs {vb['per_answer_type'][kind]:6.2f}")
+i, ib = load("vqa-instruct/metrics.json"), load("vqa-instruct-blind/metrics.json")
+print(f"  VQA instruction-aware Q-Former: real {i['overall']:.2f} vs blind {ib['overall']:.2f} "
+      f"(plain Q-Former: real {v['overall']:.2f})")
+for kind in i["per_answer_type"]:
+    print(f"    {kind:8s} {i['per_answer_type'][kind]:6.2f} vs {ib['per_answer_type'][kind]:6.2f} "
+          f"(plain {v['per_answer_type'][kind]:6.2f})")
 
 # Grounding floors: what a working recipe reaches with headroom, and a broken mask, loss or
 # optimizer does not. Measured 2026-11-30 on three stage-1 settings/seeds: ITC text->image R@1
@@ -78,6 +91,7 @@ floors = [
     ("retrieval ITM re-ranked text->image R@1 >= 8", r["text_to_image"]["R@1"] >= 8),
     ("caption CIDEr real >= 1.8x shuffled images", c["CIDEr"] >= 1.8 * cs["CIDEr"]),
     ("VQA accuracy real >= blind + 5", v["overall"] >= vb["overall"] + 5),
+    ("instruction-aware VQA real >= blind + 5", i["overall"] >= ib["overall"] + 5),
 ]
 missed = [name for name, met in floors if not met]
 for name, met in floors:

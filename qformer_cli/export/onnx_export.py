@@ -3,7 +3,9 @@
 Stage 2 (caption / VQA); all graphs have dynamic batch and sequence axes:
 
 - ``vision_qformer.onnx``: pixel_values (B, 3, H, W) -> soft_prompt (B, Q, D), i.e. the frozen
-  vision encoder, the Q-Former and the projection into the LLM's embedding space;
+  vision encoder, the Q-Former and the projection into the LLM's embedding space; for an
+  instruction-aware Q-Former (InstructBLIP) also instruction_ids + instruction_mask (B, T), the
+  prompt in the Q-Former's vocabulary (``qformer_tokenizer/``), right-padded;
 - decoder-only LLMs (OPT, ...):
 
   - ``llm_prefill.onnx``: inputs_embeds (B, S, D) + attention_mask (B, S) -> logits (B, S, V)
@@ -78,6 +80,7 @@ VISION_ITC_GRAPH = "vision_itc.onnx"
 TEXT_ITC_GRAPH = "text_itc.onnx"
 EMBEDDINGS = "embed_tokens.npy"
 TOKENIZER_DIR = "tokenizer"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"  # an instruction-aware Q-Former's
 IMAGE_PROCESSOR = "preprocessor_config.json"
 
 TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 1e-2}
@@ -150,6 +153,20 @@ class VisionQFormer(nn.Module):
         # generate_for_samples feeds the bridge the vision features cast to its own dtype.
         features = features.to(next(self.bridge.parameters()).dtype)
         return self.bridge.soft_prompt(features)
+
+
+class InstructedVisionQFormer(VisionQFormer):
+    """An instruction-aware Q-Former's graph: pixels (B, 3, H, W) and the instruction's Q-Former
+    tokens (B, T), right-padded, with their mask (B, T) -> soft prompt (B, Q, D)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        pixel_values: torch.Tensor,
+        instruction_ids: torch.Tensor,
+        instruction_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        features = self.vision(pixel_values).to(next(self.bridge.parameters()).dtype)
+        return self.bridge.soft_prompt(features, instruction_ids, instruction_mask)
 
 
 class VisionITC(nn.Module):
@@ -346,6 +363,27 @@ def _vision_spec(
     return GraphSpec(file, module, ["pixel_values"], [output], axes, random_inputs)
 
 
+def _instructed_vision_spec(
+    module: InstructedVisionQFormer, image_shape: tuple[int, int, int]
+) -> GraphSpec:
+    vocab_size = module.bridge.config.vocab_size
+
+    def random_inputs(batch: int, sizes: Sizes, generator: torch.Generator):
+        pixels = torch.randn(batch, *image_shape, generator=generator)
+        ids = torch.randint(0, vocab_size, (batch, sizes.sequence), generator=generator)
+        mask = _left_padded_mask(batch, sizes.sequence, generator).flip(-1)  # BERT pads right
+        return pixels, ids, mask
+
+    names = ["pixel_values", "instruction_ids", "instruction_mask"]
+    axes = {
+        "pixel_values": {0: "batch"},
+        "instruction_ids": {0: "batch", 1: "instruction"},
+        "instruction_mask": {0: "batch", 1: "instruction"},
+        "soft_prompt": {0: "batch"},
+    }
+    return GraphSpec(VISION_GRAPH, module, names, ["soft_prompt"], axes, random_inputs)
+
+
 def _decoder_only_specs(llm: nn.Module, dim: int) -> tuple[list[GraphSpec], KvShape]:
     step = DecoderStep(llm)
     kv = _kv_shape(step, (torch.zeros(1, 1, dim), torch.ones(1, 1, dtype=torch.long)))
@@ -474,11 +512,15 @@ def _encoder_decoder_specs(llm: nn.Module, dim: int) -> tuple[list[GraphSpec], K
 
 def stage2_graph_specs(pipeline: Stage2Pipeline) -> tuple[list[GraphSpec], KvShape]:
     """The graphs of a stage-2 pipeline (traced from fp32 CPU copies) and its LLM's KV shape."""
-    vision_qformer = copy.deepcopy(VisionQFormer(pipeline)).to("cpu", torch.float32).eval()
+    image_shape = _image_shape(pipeline.vision)
+    if pipeline.bridge.instruction_aware:
+        instructed = InstructedVisionQFormer(pipeline)
+        instructed = copy.deepcopy(instructed).to("cpu", torch.float32).eval()
+        vision = _instructed_vision_spec(instructed, image_shape)
+    else:
+        vision_qformer = copy.deepcopy(VisionQFormer(pipeline)).to("cpu", torch.float32).eval()
+        vision = _vision_spec(VISION_GRAPH, vision_qformer, "soft_prompt", image_shape)
     llm = copy.deepcopy(pipeline.llm.model).to("cpu", torch.float32).eval()
-    vision = _vision_spec(
-        VISION_GRAPH, vision_qformer, "soft_prompt", _image_shape(pipeline.vision)
-    )
     dim = pipeline.llm.embedding_dim
     if pipeline.llm.family == "decoder-only":
         llm_specs, kv = _decoder_only_specs(llm, dim)
@@ -676,11 +718,6 @@ def export_onnx(
     ``UsageError`` for bad options or an LLM that cannot be exported.
     """
     _check_options(precision, opset)
-    if isinstance(source, Stage2Pipeline) and source.bridge.instruction_aware:
-        raise UsageError(
-            "export-onnx: an instruction-aware Q-Former (InstructBLIP) is not exported yet; "
-            "run it with --backend torch"
-        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Graphs are traced from fp32 CPU copies, leaving the caller's models untouched; fp16 graphs
@@ -740,6 +777,21 @@ def _export_stage2(
         "prompt": pipeline.prompt,
         "generation": GenerationConfig().decoding(),
         "source": str(pipeline.directory),
+        **_instruction_entries(pipeline, out_dir),
+    }
+
+
+def _instruction_entries(pipeline: Stage2Pipeline, out_dir: Path) -> dict[str, Any]:
+    """An instruction-aware Q-Former's manifest entries, with its tokenizer written: the
+    vision_qformer graph then also takes each prompt's Q-Former tokens, right-padded and cut at
+    ``instruction_max_length`` (as ``inference.generate.instructed_soft_prompt`` does)."""
+    if not pipeline.bridge.instruction_aware:
+        return {"instruction_aware": False}
+    pipeline.qformer_tokenizer.save_pretrained(out_dir / QFORMER_TOKENIZER_DIR)
+    return {
+        "instruction_aware": True,
+        "qformer_tokenizer": QFORMER_TOKENIZER_DIR,
+        "instruction_max_length": int(pipeline.bridge.config.max_position_embeddings),
     }
 
 

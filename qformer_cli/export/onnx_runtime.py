@@ -70,6 +70,11 @@ class OnnxPipeline:
     decode: Any
     embed_tokens: np.ndarray  # (V, D)
     tokenizer: Any
+    qformer_tokenizer: Any = None  # an instruction-aware Q-Former's (it reads the prompts)
+
+    @property
+    def instruction_aware(self) -> bool:
+        return bool(self.manifest.get("instruction_aware"))
 
     @property
     def provider(self) -> str:
@@ -123,12 +128,31 @@ class OnnxPipeline:
             decode=session("llm_decode"),
             embed_tokens=np.load(directory / manifest["embeddings"]["file"]),
             tokenizer=AutoTokenizer.from_pretrained(directory / manifest["tokenizer"]),
+            qformer_tokenizer=AutoTokenizer.from_pretrained(
+                directory / manifest["qformer_tokenizer"]
+            )
+            if manifest.get("instruction_aware")
+            else None,
         )
 
-    def soft_prompt(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Preprocessed images (B, 3, H, W) -> soft prompt (B, Q, D)."""
-        pixels = np.ascontiguousarray(pixel_values, dtype=self.float_dtype)
-        return self.vision_qformer.run(["soft_prompt"], {"pixel_values": pixels})[0]
+    def soft_prompt(self, pixel_values: np.ndarray, prompts: list[str] | None = None) -> np.ndarray:
+        """Preprocessed images (B, 3, H, W) -> soft prompt (B, Q, D); an instruction-aware
+        Q-Former also reads each image's prompt."""
+        feed = {"pixel_values": np.ascontiguousarray(pixel_values, dtype=self.float_dtype)}
+        if self.instruction_aware:
+            if prompts is None or len(prompts) != len(pixel_values):
+                raise UsageError("an instruction-aware Q-Former reads one prompt per image")
+            self.qformer_tokenizer.padding_side = "right"
+            encoded = self.qformer_tokenizer(
+                prompts,
+                padding="longest",
+                truncation=True,
+                max_length=self.manifest["instruction_max_length"],
+                return_tensors="np",
+            )
+            feed["instruction_ids"] = encoded["input_ids"].astype(np.int64)
+            feed["instruction_mask"] = encoded["attention_mask"].astype(np.int64)
+        return self.vision_qformer.run(["soft_prompt"], feed)[0]
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """Token ids (B, T) -> embeddings (B, T, D) in the graphs' dtype."""

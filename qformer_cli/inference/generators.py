@@ -101,13 +101,19 @@ class OnnxGenerator:
         self.prompt = pipeline.prompt
 
     def encode_images(self, pixel_values: torch.Tensor) -> np.ndarray:
-        """(B, 3, H, W) -> the vision + Q-Former graph's soft prompt (B, Q, D)."""
+        """(B, 3, H, W) -> the vision + Q-Former graph's soft prompt (B, Q, D); for an
+        instruction-aware Q-Former the pixels, which ``generate`` reads with the prompts."""
+        if self.pipeline.instruction_aware:
+            return pixel_values.numpy()
         return self.pipeline.soft_prompt(pixel_values.numpy())
 
     def generate(
         self, encoded: Encoded, prompts: list[str], settings: GenerationConfig
     ) -> list[str]:
-        return generate_text_onnx(self.pipeline, np.asarray(encoded), prompts, settings)
+        soft_prompt = np.asarray(encoded)
+        if self.pipeline.instruction_aware:
+            soft_prompt = self.pipeline.soft_prompt(soft_prompt, prompts)
+        return generate_text_onnx(self.pipeline, soft_prompt, prompts, settings)
 
 
 def load_generator(

@@ -104,14 +104,45 @@ def test_ask_takes_the_question_to_the_qformer(instructblip: Path, tmp_path: Pat
     assert json.loads(result.stdout)["answers"][0]["answer"] == expected
 
 
-def test_export_of_an_instructblip_model_is_refused_in_one_line(
+def cli_texts_onnx(export: Path, images: Path, out: Path, instruction: str, beams: int) -> list:
+    result = runner.invoke(
+        app,
+        ["caption", "--model", str(export), "--backend", "onnx", "--images", str(images),
+         "--prompt", instruction, "--num-beams", str(beams), "--max-new-tokens",
+         str(MAX_NEW_TOKENS), "--min-new-tokens", "0", "--out", str(out), "--json", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return [row["caption"] for row in json.loads((out / "captions.json").read_text())]
+
+
+def test_an_instructblip_model_exports_to_onnx_and_captions_as_transformers(
     instructblip: Path, tmp_path: Path
 ) -> None:
-    result = runner.invoke(
-        app, ["export-onnx", "--model", str(instructblip), "--out", str(tmp_path / "onnx")]
-    )
-    assert result.exit_code == 2
-    assert "instruction-aware Q-Former (InstructBLIP) is not exported yet" in result.output
+    """export-onnx: the vision+Q-Former graph takes the instruction's Q-Former tokens; the onnx
+    backend then gives transformers' greedy texts, and the torch backend's beam texts."""
+    export = tmp_path / "onnx"
+    result = runner.invoke(app, ["export-onnx", "--model", str(instructblip), "--out", str(export)])
+    assert result.exit_code == 0, result.output
+    inputs = json.loads((export / "manifest.json").read_text())["graphs"]["vision_qformer"]
+    assert [entry["name"] for entry in inputs["inputs"]][1:] == [
+        "instruction_ids",
+        "instruction_mask",
+    ]
+    folder = _image_folder(tmp_path, count=5)
+    for number, instruction in enumerate(INSTRUCTIONS):
+        expected = transformers_texts(instructblip, _images(folder), instruction)
+        greedy = cli_texts_onnx(export, folder, tmp_path / f"g{number}", instruction, beams=1)
+        assert greedy == expected
+    beams = cli_texts_onnx(export, folder, tmp_path / "beams", INSTRUCTIONS[1], beams=3)
+    torch_beams = runner.invoke(
+        app,
+        ["caption", "--model", str(instructblip), "--images", str(folder), "--prompt",
+         INSTRUCTIONS[1], "--num-beams", "3", "--max-new-tokens", str(MAX_NEW_TOKENS),
+         "--min-new-tokens", "0", "--out", str(tmp_path / "torch-beams"), "--json", "--quiet"],
+    )  # fmt: skip
+    assert torch_beams.exit_code == 0, torch_beams.output
+    rows = json.loads((tmp_path / "torch-beams" / "captions.json").read_text())
+    assert beams == [row["caption"] for row in rows]
 
 
 def test_an_instruction_aware_run_converts_to_transformers_instructblip(tmp_path: Path) -> None:

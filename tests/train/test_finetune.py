@@ -100,24 +100,32 @@ def test_the_finetuned_run_captions_and_refuses_a_lavis_export(
     assert "fine-tuned" in refused.output and not (tmp_path / "x.pth").exists()
 
 
+@pytest.fixture(scope="module")
+def retrieval_run(trained_stage1: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ft") / "retrieval"
+    result = finetune("retrieval", trained_stage1, out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("task", ["caption", "retrieval"])
 def test_a_stopped_finetuning_run_resumes_to_the_uninterrupted_weights(
-    trained_stage2: Path, caption_run: Path, tmp_path: Path
+    task: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    stopped = finetune(
-        "caption", trained_stage2, tmp_path / "run", env={faults.STOP_AFTER_STEP_ENV: "2"}
-    )
+    init = request.getfixturevalue("trained_stage1" if task == "retrieval" else "trained_stage2")
+    uninterrupted = request.getfixturevalue(f"{task}_run")
+    run = tmp_path / "run"
+    stopped = finetune(task, init, run, env={faults.STOP_AFTER_STEP_ENV: "2"})
     assert stopped.exit_code == 128 + 15, stopped.output
-    resumed = finetune("caption", trained_stage2, tmp_path / "run", "--resume", "auto")
+    resumed = finetune(task, init, run, "--resume", "auto")
     assert resumed.exit_code == 0, resumed.output
     for name in (checkpoint.WEIGHTS, checkpoint.VISION_WEIGHTS):
         assert_same_weights(
-            load_file(str(final(tmp_path / "run") / name)),
-            load_file(str(final(caption_run) / name)),
+            load_file(str(final(run) / name)), load_file(str(final(uninterrupted) / name))
         )
     # a resume must keep the vision encoder's training as it was
     frozen = finetune(
-        "caption", trained_stage2, tmp_path / "run", "--resume", "auto", "--vision-lr", "0",
-        "--max-steps", "6",
+        task, init, run, "--resume", "auto", "--vision-lr", "0", "--max-steps", "6"
     )  # fmt: skip
     assert frozen.exit_code == 2 and "vision encoder was trained" in frozen.output
 
@@ -170,10 +178,13 @@ def test_retrieval_finetuning_starts_from_every_stage1_weight(
     assert before.keys() == after.keys()
     for key, value in before.items():
         assert torch.allclose(after[key], value, atol=1e-5), key
-    trained = finetune("retrieval", trained_stage1, tmp_path / "trained")
-    assert trained.exit_code == 0, trained.output
-    saved = load_file(str(final(tmp_path / "trained") / checkpoint.VISION_WEIGHTS))
-    loaded = load_stage1_pipeline(tmp_path / "trained", torch.device("cpu")).vision
+
+
+def test_retrieval_finetuning_trains_the_encoder_that_eval_retrieval_reads(
+    retrieval_run: Path,
+) -> None:
+    saved = load_file(str(final(retrieval_run) / checkpoint.VISION_WEIGHTS))
+    loaded = load_stage1_pipeline(retrieval_run, torch.device("cpu")).vision
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in saved.items())
     assert any(not torch.equal(saved[k], v) for k, v in base_tower().items())
 

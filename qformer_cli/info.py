@@ -48,7 +48,9 @@ def build_meta_models(config: ModelConfig) -> MetaModels:
     qformer_config = config.qformer_config().fitted_to_backbones(encoder_width=vision.hidden_size)
     with torch.device("meta"):
         stage1 = Stage1Model(qformer_config)
-        stage2 = Stage2Model(qformer_config, llm.embedding_dim)
+        stage2 = Stage2Model(
+            qformer_config, llm.embedding_dim, instruction_aware=config.instruction_aware
+        )
     return MetaModels(stage1, stage2, vision, llm)
 
 
@@ -105,6 +107,10 @@ def forward_flops(models: MetaModels, image_size: int) -> dict[str, int]:
         text_ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long)
         prompt = torch.empty(1, models.stage1.config.num_query_tokens, models.llm.embedding_dim)
         text_embeds = torch.empty(1, TEXT_TOKENS, models.llm.embedding_dim)
+        # an instruction-aware Q-Former also reads a prompt (TEXT_TOKENS of it)
+        instruction = (
+            (text_ids, torch.ones_like(text_ids)) if models.stage2.instruction_aware else ()
+        )
 
         def stage1_qformer() -> None:
             qformer = models.stage1.qformer
@@ -131,7 +137,7 @@ def forward_flops(models: MetaModels, image_size: int) -> dict[str, int]:
         return {
             "vision_encoder": _flops(lambda: models.vision(pixels)),
             "qformer_queries (stage 2 / inference)": _flops(
-                lambda: models.stage2.soft_prompt(image_embeds)
+                lambda: models.stage2.soft_prompt(image_embeds, *instruction)
             ),
             "qformer_stage1_objectives (ITC+ITM+ITG passes)": _flops(stage1_qformer),
             f"llm (32 queries + {TEXT_TOKENS} text tokens)": _flops(llm_forward),

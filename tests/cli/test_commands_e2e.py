@@ -350,9 +350,17 @@ def test_info_counts_equal_the_backbones_and_a_trained_checkpoint(tmp_path: Path
     invoke_json("pretrain-stage1", "--out", str(stage1), *one_step)
     stage2 = tmp_path / "stage2"
     invoke_json("pretrain-stage2", "--out", str(stage2), "--init", str(stage1), *one_step)
-    for stage, run in (("stage1", stage1), ("stage2", stage2)):
+    instruct = tmp_path / "stage2-instruct"  # the Q-Former keeps its text parts
+    aware = ("--set", "model.instruction_aware=true")
+    invoke_json("pretrain-stage2", "--out", str(instruct), "--init", str(stage1), *one_step, *aware)
+    instruct_totals = invoke_json("info", *aware)["totals"]
+    for stage, run, counted in (
+        ("stage1", stage1, totals),
+        ("stage2", stage2, totals),
+        ("stage2", instruct, instruct_totals),
+    ):
         saved = load_file(str(checkpoint.resolve_checkpoint(run) / checkpoint.WEIGHTS))
-        assert totals[stage]["trainable"] == sum(t.numel() for t in saved.values()), stage
+        assert counted[stage]["trainable"] == sum(t.numel() for t in saved.values()), run
 
 
 @pytest.mark.slow  # uses the shared stage-2 run

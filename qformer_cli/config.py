@@ -156,13 +156,18 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # this many non-finite steps in a row stop the run; 0: never
     # The vision encoder trains too when vision_lr > 0 (the paper's fine-tuning): held in fp32,
     # its peak learning rate vision_lr on lr's warmup + cosine schedule, saved with each
-    # checkpoint (vision.safetensors). 0: frozen, as in pre-training.
-    vision_lr: float = 0.0
+    # checkpoint (vision.safetensors). 0: frozen. Unset (null): frozen in pre-training, the
+    # task's default in `finetune` (train/finetune.py).
+    vision_lr: float | None = None
     # Layer-wise decay of vision_lr: block i of L gets vision_lr * decay^(L - i), the patch
     # embeddings decay^(L + 1) (LAVIS's retrieval fine-tuning: 0.95; 1: none)
     vision_layer_decay: float = 1.0
     # recompute the vision encoder's block activations in backward (less memory, more time)
     vision_checkpointing: bool = False
+
+    @property
+    def trains_vision(self) -> bool:
+        return bool(self.vision_lr)
 
 
 @dataclass
@@ -335,7 +340,7 @@ def check_ranges(settings: Any, prefix: str) -> None:
     (``prefix.name``); for generation also ``min_new_tokens <= max_new_tokens``."""
     for name, allowed in RANGES.get(type(settings), {}).items():
         value = getattr(settings, name)
-        if not allowed.admits(value):
+        if value is not None and not allowed.admits(value):
             raise UsageError(f"{prefix}.{name} = {shown_value(value)}: must be {allowed}")
     if isinstance(settings, GenerationConfig) and settings.min_new_tokens > settings.max_new_tokens:
         raise UsageError(

@@ -234,7 +234,8 @@ def finetune(
             "--vision-lr",
             min=0,
             help="Peak learning rate of the vision encoder, trained with the Q-Former (0: "
-            "frozen). Default: train.lr for caption, vqa and retrieval; frozen for instruct.",
+            "frozen). Default: the config's train.vision_lr; unset there, train.lr for caption, "
+            "vqa and retrieval, frozen for instruct.",
         ),
     ] = None,
     max_steps: MaxStepsOption = None,

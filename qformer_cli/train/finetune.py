@@ -13,8 +13,9 @@ size) and trains the stage that task needs:
   (``data.instructions``) and the captions and questions as templated instructions, the vision
   encoder frozen as in InstructBLIP.
 
-The vision encoder trains at ``train.vision_lr`` (``--vision-lr``; 0 keeps it frozen), by
-default the Q-Former's ``train.lr``, as LAVIS's fine-tuning configs use one learning rate.
+The vision encoder trains at ``train.vision_lr`` (``--vision-lr``, or the config's; 0 keeps it
+frozen); left unset, the Q-Former's ``train.lr`` where the task trains it, as LAVIS's
+fine-tuning configs use one learning rate.
 """
 
 from __future__ import annotations
@@ -71,6 +72,6 @@ def finetune_config(config: RunConfig, task: str, init: Path, given: set[str]) -
     elif task == "instruct":
         config.model.instruction_aware = True
         default("data.instruction_templates", True)
-    if TRAINS_VISION[task]:
-        default("train.vision_lr", config.train.lr)
+    if config.train.vision_lr is None:  # set by neither the command line nor the config
+        config.train.vision_lr = config.train.lr if TRAINS_VISION[task] else 0.0
     return config

@@ -67,7 +67,7 @@ def _check_stage_options(stage: int, config: RunConfig) -> None:
     data_columns(config.data)
     if config.data.streaming:
         _check_streaming(stage, config)
-    if config.train.vision_lr > 0:
+    if config.train.trains_vision:
         _check_vision_training(stage, config)
     if stage == 1 and (config.data.instructions or config.data.instruction_templates):
         raise UsageError("data.instructions / instruction_templates are stage-2 data")
@@ -204,7 +204,7 @@ def trainable_parameters(stage: int, config: RunConfig, llm_width: int | None = 
         encoder_width=vision.hidden_size
     )
     # a trained vision encoder (train.vision_lr) is checkpointed with its optimizer state too
-    trained_vision = sum(p.numel() for p in vision.parameters()) if config.train.vision_lr else 0
+    trained_vision = count(vision) if config.train.trains_vision else 0
     with torch.device("meta"):
         if stage == 1:
             model: torch.nn.Module = Stage1Model(qformer_config)
@@ -213,7 +213,11 @@ def trainable_parameters(stage: int, config: RunConfig, llm_width: int | None = 
             model = Stage2Model(
                 qformer_config, width, instruction_aware=config.model.instruction_aware
             )
-    return sum(p.numel() for p in model.parameters()) + trained_vision
+    return count(model) + trained_vision
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def free_disk_bytes(directory: Path) -> int:

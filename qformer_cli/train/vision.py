@@ -31,7 +31,7 @@ def load_vision(config: RunConfig, device: torch.device, init: Path | None = Non
     """The vision encoder a stage trains against: the configured tower, with the weights of an
     ``init`` checkpoint that fine-tuned it; frozen and held in the training precision, or, with
     ``train.vision_lr > 0``, trained and held in fp32."""
-    trains = config.train.vision_lr > 0
+    trains = config.train.trains_vision
     dtype = torch.float32 if trains else PRECISION_DTYPES[config.train.precision]
     if init is not None and (init / checkpoint.VISION_WEIGHTS).is_file():
         vision = checkpoint_vision(config, init, dtype)
@@ -112,7 +112,7 @@ def vision_param_groups(vision: VisionEncoder, config: TrainConfig) -> list[dict
         depth = depth_of.get(id(param), outside)
         no_decay = param.ndim < 2 or "norm" in name
         groups.setdefault((depth, no_decay), []).append(param)
-    base = config.vision_lr / config.lr
+    base = (config.vision_lr or 0.0) / config.lr
     return [
         {
             "params": params,
@@ -128,6 +128,6 @@ def describe_vision_training(vision: VisionEncoder, config: TrainConfig) -> str:
     decay = f", layer decay {config.vision_layer_decay:g}" if config.vision_layer_decay < 1 else ""
     recompute = ", activations recomputed" if config.vision_checkpointing else ""
     return (
-        f"vision encoder trained: {count:,} parameters in fp32 at lr {config.vision_lr:g}"
+        f"vision encoder trained: {count:,} parameters in fp32 at lr {config.vision_lr or 0:g}"
         f"{decay}{recompute}"
     )

@@ -130,6 +130,15 @@ def test_a_stopped_finetuning_run_resumes_to_the_uninterrupted_weights(
     assert frozen.exit_code == 2 and "vision encoder was trained" in frozen.output
 
 
+def test_a_config_files_vision_lr_is_kept(trained_stage2: Path, tmp_path: Path) -> None:
+    config = tmp_path / "ft.yaml"
+    config.write_text("train:\n  vision_lr: 2.0e-4\n")
+    out = tmp_path / "run"
+    result = finetune("caption", trained_stage2, out, "--config", str(config), "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert run_config(out)["train"]["vision_lr"] == 2e-4
+
+
 def test_recomputing_the_encoders_activations_trains_the_same_weights(
     trained_stage2: Path, caption_run: Path, tmp_path: Path
 ) -> None:

@@ -139,6 +139,7 @@ def checkpoint_stage(path: Path) -> int:
 # LAVIS names the stage-2 projection after its LLM family
 LAVIS_LLM_PROJECTIONS = ("opt_proj.", "t5_proj.", "llm_proj.")
 LAVIS_SUFFIXES = (".pth", ".pt", ".bin")
+LAVIS_WORD_EMBEDDINGS = "Qformer.bert.embeddings.word_embeddings.weight"
 
 
 def is_lavis_file(path: Path) -> bool:
@@ -185,13 +186,20 @@ def _load_lavis_stage2(
     path: Path, device: torch.device, dtype: torch.dtype, backbones: RunConfig
 ) -> Stage2Pipeline:
     """A LAVIS stage-2 ``.pth`` (``Blip2OPT`` / ``Blip2T5``'s trainable weights), with the frozen
-    vision encoder and LLM the run config names."""
+    vision encoder and LLM the run config names. One whose Q-Former keeps its word embeddings
+    is instruction-aware (LAVIS's InstructBLIP models): it reads the prompt with ``model.bert``'s
+    tokenizer."""
     vision = build_vision_encoder(backbones.model.vision, dtype=dtype)
     llm = build_language_model(backbones.model.llm, dtype=dtype)
+    instruct = LAVIS_WORD_EMBEDDINGS in read_torch_weights(path)
+    vocabulary = {}
+    if instruct:
+        tokenizer = load_qformer_tokenizer(backbones.model.bert)
+        vocabulary = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id or 0}
     qformer_config = backbones.model.qformer_config().fitted_to_backbones(
-        encoder_width=vision.hidden_size
+        encoder_width=vision.hidden_size, **vocabulary
     )
-    bridge = Stage2Model(qformer_config, llm.embedding_dim)
+    bridge = Stage2Model(qformer_config, llm.embedding_dim, instruction_aware=instruct)
     _check_lavis_report(path, load_external_weights(bridge, path), ())
     return _stage2_pipeline(backbones, vision, bridge, llm, device, path)
 

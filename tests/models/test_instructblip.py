@@ -20,8 +20,10 @@ from transformers import (
 )
 
 from qformer_cli.cli import app
+from qformer_cli.config import load_config
 from qformer_cli.data import sample_backbone_dir
-from qformer_cli.inference.generate import stop_token_ids
+from qformer_cli.inference.generate import instructed_soft_prompt, stop_token_ids
+from qformer_cli.pretrained import load_stage2
 from tests.models.test_transformers_interop import _image_folder, _images, tiny_blip2_settings
 from tests.tiny_runs import runner
 
@@ -64,12 +66,12 @@ def transformers_texts(directory: Path, images: list, instruction: str) -> list[
     ]
 
 
-def cli_texts(model: Path, images: Path, out: Path, instruction: str) -> list[str]:
+def cli_texts(model: Path, images: Path, out: Path, instruction: str, *extra: str) -> list[str]:
     result = runner.invoke(
         app,
         ["caption", "--model", str(model), "--images", str(images), "--prompt", instruction,
          "--num-beams", "1", "--max-new-tokens", str(MAX_NEW_TOKENS), "--min-new-tokens", "0",
-         "--out", str(out), "--json", "--quiet"],
+         "--out", str(out), "--json", "--quiet", *extra],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     return [row["caption"] for row in json.loads((out / "captions.json").read_text())]
@@ -166,3 +168,24 @@ def test_an_instruction_aware_run_converts_to_transformers_instructblip(tmp_path
         assert any(ours)
         assert transformers_texts(converted, _images(folder), instruction) == ours
         assert cli_texts(converted, folder, tmp_path / f"hf{number}", instruction) == ours
+    # LAVIS's layout keeps the Q-Former's text parts too: the .pth reads as instruction-aware
+    lavis = tmp_path / "instruct.pth"
+    result = runner.invoke(app, ["convert", str(lavis), "--model", str(run), "--to", "lavis"])
+    assert result.exit_code == 0, result.output
+    sizes = ["--set", "model.qformer.num_layers=2"]
+    assert cli_texts(lavis, folder, tmp_path / "lavis", INSTRUCTIONS[0], *sizes) == cli_texts(
+        run, folder, tmp_path / "run-again", INSTRUCTIONS[0]
+    )
+    # the same soft prompt for each instruction (greedy texts of a 3-step model can coincide)
+    cpu = torch.device("cpu")
+    loaded = [
+        load_stage2(run, cpu),
+        load_stage2(lavis, cpu, backbones=load_config(None, sizes[1:])),
+    ]
+    features = torch.randn(2, 17, loaded[0].bridge.config.encoder_width)
+    for instruction in INSTRUCTIONS:
+        prompts = [
+            instructed_soft_prompt(p.bridge, features, [instruction] * 2, p.qformer_tokenizer)
+            for p in loaded
+        ]
+        torch.testing.assert_close(prompts[1], prompts[0])

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from qformer_cli.cli import app
 from qformer_cli.models import backbones
-from qformer_cli.train import common, stage2
+from qformer_cli.train import stage2
+from qformer_cli.train import vision as train_vision
 from tests.conftest import NUM_QUERIES, TINY_QFORMER, TINY_VISION
 from tests.tiny_runs import FAST, ROOT, runner
 
@@ -65,7 +66,7 @@ def built_vision(monkeypatch: pytest.MonkeyPatch) -> list[backbones.VisionEncode
         built.append(encoder)
         return encoder
 
-    monkeypatch.setattr(common, "build_vision_encoder", recording)
+    monkeypatch.setattr(train_vision, "build_vision_encoder", recording)
     return built
 
 

@@ -177,15 +177,19 @@ def test_sampling_flags_reach_generation(
 ) -> None:
     """--do-sample with a vanishing --top-p keeps only the likeliest token: greedy's captions;
     with a high --temperature and the full nucleus the captions change."""
-    greedy = tmp_path / "greedy"
-    _caption(stage2_run, caption_ground_truth, greedy, "--num-beams", "1")
-    narrow = tmp_path / "narrow"
-    sampled = ("--num-beams", "1", "--do-sample")
-    _caption(stage2_run, caption_ground_truth, narrow, *sampled, "--top-p", "1e-9")
-    assert _read(narrow / "captions.json") == _read(greedy / "captions.json")
-    wide = tmp_path / "wide"
-    _caption(stage2_run, caption_ground_truth, wide, *sampled, "--temperature", "5")
-    assert _read(wide / "captions.json") != _read(greedy / "captions.json")
+    folder = tmp_path / "images"  # the ground truth's images, captioned without scoring
+    folder.mkdir()
+    for image in _read(caption_ground_truth)["images"]:
+        (folder / image["file_name"]).symlink_to(VAL_IMAGES / image["file_name"])
+
+    def captions(name: str, *extra: str) -> list:
+        args = ["--model", str(stage2_run), "--images", str(folder), "--num-beams", "1"]
+        invoke_json("caption", *args, "--out", str(tmp_path / name), *extra)
+        return _read(tmp_path / name / "captions.json")
+
+    greedy = captions("greedy")
+    assert captions("narrow", "--do-sample", "--top-p", "1e-9") == greedy
+    assert captions("wide", "--do-sample", "--temperature", "5") != greedy
 
 
 @pytest.mark.slow  # trains the shared stage-1 and stage-2 runs

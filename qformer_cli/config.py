@@ -81,8 +81,9 @@ class DataConfig:
     # beside it), learned as the response after the instruction (finetune --task instruct)
     instructions: str = ""
     # Stage 2: captions and VQA questions given as instructions from built-in templates, several
-    # per task (qformer_cli/data/instructions.py; finetune --task instruct)
-    instruction_templates: bool = False
+    # per task (qformer_cli/data/instructions.py). Unset (null): off, except in
+    # `finetune --task instruct`; configs/tiny.yaml turns it off there too (its tiny LM)
+    instruction_templates: bool | None = None
     # Stage 1 only: a feature cache from `qformer extract-features` (the frozen encoder's outputs)
     # read instead of the images; the encoder is then not loaded at all. Excludes `augment`.
     features: str = ""

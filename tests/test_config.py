@@ -134,8 +134,9 @@ def test_a_partial_backbone_section_keeps_the_other_defaults(tmp_path: Path):
 # The embedded default: one recipe, with or without --config, from any directory.
 
 # What configs/tiny.yaml sets that the built-in defaults (under every other config) do not: the
-# stage-2 VQA mix, which a config of one's own must not inherit (README: "Configuration").
-TINY_ONLY = {"data.vqa_questions", "data.vqa_annotations"}
+# stage-2 VQA mix, which a config of one's own must not inherit (README: "Configuration"), and
+# no instruction templates for its tiny LM (README: qformer finetune).
+TINY_ONLY = {"data.vqa_questions", "data.vqa_annotations", "data.instruction_templates"}
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -10,8 +10,9 @@ size) and trains the stage that task needs:
 - ``retrieval``: stage 1 (ITC + ITM + ITG) from a stage-1 run, the vision encoder trained
   (LAVIS ``retrieval_coco_ft.yaml``);
 - ``instruct``: stage 2 with an instruction-aware Q-Former (InstructBLIP) on instruction data
-  (``data.instructions``) and the captions and questions as templated instructions, the vision
-  encoder frozen as in InstructBLIP.
+  (``data.instructions``) and the captions and questions, as templated instructions unless the
+  config says otherwise (``data.instruction_templates``), the vision encoder frozen as in
+  InstructBLIP.
 
 The vision encoder trains at ``train.vision_lr`` (``--vision-lr``, or the config's; 0 keeps it
 frozen); left unset, the Q-Former's ``train.lr`` where the task trains it, as LAVIS's
@@ -71,7 +72,8 @@ def finetune_config(config: RunConfig, task: str, init: Path, given: set[str]) -
             raise UsageError("--task vqa trains on data.vqa_questions: give them (--set)")
     elif task == "instruct":
         config.model.instruction_aware = True
-        default("data.instruction_templates", True)
+        if config.data.instruction_templates is None:  # set by neither command line nor config
+            config.data.instruction_templates = True
     if config.train.vision_lr is None:  # set by neither the command line nor the config
         config.train.vision_lr = config.train.lr if TRAINS_VISION[task] else 0.0
     return config

@@ -377,7 +377,7 @@ def build_stage2_recipe(
 
     caption_prompt = config.generate.prompt
     vqa_prompt = config.data.vqa_prompt
-    templates = config.data.instruction_templates
+    templates = bool(config.data.instruction_templates)
 
     def prepare(batch) -> Stage2Batch:
         features, pixels = batch_images(vision, batch.images, device, config.train.precision)

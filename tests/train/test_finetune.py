@@ -18,11 +18,12 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from qformer_cli import checkpoint, faults
 from qformer_cli.cli import app
 from qformer_cli.config import RunConfig, TrainConfig, from_dict
-from qformer_cli.data import BadSampleLog
+from qformer_cli.data import BadSampleLog, Sample
+from qformer_cli.data.instructions import CAPTION_INSTRUCTIONS
 from qformer_cli.models.backbones import build_vision_encoder
 from qformer_cli.models.config import BackboneConfig
 from qformer_cli.pretrained import load_stage1_pipeline, load_stage2
-from qformer_cli.train.stage2 import read_stage2_samples
+from qformer_cli.train.stage2 import prompt_and_target, read_stage2_samples
 from qformer_cli.train.vision import load_vision, vision_param_groups
 from tests.tiny_runs import ROOT, assert_same_weights, runner
 
@@ -215,7 +216,10 @@ def test_instruct_finetuning_learns_instruction_tables_and_answers_an_instructio
     assert result.exit_code == 0, result.output
     recorded = run_config(out)
     assert recorded["model"]["instruction_aware"] is True
-    assert recorded["data"]["instruction_templates"] is True
+    # the embedded default's tiny LM reads only its own prompts (configs/tiny.yaml)
+    assert recorded["data"]["instruction_templates"] is False
+    samples = read_stage2_samples(from_dict(RunConfig, recorded), BadSampleLog())
+    assert sum(sample.instruction == "Name one colour you see." for sample in samples) == len(rows)
     assert recorded["train"]["vision_lr"] == 0  # InstructBLIP keeps the encoder frozen
     assert not (final(out) / checkpoint.VISION_WEIGHTS).exists()
     asked = invoke(
@@ -223,6 +227,31 @@ def test_instruct_finetuning_learns_instruction_tables_and_answers_an_instructio
         "--max-new-tokens", "3", "Describe the image briefly.",
     )  # fmt: skip
     assert asked.exit_code == 0, asked.output
+
+
+def test_instruction_templates_are_fixed_per_sample_and_keep_the_question() -> None:
+    caption = Sample(image=Path("a.png"), image_id=7, captions=("a red circle",))
+    question = Sample(image=Path("a.png"), image_id=7, question="is there a circle?", answer="yes")
+    given = Sample(image=Path("a.png"), image_id=7, instruction="List the shapes.", answer="a")
+    prompts = {
+        name: prompt_and_target(sample, "a photo of", "Question: {} Answer:", templates=True)
+        for name, sample in {"caption": caption, "question": question, "given": given}.items()
+    }
+    assert prompts["caption"][0] in CAPTION_INSTRUCTIONS
+    assert prompts["caption"][1] == "a red circle"
+    assert "is there a circle?" in prompts["question"][0] and prompts["question"][1] == "yes"
+    assert prompts["given"] == ("List the shapes.", "a")
+    again = prompt_and_target(caption, "a photo of", "Question: {} Answer:", templates=True)
+    assert again == prompts["caption"]  # the same instruction in every run
+    plain = prompt_and_target(question, "a photo of", "Question: {} Answer:", templates=False)
+    assert plain == ("Question: is there a circle? Answer:", "yes")
+    picked = {
+        prompt_and_target(
+            Sample(image=Path("a.png"), image_id=i, captions=("x",)), "", "", templates=True
+        )[0]
+        for i in range(200)
+    }
+    assert picked == set(CAPTION_INSTRUCTIONS)  # every template is used
 
 
 def test_a_missing_instruction_image_names_the_row(trained_stage2: Path, tmp_path: Path) -> None:

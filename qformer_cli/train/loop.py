@@ -138,9 +138,14 @@ class StageRecipe:
     # train.eval_every: a validation pass -> {"val_...": value}, and the metric kept best by
     validate: Callable[[], dict[str, float]] | None = None
     best_metric: str = ""
-    # the vision encoder when it trains too (train.vision_lr): inside ``objective``
-    # (VisionInFront), its tower's weights saved as the checkpoint's vision.safetensors
+    # the vision encoder whose tower weights every checkpoint carries (vision.safetensors): one
+    # trained here (train.vision_lr; inside ``objective``, VisionInFront) or fine-tuned by the
+    # run this one started from. None: the configured tower as it is.
     vision: VisionEncoder | None = None
+
+    @property
+    def trains_vision(self) -> bool:
+        return self.vision is not None and self.vision.trains
 
 
 class Trainer:
@@ -166,13 +171,14 @@ class Trainer:
                 model,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 # a trained tower's parts after the layer read (final blocks, pooler) get none
-                find_unused_parameters=recipe.vision is not None,
+                find_unused_parameters=recipe.trains_vision,
             )
         self.eager_model = model
         if config.compile:
             model = torch.compile(model)  # after DDP: its optimizer splits graphs at buckets
         self.model = model
-        self.optimizer = build_optimizer(recipe.trainable, config, recipe.vision)
+        trained_vision = recipe.vision if recipe.trains_vision else None
+        self.optimizer = build_optimizer(recipe.trainable, config, trained_vision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         self.steps_per_epoch = len(recipe.loader) // config.grad_accum
         if self.steps_per_epoch == 0:
@@ -247,10 +253,10 @@ class Trainer:
         self.recipe.trainable.load_state_dict(weights)
         vision_weights = checkpoint.load_vision_weights(directory)
         if (vision_weights is None) != (self.recipe.vision is None):
-            state = "frozen" if vision_weights is None else "trained"
+            holds = "no" if vision_weights is None else "its own"
             raise UsageError(
-                f"{directory}: its vision encoder was {state}; resume with the "
-                "train.vision_lr it was trained with"
+                f"{directory}: holds {holds} vision-encoder weights; resume with the "
+                "train.vision_lr and --init the run was started with"
             )
         if vision_weights is not None:
             self._vision_tower().load_state_dict(vision_weights)

@@ -53,6 +53,7 @@ from qformer_cli.train.validation import best_metric, stage1_validator
 from qformer_cli.train.vision import (
     VisionInFront,
     batch_images,
+    carried_vision,
     describe_vision_training,
     load_vision,
 )
@@ -426,11 +427,11 @@ def build_stage1_recipe(
         source = resolve_model_name(config.model.vision.model)
         validate = stage1_validator(model, vision, tokenizer, source, config, device)
 
-    trained_vision = vision if vision is not None and vision.trains else None
+    trains = vision is not None and vision.trains
     return StageRecipe(
         name="stage1",
-        objective=VisionInFront(vision, objective) if trained_vision else objective,
-        vision=trained_vision,
+        objective=VisionInFront(vision, objective) if trains else objective,
+        vision=carried_vision(vision, init),
         trainable=model,
         prepare=prepare,
         loader=loader,

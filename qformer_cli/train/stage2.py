@@ -48,6 +48,7 @@ from qformer_cli.train.validation import Validator, best_metric, stage2_validato
 from qformer_cli.train.vision import (
     VisionInFront,
     batch_images,
+    carried_vision,
     describe_vision_training,
     load_vision,
 )
@@ -393,7 +394,7 @@ def build_stage2_recipe(
     return StageRecipe(
         name="stage2",
         objective=VisionInFront(vision, objective) if vision.trains else objective,
-        vision=vision if vision.trains else None,
+        vision=carried_vision(vision, own_checkpoint(init)),
         trainable=bridge,
         prepare=prepare,
         loader=loader,

@@ -58,6 +58,15 @@ def transformer_blocks(tower: nn.Module) -> list[nn.Module]:
     return max(lists, key=len)
 
 
+def carried_vision(vision: VisionEncoder | None, init: Path | None) -> VisionEncoder | None:
+    """The encoder whose weights a run's checkpoints must carry: one it trains, or one an
+    ``init`` checkpoint fine-tuned (frozen here, still not the configured tower's weights)."""
+    if vision is None:
+        return None
+    inherited = init is not None and (init / checkpoint.VISION_WEIGHTS).is_file()
+    return vision if vision.trains or inherited else None
+
+
 @torch.no_grad()
 def image_features(
     vision: VisionEncoder, pixel_values: torch.Tensor, device: torch.device, precision: str

@@ -128,7 +128,27 @@ def test_a_stopped_finetuning_run_resumes_to_the_uninterrupted_weights(
     frozen = finetune(
         task, init, run, "--resume", "auto", "--vision-lr", "0", "--max-steps", "6"
     )  # fmt: skip
-    assert frozen.exit_code == 2 and "vision encoder was trained" in frozen.output
+    assert frozen.exit_code == 2 and "holds its own vision-encoder weights" in frozen.output
+
+
+def test_a_run_from_a_finetuned_tower_keeps_it_frozen_in_its_checkpoints(
+    caption_run: Path, retrieval_run: Path, tmp_path: Path
+) -> None:
+    """instruct keeps the tower frozen, and stage 2 never trains it; started from a run that
+    fine-tuned it, they must carry that tower on, or inference would read the shipped one."""
+    runs = {
+        "instruct": (["finetune", "--task", "instruct", "--init", caption_run], caption_run),
+        "stage2": (["pretrain-stage2", "--init", retrieval_run], retrieval_run),
+    }
+    for name, (command, start) in runs.items():
+        out = tmp_path / name
+        result = invoke(*command, "--out", out, "--max-steps", "2", "--batch-size", "8")
+        assert result.exit_code == 0, result.output
+        assert run_config(out)["train"]["vision_lr"] in (0, None)
+        carried = load_file(str(final(out) / checkpoint.VISION_WEIGHTS))
+        assert_same_weights(carried, load_file(str(final(start) / checkpoint.VISION_WEIGHTS)))
+        loaded = load_stage2(out, torch.device("cpu")).vision.model.state_dict()
+        assert all(torch.equal(loaded[key], value) for key, value in carried.items())
 
 
 def test_a_config_files_vision_lr_is_kept(trained_stage2: Path, tmp_path: Path) -> None:

@@ -29,6 +29,10 @@ from qformer_cli.errors import UsageError
 
 FINETUNE_TASKS = ("caption", "vqa", "retrieval", "instruct")
 TRAINS_VISION = {"caption": True, "vqa": True, "retrieval": True, "instruct": False}
+# The Q-Former's dropout is a training setting a fine-tuning run may change (the rest of the
+# model section is the --init run's)
+DROPOUT_NAMES = ("hidden_dropout", "attention_dropout")
+DROPOUT = {f"model.qformer.{name}" for name in DROPOUT_NAMES}
 
 
 def task_stage(task: str) -> int:
@@ -49,13 +53,21 @@ def finetune_config(config: RunConfig, task: str, init: Path, given: set[str]) -
         raise UsageError(
             f"--init {init}: a stage-{saved.stage} run; --task {task} starts from {needed}"
         )
-    changed = sorted(key for key in given if key == "model" or key.startswith("model."))
+    changed = sorted(
+        key for key in given if (key == "model" or key.startswith("model.")) and key not in DROPOUT
+    )
     if changed:
         raise UsageError(
             f"{changed[0]}: finetune keeps the model of --init {init}; drop the option"
         )
     trained = from_dict(RunConfig, saved.run)
+    dropout = {
+        name: config.model.qformer[name]
+        for name in DROPOUT_NAMES
+        if f"model.qformer.{name}" in given
+    }
     config.model = trained.model
+    config.model.qformer = {**config.model.qformer, **dropout}
     config.data.image_size = trained.data.image_size
 
     def default(key: str, value: object) -> None:

@@ -29,6 +29,7 @@ from qformer_cli.losses import (
     NegativeMining,
     common_width,
     gather_no_grad,
+    gather_with_grad,
     global_sum,
     itc_loss,
     itg_loss,
@@ -300,9 +301,12 @@ class Stage1Objective(nn.Module):
                 return image_kv.index_select(torch.cat([local, negative_image, local]))
             images = batch.image_embeds
             return qformer.encode_image(torch.cat([images, images[negative_image], images]))
-        # Negatives may live on other ranks: gather the frozen features (no grad needed) and
-        # encode only the B chosen ones here, rather than gathering every rank's K/V.
-        negatives = qformer.encode_image(gather_no_grad(batch.image_embeds, ranks)[negative_image])
+        # Negatives may live on other ranks: gather the features and encode only the B chosen
+        # ones here, rather than gathering every rank's K/V. Frozen features need no gradient;
+        # a trained encoder's get it back on the rank that computed them (as LAVIS gathers).
+        images = batch.image_embeds
+        gather = gather_with_grad if images.requires_grad else gather_no_grad
+        negatives = qformer.encode_image(gather(images, ranks)[negative_image])
         if self.reuse:
             return ImageKV.cat([image_kv, negatives, image_kv])
         fresh = qformer.encode_image(batch.image_embeds)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
@@ -87,15 +88,35 @@ def test_caption_finetuning_trains_the_vision_encoder_and_every_reader_uses_it(
     assert recorded["data"]["vqa_questions"] == ""  # captions only
 
 
-def test_the_finetuned_run_captions_and_refuses_a_lavis_export(
+def test_the_finetuned_run_converts_to_transformers_with_its_tower_and_not_to_lavis(
     caption_run: Path, tmp_path: Path
 ) -> None:
-    result = invoke(
-        "caption", "--model", caption_run, "--num-beams", "1", "--out", tmp_path,
-        "--max-new-tokens", "5", "--min-new-tokens", "1", "--json",
-    )  # fmt: skip
+    """convert --to transformers writes the fine-tuned tower as vision_model (transformers reads
+    it back), and the converted directory captions as the run does; --to lavis is refused."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in sorted((ROOT / "sample_data" / "images" / "val").iterdir())[:6]:
+        (folder / image.name).symlink_to(image)
+
+    def captions(model: Path, out: str) -> list[str]:
+        result = invoke(
+            "caption", "--model", model, "--images", folder, "--num-beams", "1",
+            "--max-new-tokens", "6", "--min-new-tokens", "1", "--out", tmp_path / out, "--json",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return [
+            row["caption"] for row in json.loads((tmp_path / out / "captions.json").read_text())
+        ]
+
+    converted = tmp_path / "hf"
+    result = invoke("convert", converted, "--model", caption_run)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["metrics"]["CIDEr"] >= 0
+    tower = transformers.Blip2ForConditionalGeneration.from_pretrained(converted).vision_model
+    saved = load_file(str(final(caption_run) / checkpoint.VISION_WEIGHTS))
+    written = tower.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(written[key], value), key
+    assert captions(converted, "hf-captions") == captions(caption_run, "run-captions")
     refused = invoke("convert", tmp_path / "x.pth", "--model", caption_run, "--to", "lavis")
     assert refused.exit_code == 2
     assert "fine-tuned" in refused.output and not (tmp_path / "x.pth").exists()

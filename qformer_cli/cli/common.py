@@ -286,6 +286,29 @@ def data_flags(data: list[str] | None) -> dict[str, Any]:
     return {"data.sources": [{"path": path, "weight": 1.0} for path in data]}
 
 
+def training_flags(
+    max_steps: int | None,
+    batch_size: int | None,
+    precision: str | None,
+    seed: int | None,
+    skip_bad_samples: bool,
+) -> dict[str, Any]:
+    """The flags every training command has, as config keys."""
+    return {
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "train.precision": precision,
+        "train.seed": seed,
+        "data.skip_bad_samples": skip_bad_samples or None,
+    }
+
+
+def given_keys(overrides: list[str] | None, flags: dict[str, Any]) -> set[str]:
+    """The config keys the command line sets: ``--set`` keys and the flags given."""
+    given = {text.split("=", 1)[0].strip() for text in overrides or []}
+    return given | {key for key, value in flags.items() if value is not None}
+
+
 def flag_overrides(**flags: Any) -> list[str]:
     """Dedicated flags as ``--set`` overrides (applied after the config file and --set)."""
     return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]

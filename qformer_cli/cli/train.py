@@ -33,11 +33,13 @@ from qformer_cli.cli.common import (
     data_flags,
     embedded_default,
     finish,
+    given_keys,
     handles_errors,
     load_run_config,
     model_location,
     print_json,
     require_inputs,
+    training_flags,
 )
 
 if TYPE_CHECKING:
@@ -77,12 +79,8 @@ def pretrain_stage1(
         **data_flags(data),
         "data.features": str(features) if features else None,
         "train.compile": compile_step or None,
-        "train.max_steps": max_steps,
-        "train.batch_size": batch_size,
-        "train.precision": precision,
-        "train.seed": seed,
+        **training_flags(max_steps, batch_size, precision, seed, skip_bad_samples),
         "train.max_nonfinite_steps": max_nonfinite_steps,
-        "data.skip_bad_samples": skip_bad_samples or None,
     }
     _pretrain(
         "pretrain-stage1",
@@ -168,19 +166,14 @@ def pretrain_stage2(
         "model.vision.model": vision_model,
         **data_flags(data),
         "generate.prompt": prompt,
-        "train.max_steps": max_steps,
-        "train.batch_size": batch_size,
-        "train.precision": precision,
-        "train.seed": seed,
+        **training_flags(max_steps, batch_size, precision, seed, skip_bad_samples),
         "train.max_nonfinite_steps": max_nonfinite_steps,
-        "data.skip_bad_samples": skip_bad_samples or None,
         "train.compile": compile_step or None,
         "train.fsdp": fsdp or None,
         "train.activation_checkpointing": activation_checkpointing or None,
     }
     builder = functools.partial(build_stage2_recipe, init=init)
-    given = {text.split("=", 1)[0].strip() for text in overrides or []}
-    given |= {key for key, value in flags.items() if value is not None}
+    given = given_keys(overrides, flags)
     _pretrain(
         "pretrain-stage2",
         2,
@@ -262,14 +255,9 @@ def finetune(
         **data_flags(data),
         "data.instructions": str(instructions) if instructions else None,
         "train.vision_lr": vision_lr,
-        "train.max_steps": max_steps,
-        "train.batch_size": batch_size,
-        "train.precision": precision,
-        "train.seed": seed,
-        "data.skip_bad_samples": skip_bad_samples or None,
+        **training_flags(max_steps, batch_size, precision, seed, skip_bad_samples),
     }
-    given = {text.split("=", 1)[0].strip() for text in overrides or []}
-    given |= {key for key, value in flags.items() if value is not None}
+    given = given_keys(overrides, flags)
     builder = build_stage1_recipe if stage == 1 else build_stage2_recipe
     _pretrain(
         f"finetune-{task}",

@@ -59,12 +59,17 @@ def base_tower() -> dict[str, torch.Tensor]:
     return build_vision_encoder(SAMPLE_VISION).model.state_dict()
 
 
-@pytest.fixture(scope="module")
-def caption_run(trained_stage2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ft") / "caption"
-    result = finetune("caption", trained_stage2, out)
+def finetuned(task: str, init: Path, factory: pytest.TempPathFactory) -> Path:
+    """A 4-step ``task`` run from ``init``, shared by a module's tests."""
+    out = factory.mktemp("ft") / task
+    result = finetune(task, init, out)
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="module")
+def caption_run(trained_stage2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finetuned("caption", trained_stage2, tmp_path_factory)
 
 
 def test_caption_finetuning_trains_the_vision_encoder_and_every_reader_uses_it(
@@ -124,10 +129,7 @@ def test_the_finetuned_run_converts_to_transformers_with_its_tower_and_not_to_la
 
 @pytest.fixture(scope="module")
 def retrieval_run(trained_stage1: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ft") / "retrieval"
-    result = finetune("retrieval", trained_stage1, out)
-    assert result.exit_code == 0, result.output
-    return out
+    return finetuned("retrieval", trained_stage1, tmp_path_factory)
 
 
 @pytest.mark.parametrize("task", ["caption", "retrieval"])

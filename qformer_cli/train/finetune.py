@@ -25,7 +25,7 @@ from pathlib import Path
 
 from qformer_cli import checkpoint
 from qformer_cli.config import RunConfig, from_dict
-from qformer_cli.errors import UsageError
+from qformer_cli.errors import CheckpointError, UsageError
 
 FINETUNE_TASKS = ("caption", "vqa", "retrieval", "instruct")
 TRAINS_VISION = {"caption": True, "vqa": True, "retrieval": True, "instruct": False}
@@ -41,12 +41,27 @@ def task_stage(task: str) -> int:
     return 1 if task == "retrieval" else 2
 
 
+def _own_run(init: Path) -> Path:
+    """The checkpoint of ``--init``, which must be a run or checkpoint of this toolkit: the
+    model section comes from its run config, which transformers / LAVIS weights do not have."""
+    try:
+        return checkpoint.resolve_checkpoint(init)
+    except CheckpointError:
+        external = Path(init).is_file() or (Path(init) / "config.json").is_file()
+        if not external:
+            raise
+        raise UsageError(
+            f"--init {init}: finetune starts from a run of this toolkit; train one from these "
+            "weights first (pretrain-stage2 --init, with their backbones) and fine-tune that"
+        ) from None
+
+
 def finetune_config(config: RunConfig, task: str, init: Path, given: set[str]) -> RunConfig:
     """``config`` (the command's --config, --set and flags) made the run config of fine-tuning
     ``init`` for ``task``: the model section and image size of ``init``'s run, the task's data
     and settings where the command line (``given`` keys) leaves them open."""
     stage = task_stage(task)
-    directory = checkpoint.resolve_checkpoint(init)
+    directory = _own_run(init)
     saved = checkpoint.load_meta(directory)
     if saved.stage != stage:
         needed = "a stage-1 run (pretrain-stage1)" if stage == 1 else "a stage-2 run"

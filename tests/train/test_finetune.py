@@ -313,6 +313,7 @@ def test_a_missing_instruction_image_names_the_row(trained_stage2: Path, tmp_pat
         ("caption", "stage2", ["--set", "model.preset=blip2"], "keeps the model of --init"),
         ("describe", "stage2", [], "one of caption, vqa, retrieval, instruct"),
         ("retrieval", "stage1", ["--set", "train.grad_accum=2"], "grad_accum"),
+        ("caption", "transformers", [], "starts from a run of this toolkit"),
     ],
 )
 def test_finetune_refuses_in_one_line(
@@ -325,6 +326,10 @@ def test_finetune_refuses_in_one_line(
     tmp_path: Path,
 ) -> None:
     init = trained_stage1 if run == "stage1" else trained_stage2
+    if run == "transformers":  # a directory of transformers weights, not a run
+        init = tmp_path / "hf"
+        init.mkdir()
+        (init / "config.json").write_text('{"model_type": "blip-2"}')
     result = finetune(task, init, tmp_path / "out", *extra)
     assert result.exit_code == 2, result.output
     assert says in result.output and "Traceback" not in result.output

@@ -748,8 +748,7 @@ def _export_stage2(
     specs, kv = stage2_graph_specs(pipeline)
     graphs = _write_graphs(specs, out_dir, precision, opset)
     llm = pipeline.llm.model
-    # The prompt-token embedding table (V, D), in the graphs' precision.
-    weights = llm.get_input_embeddings().weight.detach().cpu().to(_DTYPES[precision])
+    weights = _embedding_table(llm).to(_DTYPES[precision])
     np.save(out_dir / EMBEDDINGS, weights.numpy())
     encoder_decoder = pipeline.llm.family == "encoder-decoder"
     return {
@@ -793,6 +792,16 @@ def _instruction_entries(pipeline: Stage2Pipeline, out_dir: Path) -> dict[str, A
         "qformer_tokenizer": QFORMER_TOKENIZER_DIR,
         "instruction_max_length": int(pipeline.bridge.config.max_position_embeddings),
     }
+
+
+@torch.no_grad()
+def _embedding_table(llm: nn.Module) -> torch.Tensor:
+    """(V, D) what the LLM's input embedding module gives each token id: its weight, times
+    whatever the module applies (Gemma scales by sqrt(D) inside it), as the runtime's lookup
+    must give what ``soft_prompt_inputs`` does in PyTorch."""
+    embeddings = llm.get_input_embeddings()
+    ids = torch.arange(embeddings.weight.shape[0], device=embeddings.weight.device)
+    return embeddings(ids).float().cpu()
 
 
 def _decoder_start_token_id(llm: nn.Module) -> int:

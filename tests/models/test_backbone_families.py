@@ -1,6 +1,7 @@
-"""Today's backbones through the whole user path: Llama- and Qwen2-family LLMs (each with its
-family's tokenizer conventions: Llama prepends a BOS token and has no pad token, Qwen2 adds no
-BOS and pads with its end token) and SigLIP, DINOv2 and Blip2VisionModel towers (each with its
+"""Today's backbones through the whole user path: Llama-, Qwen2-, Mistral-, Phi- and
+Gemma-family LLMs (each with its family's tokenizer conventions: BOS or none, which pad token;
+Gemma scales its token embeddings inside its embedding module) and SigLIP, DINOv2 and
+Blip2VisionModel towers (each with its
 own image processor saved beside it). Tiny random models built from transformers' own classes:
 stage 2 trains, captions, exports to ONNX and captions the same there; a run with each LLM,
 converted to transformers, captions the same with transformers' processor and ``generate``.
@@ -51,24 +52,33 @@ def _family_tokenizer(directory: Path, bos: bool, pad: str | None) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(settings))
 
 
+# family -> (config class, model class, BOS token id, pad token) with each family's tokenizer
+# conventions: Llama, Mistral and Gemma prepend BOS; Qwen2 and Phi do not; Qwen2 pads with its
+# end token, Gemma with <pad>, the others have no pad token
+LLM_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", 0, None),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", None, "</s>"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", 0, None),
+    "phi": ("PhiConfig", "PhiForCausalLM", None, None),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", 0, "<pad>"),
+}
+PAD_IDS = {"</s>": 2, "<pad>": 1, None: None}
+
+
 def _llm(directory: Path, family: str) -> Path:
-    """A tiny random Llama (BOS ``<s>``, no pad) or Qwen2 (no BOS, pad ``</s>``) directory."""
+    """A tiny random LLM of ``family`` (LLM_FAMILIES) with its tokenizer conventions."""
+    config_class, model_class, bos, pad = LLM_FAMILIES[family]
     sizes = dict(
         vocab_size=420, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        eos_token_id=2, initializer_range=WIDE_INIT,
+        eos_token_id=2, initializer_range=WIDE_INIT, bos_token_id=bos, pad_token_id=PAD_IDS[pad],
     )  # fmt: skip
+    if family == "gemma":
+        sizes["head_dim"] = 16  # Gemma's default is 256
     torch.manual_seed(0)
-    if family == "llama":
-        model = transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(**sizes, bos_token_id=0, pad_token_id=None)
-        )
-    else:
-        model = transformers.Qwen2ForCausalLM(
-            transformers.Qwen2Config(**sizes, bos_token_id=None, pad_token_id=2)
-        )
-    model.save_pretrained(directory)
-    _family_tokenizer(directory, bos=family == "llama", pad=None if family == "llama" else "</s>")
+    config = getattr(transformers, config_class)(**sizes)
+    getattr(transformers, model_class)(config).save_pretrained(directory)
+    _family_tokenizer(directory, bos=bos is not None, pad=pad)
     return directory
 
 
@@ -127,7 +137,7 @@ def _train_caption_export(
     return run, folder, ours
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", list(LLM_FAMILIES))
 def test_an_llm_family_trains_captions_exports_and_converts(tmp_path: Path, family: str) -> None:
     llm = _llm(tmp_path / family, family)
     run, folder, ours = _train_caption_export(tmp_path, ["--llm", str(llm)])

@@ -207,7 +207,8 @@ def load_pretrained_checked(
 
 
 class VisionEncoder(nn.Module):
-    """A frozen transformers vision model returning per-token features (B, N, C).
+    """A transformers vision model returning per-token features (B, N, C): frozen, unless
+    ``unfreeze`` (fine-tuning: ``train.vision_lr``) makes its weights trainable.
 
     Features are the last layer's hidden states (``last_hidden_state``), or with ``layer`` < -1
     an earlier layer's (``hidden_states[layer]``, before any final norm). For

@@ -329,10 +329,7 @@ def build_stage2_recipe(
     init: Path | None = None,
 ) -> StageRecipe:
     dtype = PRECISION_DTYPES[config.train.precision]
-    init_checkpoint = (
-        checkpoint.resolve_checkpoint(init) if init and _is_our_checkpoint(init) else None
-    )
-    vision = load_vision(config, device, init_checkpoint)
+    vision = load_vision(config, device, own_checkpoint(init))
     if vision.trains:
         report(describe_vision_training(vision, config.train))
     llm = build_language_model(config.model.llm, dtype=dtype)

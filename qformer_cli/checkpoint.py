@@ -149,6 +149,10 @@ def write_manifest(directory: Path) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -167,10 +171,9 @@ def save_checkpoint(
     if temp.exists():
         shutil.rmtree(temp)
     temp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(temp / WEIGHTS))
+    _save_tensors(weights, temp / WEIGHTS)
     if vision_weights is not None:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in vision_weights.items()}
-        save_file(tensors, str(temp / VISION_WEIGHTS))
+        _save_tensors(vision_weights, temp / VISION_WEIGHTS)
     (temp / CONFIG).write_text(json.dumps(meta.to_dict(), indent=1, default=str))
     if train_state is not None:
         torch.save(train_state, temp / TRAIN_STATE)
@@ -257,22 +260,21 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(directory / WEIGHTS))
+        return load_file(str(path))
     except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{directory / WEIGHTS}: unreadable ({exc})") from None
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return _load_tensors(directory / WEIGHTS)
 
 
 def load_vision_weights(directory: Path) -> dict[str, torch.Tensor] | None:
     """The trained vision tower's weights of a checkpoint; None where the tower stayed frozen."""
     path = directory / VISION_WEIGHTS
-    if not path.is_file():
-        return None
-    try:
-        return load_file(str(path))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    return _load_tensors(path) if path.is_file() else None
 
 
 def load_config(directory: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from qformer_cli.models.backbones import (
     build_vision_encoder,
     load_llm_tokenizer,
     load_qformer_tokenizer,
+    qformer_vocabulary,
     resolve_model_name,
 )
 from qformer_cli.models.blip2 import Stage1Model, Stage2Model
@@ -167,9 +168,7 @@ def _load_lavis_stage1(path: Path, device: torch.device, backbones: RunConfig) -
     vision = build_vision_encoder(backbones.model.vision)
     tokenizer = load_qformer_tokenizer(backbones.model.bert)
     qformer_config = backbones.model.qformer_config().fitted_to_backbones(
-        encoder_width=vision.hidden_size,
-        vocab_size=len(tokenizer),  # BERT's with [DEC], as stage 1 trains
-        pad_token_id=tokenizer.pad_token_id or 0,
+        encoder_width=vision.hidden_size, **qformer_vocabulary(tokenizer)
     )
     model = Stage1Model(qformer_config)
     _check_lavis_report(path, load_external_weights(model, path), ("temp",))
@@ -191,16 +190,16 @@ def _load_lavis_stage2(
     tokenizer."""
     vision = build_vision_encoder(backbones.model.vision, dtype=dtype)
     llm = build_language_model(backbones.model.llm, dtype=dtype)
-    instruct = LAVIS_WORD_EMBEDDINGS in read_torch_weights(path)
-    vocabulary = {}
-    if instruct:
-        tokenizer = load_qformer_tokenizer(backbones.model.bert)
-        vocabulary = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id or 0}
+    tensors = read_torch_weights(path)
+    instruct = LAVIS_WORD_EMBEDDINGS in tensors
+    vocabulary = (
+        qformer_vocabulary(load_qformer_tokenizer(backbones.model.bert)) if instruct else {}
+    )
     qformer_config = backbones.model.qformer_config().fitted_to_backbones(
         encoder_width=vision.hidden_size, **vocabulary
     )
     bridge = Stage2Model(qformer_config, llm.embedding_dim, instruction_aware=instruct)
-    _check_lavis_report(path, load_external_weights(bridge, path), ())
+    _check_lavis_report(path, import_state_dict(bridge, tensors, "lavis"), ())
     return _stage2_pipeline(backbones, vision, bridge, llm, device, path)
 
 

@@ -513,13 +513,13 @@ def _encoder_decoder_specs(llm: nn.Module, dim: int) -> tuple[list[GraphSpec], K
 def stage2_graph_specs(pipeline: Stage2Pipeline) -> tuple[list[GraphSpec], KvShape]:
     """The graphs of a stage-2 pipeline (traced from fp32 CPU copies) and its LLM's KV shape."""
     image_shape = _image_shape(pipeline.vision)
-    if pipeline.bridge.instruction_aware:
-        instructed = InstructedVisionQFormer(pipeline)
-        instructed = copy.deepcopy(instructed).to("cpu", torch.float32).eval()
-        vision = _instructed_vision_spec(instructed, image_shape)
+    instructed = pipeline.bridge.instruction_aware
+    module = (InstructedVisionQFormer if instructed else VisionQFormer)(pipeline)
+    module = copy.deepcopy(module).to("cpu", torch.float32).eval()
+    if instructed:
+        vision = _instructed_vision_spec(module, image_shape)
     else:
-        vision_qformer = copy.deepcopy(VisionQFormer(pipeline)).to("cpu", torch.float32).eval()
-        vision = _vision_spec(VISION_GRAPH, vision_qformer, "soft_prompt", image_shape)
+        vision = _vision_spec(VISION_GRAPH, module, "soft_prompt", image_shape)
     llm = copy.deepcopy(pipeline.llm.model).to("cpu", torch.float32).eval()
     dim = pipeline.llm.embedding_dim
     if pipeline.llm.family == "decoder-only":

@@ -20,7 +20,7 @@ import numpy as np
 
 from qformer_cli.config import GenerationConfig
 from qformer_cli.errors import CheckpointError, UsageError
-from qformer_cli.inference.generate import decode_until_stop
+from qformer_cli.inference.generate import decode_until_stop, encode_instructions
 
 
 def _gpu_usable() -> bool:
@@ -142,14 +142,8 @@ class OnnxPipeline:
         if self.instruction_aware:
             if prompts is None or len(prompts) != len(pixel_values):
                 raise UsageError("an instruction-aware Q-Former reads one prompt per image")
-            self.qformer_tokenizer.padding_side = "right"
-            encoded = self.qformer_tokenizer(
-                prompts,
-                padding="longest",
-                truncation=True,
-                max_length=self.manifest["instruction_max_length"],
-                return_tensors="np",
-            )
+            max_length = self.manifest["instruction_max_length"]
+            encoded = encode_instructions(self.qformer_tokenizer, prompts, max_length, "np")
             feed["instruction_ids"] = encoded["input_ids"].astype(np.int64)
             feed["instruction_mask"] = encoded["attention_mask"].astype(np.int64)
         return self.vision_qformer.run(["soft_prompt"], feed)[0]

@@ -78,6 +78,18 @@ def generate_text(
     return decode_until_stop(tokenizer, output, options["eos_token_id"])
 
 
+def encode_instructions(
+    qformer_tokenizer: Any, prompts: list[str], max_length: int, tensors: str
+) -> Any:
+    """The prompts in the Q-Former's vocabulary, right-padded to the longest and cut at the
+    Q-Former's positions (as LAVIS's InstructBLIP truncates; it: 128 tokens); ``tensors``:
+    "pt" or "np"."""
+    qformer_tokenizer.padding_side = "right"
+    return qformer_tokenizer(
+        prompts, padding="longest", truncation=True, max_length=max_length, return_tensors=tensors
+    )
+
+
 def instructed_soft_prompt(
     bridge: Stage2Model, image_embeds: torch.Tensor, prompts: list[str], qformer_tokenizer
 ) -> torch.Tensor:
@@ -86,15 +98,9 @@ def instructed_soft_prompt(
         return bridge.soft_prompt(image_embeds)
     if qformer_tokenizer is None:
         raise UsageError("an instruction-aware Q-Former needs its tokenizer (qformer_tokenizer/)")
-    qformer_tokenizer.padding_side = "right"
-    encoded = qformer_tokenizer(
-        prompts,
-        padding="longest",
-        truncation=True,  # as LAVIS's InstructBLIP truncates (it: 128 tokens)
-        max_length=bridge.config.max_position_embeddings,
-        return_tensors="pt",
-    )
-    encoded = encoded.to(image_embeds.device)
+    encoded = encode_instructions(
+        qformer_tokenizer, prompts, bridge.config.max_position_embeddings, "pt"
+    ).to(image_embeds.device)
     return bridge.soft_prompt(image_embeds, encoded["input_ids"], encoded["attention_mask"])
 
 

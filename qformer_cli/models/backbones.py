@@ -369,6 +369,12 @@ def load_qformer_tokenizer(name: str) -> transformers.PreTrainedTokenizerBase:
     return tokenizer
 
 
+def qformer_vocabulary(tokenizer: transformers.PreTrainedTokenizerBase) -> dict[str, int]:
+    """What a Q-Former that embeds text takes from its tokenizer (``fitted_to_backbones``
+    keywords): the vocabulary size, [DEC] included, and the pad id."""
+    return {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id or 0}
+
+
 def load_llm_tokenizer(name: str) -> transformers.PreTrainedTokenizerBase:
     """The LLM's tokenizer; a pad token is borrowed from EOS where the LLM has none (GPT-2)."""
     tokenizer = _load_tokenizer(name)

@@ -38,7 +38,7 @@ from qformer_cli.data.streams import ListStream, Stream, StreamingTrainingSet, T
 from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
-from qformer_cli.models.backbones import resolve_model_name
+from qformer_cli.models.backbones import qformer_vocabulary, resolve_model_name
 from qformer_cli.models.config import BackboneConfig, QFormerConfig
 from qformer_cli.runtime import Ranks
 
@@ -144,11 +144,7 @@ def fitted_qformer_config(
     """The preset's sizes fitted to the backbones: the image feature width, and the Q-Former
     tokenizer's vocabulary where the Q-Former embeds text (stage 1, an instruction-aware
     stage 2; None: it does not)."""
-    vocabulary = (
-        {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id or 0}
-        if tokenizer is not None
-        else {}
-    )
+    vocabulary = qformer_vocabulary(tokenizer) if tokenizer is not None else {}
     return config.model.qformer_config().fitted_to_backbones(
         encoder_width=vision_width, **vocabulary
     )

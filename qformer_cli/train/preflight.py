@@ -18,6 +18,7 @@ from qformer_cli.data.hf import hub_source
 from qformer_cli.data.shards import expand_source, is_shard_source
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
+from qformer_cli.info import count
 from qformer_cli.models.backbones import (
     build_language_model,
     build_vision_encoder,
@@ -214,10 +215,6 @@ def trainable_parameters(stage: int, config: RunConfig, llm_width: int | None = 
                 qformer_config, width, instruction_aware=config.model.instruction_aware
             )
     return count(model) + trained_vision
-
-
-def count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def free_disk_bytes(directory: Path) -> int:

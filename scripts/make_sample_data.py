@@ -26,7 +26,7 @@ import json
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +464,74 @@ def add_question(
     )
 
 
+# ---------------------------------------------------------------- ITM hard negatives
+
+SWAP_KINDS = ("color", "shape", "size", "position")
+# The templates (caption_templates' order) that state every object's cell: elsewhere a moved
+# object only changes the reading order ("a red circle and a blue square" -> "a blue square and
+# a red circle", still true) or a relation that may still hold.
+PLACING_TEMPLATES = (1, 4)
+ALONE_TEMPLATE = 3  # "a small red circle alone in the center" (one object)
+
+
+def swap_attribute(objects: list[SceneObject], kind: str, rng: random.Random) -> list[SceneObject]:
+    """The scene with one attribute of one object changed (colour, shape, size or cell)."""
+    index = rng.randrange(len(objects))
+    old = objects[index]
+    if kind == "color":
+        new = replace(old, color=rng.choice([c for c in COLORS if c != old.color]))
+    elif kind == "shape":
+        new = replace(old, shape=rng.choice([s for s in SHAPES if s != old.shape]))
+    elif kind == "size":
+        new = replace(old, size="large" if old.size == "small" else "small")
+    else:
+        used = {(o.row, o.col) for o in objects}
+        free = [(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in used]
+        row, col = rng.choice(free)
+        new = replace(old, row=row, col=col)
+    changed = [new if k == index else o for k, o in enumerate(objects)]
+    return sorted(changed, key=lambda o: (o.row, o.col))  # captions list objects in reading order
+
+
+def hard_negative(
+    objects: list[SceneObject], noise_kind: str, captions: list[str], kind: str, rng: random.Random
+) -> tuple[str, str] | None:
+    """One of the image's captions and the same template worded for the scene with one
+    attribute swapped: a caption that is false for the image (no template of the true scene
+    says it). None when the few tries find none (e.g. a size swap in a caption without sizes)."""
+    true_texts = caption_templates(objects, noise_kind)
+    for _ in range(8):
+        caption = rng.choice(captions)
+        template = true_texts.index(caption)
+        placing = PLACING_TEMPLATES + ((ALONE_TEMPLATE,) if len(objects) == 1 else ())
+        if kind == "position" and template not in placing:
+            continue
+        negative = caption_templates(swap_attribute(objects, kind, rng), noise_kind)[template]
+        if negative not in true_texts:
+            return caption, negative
+    return None
+
+
+def hard_negative_entries(split: str, records: SplitRecords, seed: int) -> dict[str, Any]:
+    """SugarCrepe's layout: ``{id: {"filename", "caption", "negative_caption"}}``, plus the
+    attribute swapped; up to one entry per image and kind, from its own random stream."""
+    entries: dict[str, Any] = {}
+    for index, scene in enumerate(records.scenes):
+        rng = random.Random(stream_seed(seed, split, index, "hard-negatives"))
+        objects = [SceneObject(**o) for o in scene["objects"]]
+        captions = records.captions[scene["image_id"]]
+        for kind in SWAP_KINDS:
+            pair = hard_negative(objects, scene["background"], captions, kind, rng)
+            if pair is not None:
+                entries[str(len(entries))] = {
+                    "caption": pair[0],
+                    "filename": scene["image"],
+                    "negative_caption": pair[1],
+                    "swapped": kind,
+                }
+    return entries
+
+
 # ---------------------------------------------------------------- file formats
 
 
@@ -519,11 +587,13 @@ def vqa_files(split: str, records: SplitRecords) -> tuple[dict[str, Any], dict[s
     return questions, annotations
 
 
-def write_split(split: str, records: SplitRecords, out: Path) -> None:
+def write_split(split: str, records: SplitRecords, out: Path, seed: int) -> None:
     write_json(out / f"scenes_{split}.json", records.scenes)
     write_json(out / f"karpathy_{split}.json", karpathy_entries(split, records))
     if split != "train":
         write_json(out / f"captions_{split}.json", coco_captions(split, records))
+        pairs = hard_negative_entries(split, records, seed)
+        write_json(out / f"hard_negatives_{split}.json", pairs)
     questions, annotations = vqa_files(split, records)
     write_json(out / f"vqa_{split}_questions.json", questions)
     write_json(out / f"vqa_{split}_annotations.json", annotations)
@@ -540,7 +610,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     counts = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
     for split in SPLITS:
-        write_split(split, generate_split(split, counts[split], args.seed, args.out), args.out)
+        write_split(
+            split, generate_split(split, counts[split], args.seed, args.out), args.out, args.seed
+        )
     print(
         f"wrote {sum(counts.values())} images to {args.out} in {time.perf_counter() - started:.1f}s"
     )

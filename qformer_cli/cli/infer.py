@@ -545,6 +545,15 @@ def eval_retrieval(
         Path | None, typer.Option("--images", help="Image root (default: beside the JSON).")
     ] = None,
     k: Annotated[int, typer.Option("--k", min=1, help="Candidates re-ranked with ITM.")] = 128,
+    hard_negatives: Annotated[
+        Path | None,
+        typer.Option(
+            "--hard-negatives",
+            help="Captions with a hard negative each, SugarCrepe's JSON ({id: {filename, "
+            "caption, negative_caption}}; images relative to the file's folder): how often ITM, "
+            "ITC and their sum prefer the caption. Default: the split's, without --annotations.",
+        ),
+    ] = None,
     batch_size: BatchOption = 64,
     skip_bad_samples: SkipBadOption = False,
     config: ConfigOption = None,
@@ -557,19 +566,25 @@ def eval_retrieval(
 ) -> None:
     """Image-text retrieval with a stage-1 checkpoint: ITC for all pairs, ITM re-rank of top k."""
     from qformer_cli.data import BadSampleLog, sample_split_files
+    from qformer_cli.data.hard_negatives import read_hard_negatives
     from qformer_cli.eval.retrieval import read_retrieval_samples
     from qformer_cli.inference.retrieve import retrieval_to_file
     from qformer_cli.pretrained import load_stage1_pipeline
     from qformer_cli.runtime import init_distributed, make_out_dir
 
     model = model_location(model)
-    require_inputs(model=model, annotations=annotations, images=images)
+    require_inputs(
+        model=model, annotations=annotations, images=images, hard_negatives=hard_negatives
+    )
     flags = {"data.skip_bad_samples": skip_bad_samples or None}
     run_config = load_run_config(config, overrides, flags)
     data_config = run_config.data
-    annotations = annotations or sample_split_files(split).karpathy
+    if annotations is None:
+        annotations = sample_split_files(split).karpathy
+        hard_negatives = hard_negatives or sample_split_files(split).hard_negatives
     bad = BadSampleLog(skip=data_config.skip_bad_samples)
     samples = read_retrieval_samples(annotations, images, bad)  # before the model loads
+    pairs = None if hard_negatives is None else read_hard_negatives(hard_negatives, bad=bad)
     _, torch_device = init_distributed(device)
     pipeline = load_stage1_pipeline(model, torch_device, run_config)
     out_dir = make_out_dir(out, "eval-retrieval")
@@ -585,10 +600,16 @@ def eval_retrieval(
             bad=bad,
             max_image_pixels=data_config.max_image_pixels,
             progress=progress.counter,
+            hard_negatives=pairs,
         )
     if as_json:
         print_json(result)
         return
+    _print_retrieval(result, annotations)
+
+
+def _print_retrieval(result: dict[str, Any], annotations: Path) -> None:
+    console = output_console(False)
     table = Table(title=f"Retrieval on {annotations} ({result['num_images']} images)")
     table.add_column("direction")
     for name in ("R@1", "R@5", "R@10"):
@@ -600,5 +621,15 @@ def eval_retrieval(
         "text_to_image_itc_only",
     ):
         table.add_row(direction, *(f"{v:.2f}" for v in result[direction].values()))
-    output_console(as_json).print(table)
-    _print_skipped(output_console(as_json), result)
+    console.print(table)
+    pairs = result.get("hard_negatives")
+    if pairs is not None:
+        table = Table(title=f"Caption preferred to its hard negative, % ({pairs['pairs']} pairs)")
+        scores = ("itm", "itc", "itm_plus_itc")
+        for column in ("pairs", *scores):
+            table.add_column(column, justify="right" if column != "pairs" else "left")
+        table.add_row("all", *(f"{pairs[s]:.2f}" for s in scores))
+        for kind, values in pairs.get("per_kind", {}).items():
+            table.add_row(kind, *(f"{values[s]:.2f}" for s in scores))
+        console.print(table)
+    _print_skipped(console, result)

@@ -38,6 +38,7 @@ class RetrievalSet:
     input_ids: torch.Tensor  # (N_txt, T)
     text_mask: torch.Tensor  # (N_txt, T)
     text_to_image: torch.Tensor  # (N_txt,) index of each caption's image
+    samples: list[Sample] | None = None  # the N_img images read (bad ones skipped)
 
 
 @torch.no_grad()
@@ -58,6 +59,23 @@ def itc_similarity(model: Stage1Model, data: RetrievalSet, batch_size: int) -> t
 
 
 @torch.no_grad()
+def pair_itm_logits(
+    model: Stage1Model,
+    data: RetrievalSet,
+    image_index: torch.Tensor,
+    text_index: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """ITM logits (P, 2) [no match, match] of the pairs (image_index[p], text_index[p])."""
+    logits = []
+    for images, texts in zip(
+        image_index.split(batch_size), text_index.split(batch_size), strict=True
+    ):
+        image_kv = model.qformer.encode_image(data.image_embeds[images])
+        logits.append(model.itm_logits(image_kv, data.input_ids[texts], data.text_mask[texts]))
+    return torch.cat(logits)
+
+
 def itm_scores(
     model: Stage1Model,
     data: RetrievalSet,
@@ -65,15 +83,8 @@ def itm_scores(
     text_index: torch.Tensor,
     batch_size: int,
 ) -> torch.Tensor:
-    """Match logits (P,) of the pairs (image_index[p], text_index[p])."""
-    scores = []
-    for images, texts in zip(
-        image_index.split(batch_size), text_index.split(batch_size), strict=True
-    ):
-        image_kv = model.qformer.encode_image(data.image_embeds[images])
-        logits = model.itm_logits(image_kv, data.input_ids[texts], data.text_mask[texts])
-        scores.append(logits[:, 1])  # (P,) the match logit
-    return torch.cat(scores)
+    """Match logits (P,) of the pairs (image_index[p], text_index[p]): what re-ranking adds."""
+    return pair_itm_logits(model, data, image_index, text_index, batch_size)[:, 1]
 
 
 def rerank(
@@ -125,6 +136,41 @@ def evaluate_retrieval(
         "image_to_text_itc_only": recall_at(similarity, is_match),
         "text_to_image_itc_only": recall_at(similarity.t(), is_match.t()),
     }
+
+
+@torch.no_grad()
+def evaluate_hard_negatives(
+    model: Stage1Model, data: RetrievalSet, kinds: list[str], batch_size: int = 64
+) -> dict[str, object]:
+    """How often each score puts an image's true caption above its hard negative, in percent
+    (chance 50): ``data`` holds each image's pairs as consecutive texts (caption, negative;
+    :func:`~qformer_cli.data.hard_negatives.pairs_as_samples`) and ``kinds`` names each pair's
+    change, in text order. Scores: the ITM head's match probability, the ITC similarity, and
+    match logit + ITC (what ITM re-ranking ranks by)."""
+    model.eval()
+    similarity = itc_similarity(model, data, batch_size)  # (N_img, N_txt)
+    owners = data.text_to_image.to(similarity.device)
+    texts = torch.arange(len(owners), device=similarity.device)
+    itc = similarity[owners, texts]  # (N_txt,) each text against its own image
+    logits = pair_itm_logits(model, data, owners, texts, batch_size)  # (N_txt, 2)
+    scores = {
+        "itm": logits.softmax(dim=-1)[:, 1],  # the ITM head's P(match)
+        "itc": itc,
+        "itm_plus_itc": logits[:, 1] + itc,
+    }
+    # (P,) per pair: did the caption (even text) beat its negative (the odd text after it)?
+    wins = {name: (score[0::2] > score[1::2]).cpu() for name, score in scores.items()}
+    result: dict[str, object] = {"pairs": len(kinds), **_percent_of(wins)}
+    if any(kinds):
+        result["per_kind"] = {
+            kind: _percent_of({n: w[[k == kind for k in kinds]] for n, w in wins.items()})
+            for kind in dict.fromkeys(kinds)
+        }
+    return result
+
+
+def _percent_of(wins: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: round(100.0 * won.float().mean().item(), 2) for name, won in wins.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +229,7 @@ def load_retrieval_set(
         input_ids=input_ids,
         text_mask=text_mask,
         text_to_image=torch.tensor(owners),
+        samples=samples,
     )
 
 

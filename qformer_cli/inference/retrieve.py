@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 from qformer_cli.data import BadSampleLog, Sample
+from qformer_cli.data.hard_negatives import HardNegative, pairs_as_samples
 from qformer_cli.eval.retrieval import (
     RetrievalSet,
+    evaluate_hard_negatives,
     evaluate_retrieval,
     itc_similarity,
     load_retrieval_set,
@@ -33,23 +35,34 @@ def retrieval_to_file(
     bad: BadSampleLog,
     max_image_pixels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    hard_negatives: list[HardNegative] | None = None,
 ) -> dict[str, Any]:
     """Recall@K both ways on the ``samples`` of the caption file ``annotations``
     (:func:`~qformer_cli.eval.retrieval.read_retrieval_samples`) into ``out_dir/metrics.json``
     (images ``bad`` skipped are left out, with their captions, and listed in
-    ``out_dir/skipped.json``); the command's result."""
-    data = load_retrieval_set(
-        samples,
-        pipeline.vision,
-        pipeline.image_processor_source,
-        pipeline.tokenizer,
-        device,
-        batch_size,
-        bad=bad,
-        max_image_pixels=max_image_pixels,
-        progress=progress,
-    )
+    ``out_dir/skipped.json``); the command's result. With ``hard_negatives``, also how often
+    ITM, ITC and their sum prefer each pair's caption to its negative."""
+
+    def encode(images: list[Sample]) -> RetrievalSet:
+        return load_retrieval_set(
+            images,
+            pipeline.vision,
+            pipeline.image_processor_source,
+            pipeline.tokenizer,
+            device,
+            batch_size,
+            bad=bad,
+            max_image_pixels=max_image_pixels,
+            progress=progress,
+        )
+
+    data = encode(samples)
     metrics = evaluate_retrieval(pipeline.model, data, k=k, batch_size=batch_size)
+    if hard_negatives is not None:
+        pair_data = encode(pairs_as_samples(hard_negatives))
+        metrics["hard_negatives"] = evaluate_hard_negatives(
+            pipeline.model, pair_data, pair_kinds(hard_negatives, pair_data), batch_size
+        )
     result = {
         "checkpoint": str(pipeline.directory),
         "annotations": str(annotations),
@@ -64,6 +77,15 @@ def retrieval_to_file(
         result["skipped"] = str(skipped)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def pair_kinds(pairs: list[HardNegative], data: RetrievalSet) -> list[str]:
+    """Each pair's kind in the order of ``data``'s texts (images that failed to load gone)."""
+    by_image: dict[Path, list[str]] = {}
+    for pair in pairs:
+        by_image.setdefault(pair.image, []).append(pair.kind)
+    assert data.samples is not None  # load_retrieval_set keeps the images it read
+    return [kind for sample in data.samples for kind in by_image[Path(sample.image)]]
 
 
 @torch.no_grad()

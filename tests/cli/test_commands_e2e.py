@@ -113,6 +113,70 @@ def test_eval_retrieval_writes_recalls_that_match_the_itc_ranking(
     assert metrics["text_to_image_itc_only"]["R@10"] > 100.0 * 10 / RETRIEVAL_IMAGES
 
 
+HARD_NEGATIVE_IMAGES = 5
+
+
+@pytest.mark.slow  # trains the shared stage-1 run (~20 s)
+def test_eval_retrieval_hard_negatives_equal_what_match_prefers(
+    stage1_run: Path, karpathy_subset: Path, tmp_path: Path
+) -> None:
+    """The pairs' accuracies equal the preferences `qformer match` (tested against
+    transformers' retrieval model) gives for each image's captions and negatives."""
+    shipped = _read(SAMPLE / "hard_negatives_val.json")
+    images = sorted({pair["filename"] for pair in shipped.values()})[:HARD_NEGATIVE_IMAGES]
+    pairs = {  # absolute image paths: the file is read from elsewhere
+        key: dict(pair, filename=str(SAMPLE / pair["filename"]))
+        for key, pair in shipped.items()
+        if pair["filename"] in images
+    }
+    pairs_file = tmp_path / "pairs.json"
+    pairs_file.write_text(json.dumps(pairs))
+    args = ["--model", str(stage1_run), "--annotations", str(karpathy_subset)]
+    metrics = invoke_json(
+        "eval-retrieval",
+        *args,
+        "--images",
+        str(SAMPLE),
+        "--hard-negatives",
+        str(pairs_file),
+        "--k",
+        "4",
+        "--out",
+        str(tmp_path / "retrieval"),
+    )["hard_negatives"]
+
+    wins: dict[str, list[bool]] = {"itm": [], "itc": []}
+    kinds = []
+    for image in images:
+        mine = [pair for pair in pairs.values() if pair["filename"] == str(SAMPLE / image)]
+        texts = [
+            arg
+            for p in mine
+            for t in (p["caption"], p["negative_caption"])
+            for arg in ("--text", t)
+        ]
+        scores = invoke_json(
+            "match", "--model", str(stage1_run), "--image", str(SAMPLE / image), *texts
+        )
+        rows = scores["matches"]
+        for j, pair in enumerate(mine):
+            caption, negative = rows[2 * j], rows[2 * j + 1]
+            wins["itm"].append(caption["itm_probability"] > negative["itm_probability"])
+            wins["itc"].append(caption["itc_similarity"] > negative["itc_similarity"])
+            kinds.append(pair["swapped"])
+    percent = lambda won: round(100.0 * sum(won) / len(won), 2)  # noqa: E731
+    assert metrics["pairs"] == len(pairs) == len(kinds)
+    assert (metrics["itm"], metrics["itc"]) == (percent(wins["itm"]), percent(wins["itc"]))
+    for kind, values in metrics["per_kind"].items():
+        chosen = [k == kind for k in kinds]
+        for score in ("itm", "itc"):
+            assert values[score] == percent(
+                [w for w, c in zip(wins[score], chosen, strict=True) if c]
+            )
+    assert set(metrics["per_kind"]) == {"color", "shape", "size", "position"}
+    assert 0.0 <= metrics["itm_plus_itc"] <= 100.0
+
+
 # ------------------------------------------------------------------------------------------
 # caption / eval-caption
 

@@ -204,3 +204,81 @@ def test_captions_name_only_what_is_in_the_scene() -> None:
             assert words & SHAPES <= {o["shape"] for o in objects}, caption
             if "plain background" in caption:
                 assert scenes[image_id]["background"] == "clean"
+
+
+# ---------------------------------------------------------------- ITM hard negatives
+
+PHRASE = re.compile(
+    r"a (?:(small|large) )?(red|green|blue|yellow|purple) (circle|square|triangle)"
+    r"(?:(?: alone)? (" + "|".join(CELL_OF_PHRASE) + r"))?"
+)
+
+
+def describes(text: str, objects: list[dict[str, object]]) -> bool:
+    """Whether each object phrase of ``text`` ("a small red circle in the center") can be given
+    its own object of the scene agreeing on everything the phrase states, the first two in the
+    relation the text names ("... above ...") if it names one."""
+    phrases = PHRASE.findall(text)
+    relation = re.search(r" (above|below|to the left of|to the right of) ", text)
+
+    def related(first: dict[str, object], second: dict[str, object]) -> bool:
+        """The caption's relation of its first object to its second, as the scene has them."""
+        if relation is None:
+            return True
+        rows, cols = (first["row"], second["row"]), (first["col"], second["col"])
+        return {
+            "above": rows[0] < rows[1],
+            "below": rows[0] > rows[1],
+            "to the left of": rows[0] == rows[1] and cols[0] < cols[1],
+            "to the right of": rows[0] == rows[1] and cols[0] > cols[1],
+        }[relation[1]]
+
+    def agrees(phrase: tuple[str, ...], obj: dict[str, object]) -> bool:
+        size, color, shape, place = phrase
+        cell = (obj["row"], obj["col"])
+        return (
+            (not size or size == obj["size"])
+            and (color, shape) == (obj["color"], obj["shape"])
+            and (not place or CELL_OF_PHRASE[place] == cell)
+        )
+
+    def assign(rest: list[tuple[str, ...]], free: list[dict[str, object]], chosen: list) -> bool:
+        if not rest:
+            return len(chosen) < 2 or related(chosen[0], chosen[1])
+        return any(
+            agrees(rest[0], obj) and assign(rest[1:], free[:k] + free[k + 1 :], [*chosen, obj])
+            for k, obj in enumerate(free)
+        )
+
+    return bool(phrases) and assign(phrases, list(objects), [])
+
+
+CAPTION_KEYS = ("caption", "negative_caption")
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_hard_negatives_are_false_captions_one_attribute_away(split: str) -> None:
+    scenes = {s["image"]: s["objects"] for s in load(f"scenes_{split}.json")}
+    captions = {e["image"]: set(e["caption"]) for e in load(f"karpathy_{split}.json")}
+    pairs = load(f"hard_negatives_{split}.json")
+    assert Counter(p["swapped"] for p in pairs.values()).keys() == {
+        "color",
+        "shape",
+        "size",
+        "position",
+    }
+    assert len(pairs) >= 3.5 * len(scenes)  # nearly every image has all four kinds
+    vocabulary = {
+        "color": COLORS,
+        "shape": SHAPES,
+        "size": {"small", "large"},
+        "position": {word for phrase in CELL_OF_PHRASE for word in phrase.split()},
+    }
+    for pair in pairs.values():
+        objects = scenes[pair["filename"]]
+        assert pair["caption"] in captions[pair["filename"]], pair
+        assert describes(pair["caption"], objects), pair
+        assert not describes(pair["negative_caption"], objects), pair
+        old, new = (Counter(pair[key].replace(",", "").split()) for key in CAPTION_KEYS)
+        changed = set((old - new) + (new - old))  # the words one has more of than the other
+        assert changed and changed <= vocabulary[pair["swapped"]], pair

@@ -1,0 +1,83 @@
+"""Image-caption pairs with a hard negative caption, in SugarCrepe's layout.
+
+``{"0": {"filename": "000000397133.jpg", "caption": "...", "negative_caption": "..."}, ...}``
+(an object keyed by pair id; a list of the same objects is read too). ``filename`` is relative
+to the image root (default: the JSON file's folder); an entry may name what was changed in its
+negative in ``swapped`` (SugarCrepe keeps one file per kind; the shipped sample_data files name
+the attribute: colour, shape, size or position), which the metrics are broken down by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qformer_cli.data.json_files import read_json, require_text, shown
+from qformer_cli.data.sample import BadSampleLog, Sample, image_id_from_name, raise_or_skip
+from qformer_cli.errors import DataError
+
+
+@dataclass(frozen=True)
+class HardNegative:
+    """One image, a caption true of it and a caption that is not."""
+
+    image: Path
+    caption: str
+    negative_caption: str
+    kind: str  # what the negative changed ("" when the file does not say)
+    origin: str  # file and entry, for messages
+
+
+def read_hard_negatives(
+    path: str | Path, image_root: str | Path | None = None, *, bad: BadSampleLog | None = None
+) -> list[HardNegative]:
+    """The pairs of a SugarCrepe-style file, in file order."""
+    payload = read_json(path)
+    if isinstance(payload, dict):
+        entries = list(payload.items())
+    elif isinstance(payload, list):
+        entries = [(str(index), entry) for index, entry in enumerate(payload)]
+    else:
+        raise DataError(f"{shown(path)}: expected a JSON object or list of pairs")
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    pairs = []
+    for key, entry in entries:
+        where = f"{shown(path)}: pair {key}"
+        try:
+            pairs.append(_pair(entry, where, root))
+        except DataError as error:
+            raise_or_skip(bad, error, "missing field")
+    if not pairs:
+        raise DataError(f"{shown(path)}: no pairs")
+    return pairs
+
+
+def _pair(entry: object, where: str, root: Path) -> HardNegative:
+    filename = require_text(entry, "filename", where)
+    caption = require_text(entry, "caption", where)
+    negative = require_text(entry, "negative_caption", where)
+    assert isinstance(entry, dict)  # checked by require_text
+    kind = entry.get("swapped", "")
+    if caption == negative:
+        raise DataError(f"{where}: 'negative_caption' equals 'caption'")
+    return HardNegative(root / filename, caption, negative, str(kind), where)
+
+
+def pairs_as_samples(pairs: list[HardNegative]) -> list[Sample]:
+    """One sample per image, its captions every pair's caption and negative in order (caption
+    2j and negative 2j+1 of the image's j-th pair), for the retrieval set's loader."""
+    texts: dict[Path, list[str]] = {}
+    origins: dict[Path, str] = {}
+    for pair in pairs:
+        texts.setdefault(pair.image, []).extend([pair.caption, pair.negative_caption])
+        origins.setdefault(pair.image, pair.origin)
+    return [
+        Sample(
+            image=image,
+            image_id=image_id_from_name(image),
+            captions=tuple(captions),
+            origin=origins[image],
+            file=image.name,
+        )
+        for image, captions in texts.items()
+    ]

@@ -238,14 +238,29 @@ class Stage1Config:
     the same caption text). ``temperature_clamp``: ``[low, high]`` for the ITC temperature, or
     null for none (LAVIS BLIP-2). ``head_init``: the vision/text projections and ITM head as
     torch's default ``nn.Linear`` init (``lavis``) or normal(0, initializer_range) with zero bias.
+
+    Two additions to BLIP-2's objective, off by default (every preset): ``itm_weight`` scales
+    the ITM loss in the sum (BLIP-2: 1, an unweighted sum); ``itm_negative_warmup`` N draws a
+    share of the ITM negatives uniformly among the candidates instead of by ITC similarity, all
+    of them at step 0 falling linearly to none at step N (BLIP-2: 0, by similarity from the
+    start), so that ITM first learns from easy negatives (README "What make demo shows").
     """
 
     itc_gradient: Literal["preset", "lavis", "full"] = FROM_PRESET
     itm_negatives: Literal["preset", "lavis", "distinct"] = FROM_PRESET
     temperature_clamp: list[float] | Literal["preset"] | None = FROM_PRESET
     head_init: Literal["preset", "lavis", "normal"] = FROM_PRESET
+    itm_weight: float = 1.0
+    itm_negative_warmup: int = 0
 
     def __post_init__(self) -> None:
+        if self.itm_weight <= 0:
+            raise UsageError(f"config key 'stage1.itm_weight' must be > 0, got {self.itm_weight}")
+        if self.itm_negative_warmup < 0:
+            raise UsageError(
+                f"config key 'stage1.itm_negative_warmup' must be >= 0, got "
+                f"{self.itm_negative_warmup}"
+            )
         clamp = self.temperature_clamp
         if isinstance(clamp, list) and not (len(clamp) == 2 and 0 < clamp[0] < clamp[1]):
             raise UsageError(

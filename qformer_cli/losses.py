@@ -208,13 +208,15 @@ def mine_hard_negatives(
     text_ids: torch.Tensor | None = None,
     all_text_ids: torch.Tensor | None = None,
     negatives: ItmNegatives = "distinct",
+    uniform_share: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """For each local row, the global index of one negative (B,).
 
-    Candidates are weighted by :func:`negative_weights` (``negatives`` names how). ``sample``
-    draws with probability proportional to the weights (BLIP-2), one of ``uniforms`` (B,) per row
-    (:func:`draw_by_inverse_cdf`); ``hardest`` takes the most heavily weighted candidate
-    (deterministic, for tests).
+    Candidates are weighted by :func:`negative_weights` (``negatives`` names how), mixed with
+    the uniform distribution over the same candidates when ``uniform_share`` (a 0-dim tensor
+    in [0, 1]) is given. ``sample`` draws with probability proportional to the weights (BLIP-2),
+    one of ``uniforms`` (B,) per row (:func:`draw_by_inverse_cdf`); ``hardest`` takes the most
+    heavily weighted candidate (deterministic, for tests).
     """
     weights = negative_weights(
         similarity,
@@ -225,6 +227,11 @@ def mine_hard_negatives(
         text_ids=text_ids,
         all_text_ids=all_text_ids,
     )
+    if uniform_share is not None:
+        candidates = (weights > 0).to(weights.dtype)  # (B, G)
+        uniform = candidates / candidates.sum(dim=1, keepdim=True)
+        share = uniform_share.to(weights.dtype)
+        weights = (1 - share) * weights / weights.sum(dim=1, keepdim=True) + share * uniform
     if mining == "hardest":
         return weights.argmax(dim=1)
     if uniforms is None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from qformer_cli.config import Stage1Config
 from qformer_cli.losses import (
     draw_by_inverse_cdf,
     itc_loss,
@@ -176,6 +178,46 @@ def test_inverse_cdf_draw_follows_the_weights():
     assert torch.allclose(counts, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.01)
 
 
+def _negative_frequencies(share: float, negatives: str = "lavis") -> torch.Tensor:
+    """(G,) how often each sample is drawn as row 0's negative over 20000 draws."""
+    similarity = torch.tensor([[9.0, 5.0, 0.0, 0.0]]).expand(20000, 4)  # row 0 of 4 samples
+    ids = torch.arange(4)
+    uniforms = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    picked = mine_hard_negatives(
+        similarity,
+        ids[:1].expand(20000),
+        ids,
+        torch.zeros(20000, dtype=torch.long),
+        "sample",
+        uniforms,
+        negatives=negatives,
+        uniform_share=torch.tensor(share),
+    )
+    return torch.bincount(picked, minlength=4) / 20000
+
+
+def test_a_uniform_share_of_negatives_mixes_in_every_candidate_alike():
+    """Share s: (1 - s) * softmax-weights + s * uniform over the candidates (the positive,
+    column 0, never); against the distribution written out here."""
+    hard = F.softmax(torch.tensor([9.0, 5.0, 0.0, 0.0]), dim=0)[1:]
+    for share in (0.0, 0.5, 1.0):
+        expected = (1 - share) * hard / hard.sum() + share / 3
+        counts = _negative_frequencies(share, "distinct")
+        assert counts[0] == 0
+        assert torch.allclose(counts[1:], expected, atol=0.01), (share, counts)
+
+
+def test_the_uniform_share_falls_linearly_over_the_warmup_steps():
+    model = Stage1Model(qformer_preset("tiny", vocab_size=40, num_layers=2))
+    settings = Stage1Config(itm_negative_warmup=100).resolved("tiny")
+    objective = Stage1Objective(model, dec_token_id=39, settings=settings)
+    shares = []
+    for step in (0, 25, 50, 100, 400):
+        objective.start_step(step)
+        shares.append(round(objective.uniform_share.item(), 6))
+    assert shares == [1.0, 0.75, 0.5, 0.0, 0.0]
+
+
 def test_a_batch_of_one_image_falls_back_to_other_samples():
     ids = torch.tensor([4, 4, 4])
     picked = mine_hard_negatives(torch.randn(3, 3), ids, ids, torch.arange(3), "hardest")
@@ -255,6 +297,17 @@ def test_reuse_gives_the_same_losses_and_gradients_as_recomputing():
     losses_b.total.backward()
     for (name, a), b in zip(reused.named_parameters(), recomputed.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_itm_weight_scales_the_itm_loss_in_the_total_only():
+    plain = _objective(reuse=True)(_batch())
+    weighted_objective = _objective(reuse=True)
+    weighted_objective.settings = replace(weighted_objective.settings, itm_weight=3.0)
+    weighted = weighted_objective(_batch())
+    for name in ("itc", "itm", "itg"):
+        assert getattr(weighted, name).item() == pytest.approx(getattr(plain, name).item())
+    expected = plain.itc + 3.0 * plain.itm + plain.itg
+    assert weighted.total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_every_trainable_parameter_gets_a_gradient():

@@ -138,6 +138,8 @@ class StageRecipe:
     # train.eval_every: a validation pass -> {"val_...": value}, and the metric kept best by
     validate: Callable[[], dict[str, float]] | None = None
     best_metric: str = ""
+    # called with the 0-based step before each optimizer step (stage 1: the ITM negatives' mix)
+    start_step: Callable[[int], None] | None = None
     # the vision encoder whose tower weights every checkpoint carries (vision.safetensors): one
     # trained here (train.vision_lr; inside ``objective``, VisionInFront) or fine-tuned by the
     # run this one started from. None: the configured tower as it is.
@@ -371,6 +373,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.recipe.start_step is not None:
+            self.recipe.start_step(self.state.step)
         totals: dict[str, float] = {}
         for batch in self._prepare(micro_batches):
             values = self._forward_backward(batch, 1.0 / len(micro_batches))

@@ -102,10 +102,11 @@ class Stage1Losses:
     itc: torch.Tensor
     itm: torch.Tensor
     itg: torch.Tensor
+    itm_weight: float = 1.0  # stage1.itm_weight
 
     @property
     def total(self) -> torch.Tensor:
-        return self.itc + self.itm + self.itg  # unweighted, as in BLIP-2
+        return self.itc + self.itm_weight * self.itm + self.itg  # BLIP-2: unweighted
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {"itc": self.itc, "itm": self.itm, "itg": self.itg}
@@ -135,6 +136,17 @@ class Stage1Objective(nn.Module):
         # Draws the uniforms of ``sample`` mining for the global batch; seeded alike on every
         # rank, which all draw the same count, so the negatives do not depend on the world size.
         self.generator: torch.Generator | None = None
+        # The share of ITM negatives drawn uniformly (stage1.itm_negative_warmup), set before
+        # each step by ``start_step``; a buffer, so that a compiled forward reads it as an input.
+        device = next(model.parameters()).device
+        self.register_buffer("uniform_share", torch.zeros((), device=device), persistent=False)
+
+    def start_step(self, step: int) -> None:
+        """Before optimizer step ``step`` (0-based): the uniform share of the ITM negatives,
+        1 at step 0 falling linearly to 0 at ``itm_negative_warmup``."""
+        warmup = self.settings.itm_negative_warmup
+        if warmup:
+            self.uniform_share.fill_(max(0.0, 1.0 - step / warmup))
 
     def forward(self, batch: Stage1Batch) -> Stage1Losses:
         ranks = Ranks.current()
@@ -157,6 +169,7 @@ class Stage1Objective(nn.Module):
             itc=itc.loss,
             itm=itm_loss(itm_logits),
             itg=itg_loss(itg_logits, batch.input_ids, batch.text_mask, tokens_per_loss),
+            itm_weight=self.settings.itm_weight,
         )
 
     def _itc(
@@ -275,6 +288,7 @@ class Stage1Objective(nn.Module):
                 text_ids=batch.text_ids,
                 all_text_ids=all_text_ids,
                 negatives=self.settings.itm_negatives,
+                uniform_share=self.uniform_share if self.settings.itm_negative_warmup else None,
             )
 
         return mine
@@ -443,6 +457,7 @@ def build_stage1_recipe(
         save_extra=save_tokenizer,
         accumulate=objective.accumulate,
         generators={"negatives": generator},
+        start_step=objective.start_step,
         validate=validate,
         best_metric=best_metric(1, config),
     )

@@ -98,7 +98,11 @@ MUTANTS: tuple[Mutant, ...] = (
                 "            torch.ones(2 * batch, dtype=torch.long, device=itm_logits.device),\n",
             ),
         ),
-        ("tests/test_losses.py::test_itm_labels_are_positive_then_two_negatives",),
+        (
+            "tests/test_losses.py::test_itm_labels_are_positive_then_two_negatives",
+            "tests/train/test_learning.py::"
+            "test_stage1_itm_prefers_true_captions_to_held_out_hard_negatives",
+        ),
         "ITM learns positives as non-matching and negatives as matching",
     ),
     Mutant(

@@ -262,8 +262,9 @@ def test_torchrun_stage1_with_grad_accumulation_matches_one_process(tmp_path: Pa
 
 @pytest.mark.slow
 def test_torchrun_stage1_default_command_completes(tmp_path: Path) -> None:
-    """The plain command on 2 processes, every setting default (dropout on, the default batch
-    and model): it used to crash at the first step gathering captions of different widths."""
+    """The plain command on 2 processes, every setting default (the default batch and model,
+    ITM's negative warm-up on): it used to crash at the first step gathering captions of
+    different widths."""
     torchrun(*stage1_module_args(tmp_path / "run", "--max-steps", "2"))
     assert [row["step"] for row in metrics_rows(tmp_path / "run")] == [1, 2]
     assert checkpoint.list_checkpoints(tmp_path / "run")

@@ -76,17 +76,6 @@ def pair_itm_logits(
     return torch.cat(logits)
 
 
-def itm_scores(
-    model: Stage1Model,
-    data: RetrievalSet,
-    image_index: torch.Tensor,
-    text_index: torch.Tensor,
-    batch_size: int,
-) -> torch.Tensor:
-    """Match logits (P,) of the pairs (image_index[p], text_index[p]): what re-ranking adds."""
-    return pair_itm_logits(model, data, image_index, text_index, batch_size)[:, 1]
-
-
 def rerank(
     model: Stage1Model,
     data: RetrievalSet,
@@ -102,10 +91,8 @@ def rerank(
     top_sim, top_index = similarity.topk(k, dim=1)  # (rows, k)
     row_index = torch.arange(rows, device=similarity.device).repeat_interleave(k)
     col_index = top_index.reshape(-1)
-    if rows_are_images:
-        itm = itm_scores(model, data, row_index, col_index, batch_size)
-    else:
-        itm = itm_scores(model, data, col_index, row_index, batch_size)
+    images, texts = (row_index, col_index) if rows_are_images else (col_index, row_index)
+    itm = pair_itm_logits(model, data, images, texts, batch_size)[:, 1]  # the match logit
     scores = torch.full((rows, cols), float("-inf"), device=similarity.device)
     scores[row_index, col_index] = itm + top_sim.reshape(-1)
     return scores

@@ -7,7 +7,7 @@ import torch
 from qformer_cli.eval.retrieval import (
     RetrievalSet,
     itc_similarity,
-    itm_scores,
+    pair_itm_logits,
     recall_at,
     rerank,
 )
@@ -46,7 +46,9 @@ def test_rerank_adds_itm_to_itc_for_the_top_k_only():
         top = similarity[image].topk(2).indices
         for text in range(6):
             if text in top:
-                itm = itm_scores(model, data, torch.tensor([image]), torch.tensor([text]), 1)
+                itm = pair_itm_logits(model, data, torch.tensor([image]), torch.tensor([text]), 1)[
+                    :, 1
+                ]
                 assert torch.allclose(
                     scores[image, text], itm[0] + similarity[image, text], atol=1e-5
                 )

@@ -58,7 +58,7 @@ def test_regeneration_is_byte_identical(small_world: Path, tmp_path: Path) -> No
         ["--out", str(tmp_path), "--num-train", "12", "--num-val", "4", "--num-test", "4"]
     )
     first, second = files_of(small_world), files_of(tmp_path)
-    assert len(first) == 12 + 4 + 4 + 14  # images + 14 JSON files
+    assert len(first) == 12 + 4 + 4 + 16  # images + 16 JSON files
     assert first == second
 
 
@@ -91,6 +91,9 @@ def test_shipped_data_is_what_the_script_generates(small_world: Path) -> None:
     shipped_questions = load("vqa_test_questions.json")["questions"]
     small_questions = json.loads((small_world / "vqa_test_questions.json").read_text())["questions"]
     assert shipped_questions[:16] == small_questions
+    small_pairs = json.loads((small_world / "hard_negatives_val.json").read_text())
+    shipped_pairs = load("hard_negatives_val.json")
+    assert small_pairs and all(shipped_pairs[key] == pair for key, pair in small_pairs.items())
 
 
 def test_shipped_sizes_and_budget() -> None:

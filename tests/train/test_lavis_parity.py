@@ -42,9 +42,11 @@ def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def _blip2_settings() -> Stage1Config:
-    """What the blip2 preset and the shipped blip2 stage-1 config resolve to (one and the same)."""
+    """What the blip2 preset and the shipped blip2 stage-1 config resolve to (one and the same;
+    neither turns on the two additions to BLIP-2's objective that configs/tiny.yaml sets)."""
     from_config = load_config(REPO / "configs/blip2_stage1_vitg.yaml").stage1
-    assert load_config(overrides=["model.preset=blip2"]).stage1 == from_config
+    assert Stage1Config().resolved("blip2") == from_config
+    assert (from_config.itm_weight, from_config.itm_negative_warmup) == (1.0, 0)
     return from_config
 
 
@@ -208,9 +210,16 @@ def test_each_preset_names_its_stage1_objective():
     assert STAGE1_PRESETS.keys() == QFORMER_PRESETS.keys()
     assert _blip2_settings() == Stage1Config("lavis", "lavis", None, "lavis")
     tiny = load_config(REPO / "configs/tiny.yaml").stage1
-    assert tiny == load_config().stage1 == _blip2_settings()  # measured better (config.py)
+    assert tiny == load_config().stage1
+    # The tiny preset's choices are LAVIS's (measured better, config.py); the embedded default
+    # adds ITM's weight and easy-negative warm-up (README "What make demo shows").
+    assert Stage1Config().resolved("tiny") == _blip2_settings()
+    assert replace(tiny, itm_weight=1.0, itm_negative_warmup=0) == _blip2_settings()
+    assert (tiny.itm_weight, tiny.itm_negative_warmup) == (5.0, 150)
     chosen = load_config(overrides=["model.preset=blip2", "stage1.itm_negatives=distinct"])
-    assert chosen.stage1 == Stage1Config("lavis", "distinct", None, "lavis")
+    assert replace(chosen.stage1, itm_weight=1.0, itm_negative_warmup=0) == Stage1Config(
+        "lavis", "distinct", None, "lavis"
+    )
 
 
 def test_a_run_records_the_resolved_settings(tmp_path: Path):
@@ -222,6 +231,8 @@ def test_a_run_records_the_resolved_settings(tmp_path: Path):
         "itm_negatives": "lavis",
         "temperature_clamp": None,
         "head_init": "lavis",
+        "itm_weight": 5.0,  # configs/tiny.yaml's
+        "itm_negative_warmup": 150,
     }
     assert json.loads((tmp_path / "run/run_config.json").read_text())["stage1"] == expected
     final = Path(json.loads(result.stdout)["final_checkpoint"])

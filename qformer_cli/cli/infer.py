@@ -580,8 +580,9 @@ def eval_retrieval(
     run_config = load_run_config(config, overrides, flags)
     data_config = run_config.data
     if annotations is None:
-        annotations = sample_split_files(split).karpathy
-        hard_negatives = hard_negatives or sample_split_files(split).hard_negatives
+        split_files = sample_split_files(split)
+        annotations = split_files.karpathy
+        hard_negatives = hard_negatives or split_files.hard_negatives
     bad = BadSampleLog(skip=data_config.skip_bad_samples)
     samples = read_retrieval_samples(annotations, images, bad)  # before the model loads
     pairs = None if hard_negatives is None else read_hard_negatives(hard_negatives, bad=bad)

@@ -63,21 +63,31 @@ def _pair(entry: object, where: str, root: Path) -> HardNegative:
     return HardNegative(root / filename, caption, negative, str(kind), where)
 
 
+def _by_image(pairs: list[HardNegative]) -> dict[Path, list[HardNegative]]:
+    """The pairs of each image, in file order (images in order of their first pair)."""
+    grouped: dict[Path, list[HardNegative]] = {}
+    for pair in pairs:
+        grouped.setdefault(pair.image, []).append(pair)
+    return grouped
+
+
 def pairs_as_samples(pairs: list[HardNegative]) -> list[Sample]:
     """One sample per image, its captions every pair's caption and negative in order (caption
     2j and negative 2j+1 of the image's j-th pair), for the retrieval set's loader."""
-    texts: dict[Path, list[str]] = {}
-    origins: dict[Path, str] = {}
-    for pair in pairs:
-        texts.setdefault(pair.image, []).extend([pair.caption, pair.negative_caption])
-        origins.setdefault(pair.image, pair.origin)
     return [
         Sample(
             image=image,
             image_id=image_id_from_name(image),
-            captions=tuple(captions),
-            origin=origins[image],
+            captions=tuple(text for p in own for text in (p.caption, p.negative_caption)),
+            origin=own[0].origin,
             file=image.name,
         )
-        for image, captions in texts.items()
+        for image, own in _by_image(pairs).items()
     ]
+
+
+def pair_kinds(pairs: list[HardNegative], loaded: list[Sample]) -> list[str]:
+    """Each pair's kind in the order :func:`pairs_as_samples` put their texts, over the
+    ``loaded`` samples (those whose image could be read)."""
+    grouped = _by_image(pairs)
+    return [pair.kind for sample in loaded for pair in grouped[Path(sample.image)]]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from qformer_cli.data import BadSampleLog, Sample
-from qformer_cli.data.hard_negatives import HardNegative, pairs_as_samples
+from qformer_cli.data.hard_negatives import HardNegative, pair_kinds, pairs_as_samples
 from qformer_cli.eval.retrieval import (
     RetrievalSet,
     evaluate_hard_negatives,
@@ -60,8 +60,10 @@ def retrieval_to_file(
     metrics = evaluate_retrieval(pipeline.model, data, k=k, batch_size=batch_size)
     if hard_negatives is not None:
         pair_data = encode(pairs_as_samples(hard_negatives))
+        assert pair_data.samples is not None  # load_retrieval_set keeps the images it read
+        kinds = pair_kinds(hard_negatives, pair_data.samples)
         metrics["hard_negatives"] = evaluate_hard_negatives(
-            pipeline.model, pair_data, pair_kinds(hard_negatives, pair_data), batch_size
+            pipeline.model, pair_data, kinds, batch_size
         )
     result = {
         "checkpoint": str(pipeline.directory),
@@ -77,15 +79,6 @@ def retrieval_to_file(
         result["skipped"] = str(skipped)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     return result
-
-
-def pair_kinds(pairs: list[HardNegative], data: RetrievalSet) -> list[str]:
-    """Each pair's kind in the order of ``data``'s texts (images that failed to load gone)."""
-    by_image: dict[Path, list[str]] = {}
-    for pair in pairs:
-        by_image.setdefault(pair.image, []).append(pair.kind)
-    assert data.samples is not None  # load_retrieval_set keeps the images it read
-    return [kind for sample in data.samples for kind in by_image[Path(sample.image)]]
 
 
 @torch.no_grad()

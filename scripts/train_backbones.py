@@ -457,6 +457,10 @@ ANSWER_WEIGHT = 3.0  # OPT loss weight of the answer tokens after "Answer:"
 # one of its objects): mixed in with blind answers and captions from the start, it learned to
 # count from a description but never to look an attribute up in it.
 OPT_READING_WARMUP_STEPS = 400
+# Then, until this step, half the examples ask what needs an object found by colour and shape
+# together (its size; "is there a {colour} {shape}?" and the other yes/no forms): without these
+# steps the OPT answered every size question "large", description or not.
+OPT_BINDING_UNTIL_STEP = 1000
 
 BOS_MARK = "</s>"  # OPT's BOS; T5 drops it from contexts
 LMExample = tuple[str, str, str]  # (context, prompt, continuation); the text is their join
@@ -544,10 +548,33 @@ def lm_pairs(text: WorldText, rng: random.Random) -> Iterator[LMExample]:
             yield "", "", rng.choice(text.captions[image_id])
 
 
+def binding_question(objects: list[world.SceneObject], rng: random.Random) -> tuple[str, str]:
+    """A (question, answer) that needs an object found by its colour and shape together: the
+    size of a named object (where the scene has a unique colour-shape pair) or a yes/no, half
+    each."""
+    if rng.random() < 0.5:
+        sized = [
+            spec
+            for spec in world.other_question_candidates(objects, rng)
+            if spec.question_type == "what size is the"
+        ]
+        if sized:
+            return sized[0].question, sized[0].answer
+    spec = world.yes_no_question(objects, rng.random() < 0.5, rng)
+    return spec.question, spec.answer
+
+
 def lookup_pairs(rng: random.Random) -> Iterator[LMExample]:
     """Endless described-scene examples whose question is a lookup (``lookup_question``)."""
     while True:
         yield described_scene_example(rng, lookup_question)
+
+
+def binding_pairs(rng: random.Random) -> Iterator[LMExample]:
+    """Endless described-scene examples, half asking a lookup, half a ``binding_question``."""
+    while True:
+        ask = binding_question if rng.random() < 0.5 else lookup_question
+        yield described_scene_example(rng, ask)
 
 
 def join_example(*parts: str) -> str:
@@ -632,11 +659,17 @@ def train_opt(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[st
     model = OPTForCausalLM(config)
     pairs = lm_pairs(text, random.Random(SEED))
     lookups = lookup_pairs(random.Random(SEED + 1))
+    bindings = binding_pairs(random.Random(SEED + 2))
     gen = torch.Generator().manual_seed(SEED)
     batch_size = 64
 
     def loss_of_step(step: int) -> torch.Tensor:
-        source = lookups if step < OPT_READING_WARMUP_STEPS else pairs
+        if step < OPT_READING_WARMUP_STEPS:
+            source = lookups
+        elif step < OPT_BINDING_UNTIL_STEP:
+            source = bindings
+        else:
+            source = pairs
         return weighted_lm_loss(model, opt_batch(source, tokenizer, batch_size, gen))
 
     losses = run_training(model, loss_of_step, steps, 2e-3, "opt")
@@ -645,8 +678,9 @@ def train_opt(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[st
     return {
         "recipe": f"causal LM (no images), untied input/output embeddings: the first "
         f"{OPT_READING_WARMUP_STEPS} steps only lookups 'scene description.[</s>] Question: "
-        "(colour/shape/size of a named or placed object) Answer: a\\n', then "
-        "50% 'scene description.[</s>] Question: q Answer: a\\n' "
+        "(colour/shape/size of a named or placed object) Answer: a\\n', then until step "
+        f"{OPT_BINDING_UNTIL_STEP} half of them and half the size of a named colour-shape or a "
+        "yes/no, then 50% 'scene description.[</s>] Question: q Answer: a\\n' "
         "about fresh random scenes (varied description forms; loss 0 on the description, "
         f"x{ANSWER_WEIGHT:g} on the answer), 25% blind 'Question: q Answer: a\\n' and 25% captions "
         "from the train split; random position offsets, "
@@ -717,7 +751,7 @@ def train_t5(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[str
 
 # ---------------------------------------------------------------- main
 
-DEFAULT_STEPS = {"bert": 300, "vision": 700, "opt": 2000, "t5": 900}
+DEFAULT_STEPS = {"bert": 300, "vision": 700, "opt": 3000, "t5": 900}
 
 
 def main(argv: list[str] | None = None) -> None:

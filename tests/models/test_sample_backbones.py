@@ -181,10 +181,14 @@ def test_language_models_read_a_preceding_scene_description(lm_report: tuple[str
     """What a soft prompt needs: told the scene before the question, the frozen LM answers it."""
     _, report = lm_report
     told = {kind: report[kind]["accuracy_with_description"] for kind in VALID_KINDS}
-    assert told["color"] >= 0.65, told  # the shipped opt reaches 0.75, the t5 0.72
+    assert told["color"] >= 0.65, told  # the shipped opt reaches 0.71, the t5 0.72
     assert told["color"] >= report["color"]["accuracy"] + 0.4, told
     assert told["number"] >= 0.7, told
     assert told["yes/no"] >= 0.6, told
+    # A size is found by colour and shape together (opt 0.89, t5 0.84; prior 0.53). The opt
+    # answered "large" to every size question, description or not, until its binding steps.
+    assert told["size"] >= 0.75, told
+    assert told["size"] >= report["size"]["prior_rate"] + 0.2, told
 
 
-VALID_KINDS = ("color", "number", "yes/no")
+VALID_KINDS = ("color", "number", "yes/no", "size")

@@ -69,9 +69,16 @@ def export_onnx_command(
         table = Table(title=f"Parity, onnxruntime ({parity['provider']}) vs PyTorch")
         table.add_column("graph")
         table.add_column("max abs diff", justify="right")
+        table.add_column("/ max(1, |output|)", justify="right")
         for graph, by_batch in parity["max_abs_diff"].items():
+            scales = parity["scale"][graph]
             worst = max(max(outputs.values()) for outputs in by_batch.values())
-            table.add_row(graph, f"{worst:.2e}")
+            relative = max(
+                diff / scales[batch][name]
+                for batch, outputs in by_batch.items()
+                for name, diff in outputs.items()
+            )
+            table.add_row(graph, f"{worst:.2e}", f"{relative:.2e}")
         console.print(table)
     console.print(f"wrote {out}", markup=False, highlight=False)
 

@@ -244,6 +244,10 @@ class Stage1Config:
     share of the ITM negatives uniformly among the candidates instead of by ITC similarity, all
     of them at step 0 falling linearly to none at step N (BLIP-2: 0, by similarity from the
     start), so that ITM first learns from easy negatives (README "What make demo shows").
+    A third, also off by default: ``itm_hard_negatives``, a file of captions with a hard
+    negative (SugarCrepe's layout, as ``eval-retrieval --hard-negatives`` reads), from which a
+    training caption listed there gives its image's ITM negative text: the listed negative
+    instead of one drawn from the batch (NegCLIP-style; BLIP-2 draws every one from the batch).
     """
 
     itc_gradient: Literal["preset", "lavis", "full"] = FROM_PRESET
@@ -252,6 +256,7 @@ class Stage1Config:
     head_init: Literal["preset", "lavis", "normal"] = FROM_PRESET
     itm_weight: float = 1.0
     itm_negative_warmup: int = 0
+    itm_hard_negatives: str = ""
 
     def __post_init__(self) -> None:
         if self.itm_weight <= 0:

@@ -592,8 +592,8 @@ def write_split(split: str, records: SplitRecords, out: Path, seed: int) -> None
     write_json(out / f"karpathy_{split}.json", karpathy_entries(split, records))
     if split != "train":
         write_json(out / f"captions_{split}.json", coco_captions(split, records))
-        pairs = hard_negative_entries(split, records, seed)
-        write_json(out / f"hard_negatives_{split}.json", pairs)
+    # train: ITM text negatives to train with (stage1.itm_hard_negatives); val/test: held out
+    write_json(out / f"hard_negatives_{split}.json", hard_negative_entries(split, records, seed))
     questions, annotations = vqa_files(split, records)
     write_json(out / f"vqa_{split}_questions.json", questions)
     write_json(out / f"vqa_{split}_annotations.json", annotations)

@@ -22,7 +22,12 @@ from qformer_cli.losses import (
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.config import qformer_preset
 from qformer_cli.runtime import Ranks
-from qformer_cli.train.stage1 import Stage1Batch, Stage1Objective
+from qformer_cli.train.stage1 import (
+    GivenNegatives,
+    ListedNegatives,
+    Stage1Batch,
+    Stage1Objective,
+)
 
 
 def _smoothed_ce(logits: list[float], target: int, eps: float = 0.1) -> float:
@@ -308,6 +313,49 @@ def test_itm_weight_scales_the_itm_loss_in_the_total_only():
         assert getattr(weighted, name).item() == pytest.approx(getattr(plain, name).item())
     expected = plain.itc + 3.0 * plain.itm + plain.itg
     assert weighted.total.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_listed_negative_replaces_the_drawn_negative_text_of_its_row():
+    """stage1.itm_hard_negatives: rows 0 and 2 list a negative (wider than the batch's captions)
+    and it is their image's ITM negative text; rows 1 and 3 keep the drawn one. Reference: the
+    ITM head run pair by pair, each text cut to its own length (no padding at all)."""
+    objective = _objective(reuse=True)
+    generator = torch.Generator().manual_seed(5)
+    listed_ids = torch.randint(2, 59, (4, 12), generator=generator)
+    listed_ids[:, 0] = 1
+    listed_mask = torch.ones_like(listed_ids)
+    listed_mask[2, 10:] = 0
+    listed = torch.tensor([True, False, True, False])
+    drawn = GivenNegatives(image=torch.tensor([1, 3, 0, 2]), text=torch.tensor([2, 0, 3, 1]))
+    batch = replace(
+        _batch(),
+        given_negatives=drawn,
+        text_negatives=ListedNegatives(listed, listed_ids, listed_mask),
+    )
+    model = objective.model
+    with torch.no_grad():  # a sharp head, so that the loss tells the pairs' texts apart
+        model.itm_head.weight.mul_(50.0)
+
+    def itm_of(image: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        length = int(mask.sum())
+        image_kv = model.qformer.encode_image(batch.image_embeds[image : image + 1])
+        return model.itm_logits(image_kv, ids[None, :length], mask[None, :length])
+
+    ids, mask = batch.input_ids, batch.text_mask
+    with torch.no_grad():
+        positives = [itm_of(i, ids[i], mask[i]) for i in range(4)]
+        negative_images = [itm_of(int(drawn.image[i]), ids[i], mask[i]) for i in range(4)]
+        negative_texts = [
+            itm_of(i, listed_ids[i], listed_mask[i])
+            if listed[i]
+            else itm_of(i, ids[drawn.text[i]], mask[drawn.text[i]])
+            for i in range(4)
+        ]
+        expected = itm_loss(torch.cat(positives + negative_images + negative_texts))
+        got = objective(batch).itm
+        drawn_only = objective(replace(batch, text_negatives=None)).itm
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(drawn_only.item() - expected.item()) > 1e-3  # 2 of the 12 pairs differ
 
 
 def test_every_trainable_parameter_gets_a_gradient():

@@ -9,6 +9,7 @@ the attribute: colour, shape, size or position), which the metrics are broken do
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,3 +92,32 @@ def pair_kinds(pairs: list[HardNegative], loaded: list[Sample]) -> list[str]:
     ``loaded`` samples (those whose image could be read)."""
     grouped = _by_image(pairs)
     return [pair.kind for sample in loaded for pair in grouped[Path(sample.image)]]
+
+
+class TextNegatives:
+    """Training captions' listed hard negatives, looked up by the sample's image file name and
+    caption (``stage1.itm_hard_negatives``); a caption listed with several negatives always gets
+    the same one, chosen by a digest of the caption (equal on every rank and every run)."""
+
+    def __init__(self, pairs: list[HardNegative]) -> None:
+        self.negatives: dict[tuple[str, str], list[str]] = {}
+        for pair in pairs:
+            self.negatives.setdefault((pair.image.name, pair.caption), []).append(
+                pair.negative_caption
+            )
+
+    def __len__(self) -> int:
+        return len(self.negatives)
+
+    def of(self, sample: Sample, caption: str) -> str | None:
+        """The negative listed for ``caption`` of ``sample``'s image, or None."""
+        name = Path(sample.file).name if sample.file else _image_name(sample)
+        listed = self.negatives.get((name, caption))
+        if not listed:
+            return None
+        digest = hashlib.blake2b(caption.encode("utf-8"), digest_size=4).digest()
+        return listed[int.from_bytes(digest, "little") % len(listed)]
+
+
+def _image_name(sample: Sample) -> str:
+    return Path(sample.image).name if isinstance(sample.image, (str, Path)) else ""

@@ -18,8 +18,7 @@ BACKBONES = ("vision", "opt", "t5", "bert")
 
 @dataclass(frozen=True)
 class SplitFiles:
-    """One split's files in every format (``coco_captions`` and ``hard_negatives`` are None
-    for train)."""
+    """One split's files in every format (``coco_captions`` is None for train)."""
 
     split: str
     root: Path  # Karpathy "image" paths are relative to it
@@ -29,7 +28,7 @@ class SplitFiles:
     vqa_questions: Path
     vqa_annotations: Path
     scenes: Path  # ground-truth objects per image
-    hard_negatives: Path | None  # captions with one attribute swapped (SugarCrepe layout)
+    hard_negatives: Path  # captions with one attribute swapped (SugarCrepe layout)
 
 
 def sample_split_files(split: str, root: Path | None = None) -> SplitFiles:
@@ -45,7 +44,7 @@ def sample_split_files(split: str, root: Path | None = None) -> SplitFiles:
         vqa_questions=root / f"vqa_{split}_questions.json",
         vqa_annotations=root / f"vqa_{split}_annotations.json",
         scenes=root / f"scenes_{split}.json",
-        hard_negatives=None if split == "train" else root / f"hard_negatives_{split}.json",
+        hard_negatives=root / f"hard_negatives_{split}.json",
     )
 
 

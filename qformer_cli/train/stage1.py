@@ -23,6 +23,8 @@ from qformer_cli import checkpoint
 from qformer_cli.checkpoint import CheckpointMeta
 from qformer_cli.config import RunConfig, Stage1Config
 from qformer_cli.data import BadSampleLog, Sample
+from qformer_cli.data.hard_negatives import TextNegatives, read_hard_negatives
+from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.losses import (
     ItcOutput,
@@ -95,6 +97,18 @@ class Stage1Batch:
     itg_tokens_per_loss: torch.Tensor | None = None
     given_negatives: GivenNegatives | None = None  # used instead of drawing ITM negatives
     pixel_values: torch.Tensor | None = None  # (B, 3, H, W) for a trained encoder (VisionInFront)
+    # stage1.itm_hard_negatives: rows whose caption has a listed negative, and its tokens
+    text_negatives: ListedNegatives | None = None
+
+
+@dataclass(frozen=True)
+class ListedNegatives:
+    """The listed hard negative of each caption that has one (``stage1.itm_hard_negatives``),
+    used as its image's ITM negative text instead of a drawn one."""
+
+    listed: torch.Tensor  # (B,) bool: this row's caption has a listed negative
+    input_ids: torch.Tensor  # (B, T') its tokens (rows without one: any text, unused)
+    text_mask: torch.Tensor  # (B, T')
 
 
 @dataclass
@@ -265,8 +279,16 @@ class Stage1Objective(nn.Module):
         local_mask = pad_width(batch.text_mask, width)
         all_ids = gather_no_grad(local_ids, ranks)  # (G, width)
         all_masks = gather_no_grad(local_mask, ranks)
-        input_ids = torch.cat([local_ids, local_ids, all_ids[negative_text]])
-        text_mask = torch.cat([local_mask, local_mask, all_masks[negative_text]])
+        negative_ids, negative_mask = all_ids[negative_text], all_masks[negative_text]
+        if batch.text_negatives is not None:
+            pad = self.model.qformer.config.pad_token_id
+            negative_ids, negative_mask = _with_listed(
+                negative_ids, negative_mask, batch.text_negatives, pad
+            )
+            local_ids = pad_width(local_ids, negative_ids.shape[1], pad)
+            local_mask = pad_width(local_mask, negative_ids.shape[1])
+        input_ids = torch.cat([local_ids, local_ids, negative_ids])
+        text_mask = torch.cat([local_mask, local_mask, negative_mask])
         pair_kv = self._pair_image_kv(batch, image_kv, negative_image, local, ranks)
         return self.model.itm_logits(pair_kv, input_ids, text_mask)
 
@@ -336,6 +358,23 @@ class Stage1Objective(nn.Module):
         return self.model.itg_logits(decoder_ids, batch.text_mask, image_kv=image_kv)
 
 
+def _with_listed(
+    drawn_ids: torch.Tensor, drawn_mask: torch.Tensor, listed: ListedNegatives, pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, W) negative texts: the listed negative on the rows that have one, else the drawn
+    one; both padded (with ``pad``) to the wider of the two."""
+    width = max(drawn_ids.shape[1], listed.input_ids.shape[1])
+    ids = torch.where(
+        listed.listed[:, None],
+        pad_width(listed.input_ids, width, pad),
+        pad_width(drawn_ids, width, pad),
+    )
+    mask = torch.where(
+        listed.listed[:, None], pad_width(listed.text_mask, width), pad_width(drawn_mask, width)
+    )
+    return ids, mask
+
+
 # --------------------------------------------------------------------------------------------
 # The stage-1 recipe: model, tokenizer, frozen encoder, data -> the shared training loop.
 
@@ -363,6 +402,29 @@ def image_number(sample: Sample) -> int:
     streamed samples need no index of the whole set and equal ids of two sources differ."""
     digest = hashlib.blake2b(f"{sample.source}\0{sample.image_id}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def read_text_negatives(config: RunConfig) -> TextNegatives | None:
+    """``stage1.itm_hard_negatives``'s pairs, by image file name and caption (None: unset)."""
+    if not config.stage1.itm_hard_negatives:
+        return None
+    path = resolve_embedded_path(config.stage1.itm_hard_negatives)
+    return TextNegatives(read_hard_negatives(path))
+
+
+def listed_negatives(
+    negatives: TextNegatives | None,
+    samples: list[Sample],
+    captions: list[str],
+    tokenize_texts: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
+) -> ListedNegatives | None:
+    """The batch's listed negatives, one per caption that has one (None: none configured)."""
+    if negatives is None:
+        return None
+    found = [negatives.of(s, c) for s, c in zip(samples, captions, strict=True)]
+    input_ids, text_mask = tokenize_texts([text or "" for text in found])
+    listed = torch.tensor([text is not None for text in found], device=input_ids.device)
+    return ListedNegatives(listed, input_ids, text_mask)
 
 
 def _init_stage1(model: Stage1Model, config: RunConfig, init: Path | None) -> str:
@@ -393,6 +455,7 @@ def build_stage1_recipe(
 ) -> StageRecipe:
     """Stage 1 from BERT, or (``init``: a stage-1 checkpoint directory) from a stage-1 run."""
     init = checkpoint.resolve_checkpoint(Path(init)) if init is not None else None
+    text_negatives = read_text_negatives(config)  # a bad file fails before any model loads
     # A feature cache is checked first (configs only), and then no encoder is loaded at all.
     cache = open_feature_cache(config) if config.data.features else None
     tokenizer = load_qformer_tokenizer(config.model.bert)
@@ -417,11 +480,17 @@ def build_stage1_recipe(
         model, tokenizer.convert_tokens_to_ids(DEC_TOKEN), settings=config.stage1
     )
     objective.generator = generator
+    if text_negatives is not None:
+        report(
+            f"ITM negative texts: {len(text_negatives)} captions with a listed negative in "
+            f"{config.stage1.itm_hard_negatives}"
+        )
+
+    def tokenize_texts(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tokenize(tokenizer, texts, config.model.max_text_len, device)
 
     def prepare(batch) -> Stage1Batch:
-        input_ids, text_mask = tokenize(
-            tokenizer, batch.captions, config.model.max_text_len, device
-        )
+        input_ids, text_mask = tokenize_texts(batch.captions)
         ids = torch.tensor([image_number(s) for s in batch.samples], device=device)
         pixels = None
         if vision is None:  # (B, N, C) cached features
@@ -435,6 +504,9 @@ def build_stage1_recipe(
             ids,
             caption_ids(batch.captions, device),
             pixel_values=pixels,
+            text_negatives=listed_negatives(
+                text_negatives, batch.samples, batch.captions, tokenize_texts
+            ),
         )
 
     def save_tokenizer(directory: Path) -> None:

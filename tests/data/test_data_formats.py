@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qformer_cli.config import DataConfig
 from qformer_cli.data import (
     Sample,
     image_id_from_name,
@@ -23,7 +24,10 @@ from qformer_cli.data import (
     sample_data_dir,
     sample_split_files,
 )
+from qformer_cli.data.hard_negatives import TextNegatives, read_hard_negatives
+from qformer_cli.data.sample import BadSampleLog
 from qformer_cli.errors import UsageError
+from qformer_cli.train.common import read_caption_samples
 
 SAMPLE = sample_data_dir()
 IMAGES = {"train": 3000, "val": 300, "test": 300}
@@ -215,3 +219,25 @@ def test_karpathys_own_dataset_file_reads_by_split(tmp_path: Path) -> None:
     coco = {s.image_id: s for s in read_coco_captions(coco_file, images)}
     assert all(coco[s.image_id].captions == s.captions for s in test)
     assert all(Path(coco[s.image_id].image) == Path(s.image) for s in test)
+
+
+def test_listed_text_negatives_reach_the_training_captions_they_list() -> None:
+    """stage1.itm_hard_negatives on the embedded default: every caption the shipped train file
+    lists is found among the samples stage 1 trains on (by image file name and caption) and
+    given one of its own negatives; no other caption gets one."""
+    path = SAMPLE / "hard_negatives_train.json"
+    listed: dict[tuple[str, str], set[str]] = {}
+    for pair in json.loads(path.read_text()).values():
+        key = (Path(pair["filename"]).name, pair["caption"])
+        listed.setdefault(key, set()).add(pair["negative_caption"])
+    negatives = TextNegatives(read_hard_negatives(path))
+    samples = read_caption_samples(DataConfig(), BadSampleLog())
+    found = {}
+    for sample in samples:
+        negative = negatives.of(sample, sample.captions[0])
+        key = (Path(str(sample.image)).name, sample.captions[0])
+        assert (negative is None) == (key not in listed), key
+        if negative is not None:
+            assert negative in listed[key]
+            found[key] = negative
+    assert len(found) == len(listed) > 8000

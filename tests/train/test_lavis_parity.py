@@ -233,6 +233,7 @@ def test_a_run_records_the_resolved_settings(tmp_path: Path):
         "head_init": "lavis",
         "itm_weight": 5.0,  # configs/tiny.yaml's
         "itm_negative_warmup": 150,
+        "itm_hard_negatives": "",
     }
     assert json.loads((tmp_path / "run/run_config.json").read_text())["stage1"] == expected
     final = Path(json.loads(result.stdout)["final_checkpoint"])
@@ -251,4 +252,14 @@ def test_a_bad_setting_is_a_one_line_usage_error(tmp_path: Path, setting: str, m
     result = train_stage1(tmp_path / "run", "--max-steps", "1", "--set", setting)
     assert result.exit_code == 2
     assert message in result.stderr and setting.split("=")[0] in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_hard_negatives_file_is_a_one_line_error_naming_its_entry(tmp_path: Path):
+    listed = tmp_path / "negatives.json"
+    listed.write_text(json.dumps({"0": {"filename": "x.png", "caption": "a red circle"}}))
+    setting = f"stage1.itm_hard_negatives={listed}"
+    result = train_stage1(tmp_path / "run", "--max-steps", "1", "--set", setting)
+    assert result.exit_code == 1
+    assert "negatives.json: pair 0: missing field 'negative_caption'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

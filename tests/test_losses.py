@@ -330,7 +330,7 @@ def test_a_listed_negative_replaces_the_drawn_negative_text_of_its_row():
     batch = replace(
         _batch(),
         given_negatives=drawn,
-        text_negatives=ListedNegatives(listed, listed_ids, listed_mask),
+        listed_negatives=ListedNegatives(listed, listed_ids, listed_mask),
     )
     model = objective.model
     with torch.no_grad():  # a sharp head, so that the loss tells the pairs' texts apart
@@ -353,7 +353,7 @@ def test_a_listed_negative_replaces_the_drawn_negative_text_of_its_row():
         ]
         expected = itm_loss(torch.cat(positives + negative_images + negative_texts))
         got = objective(batch).itm
-        drawn_only = objective(replace(batch, text_negatives=None)).itm
+        drawn_only = objective(replace(batch, listed_negatives=None)).itm
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(drawn_only.item() - expected.item()) > 1e-3  # 2 of the 12 pairs differ
 

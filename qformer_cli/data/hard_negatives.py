@@ -94,7 +94,7 @@ def pair_kinds(pairs: list[HardNegative], loaded: list[Sample]) -> list[str]:
     return [pair.kind for sample in loaded for pair in grouped[Path(sample.image)]]
 
 
-class TextNegatives:
+class HardNegativeIndex:
     """Training captions' listed hard negatives, looked up by the sample's image file name and
     caption (``stage1.itm_hard_negatives``); a caption listed with several negatives always gets
     the same one, chosen by a digest of the caption (equal on every rank and every run)."""

@@ -23,7 +23,7 @@ from qformer_cli import checkpoint
 from qformer_cli.checkpoint import CheckpointMeta
 from qformer_cli.config import RunConfig, Stage1Config
 from qformer_cli.data import BadSampleLog, Sample
-from qformer_cli.data.hard_negatives import TextNegatives, read_hard_negatives
+from qformer_cli.data.hard_negatives import HardNegativeIndex, read_hard_negatives
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.losses import (
@@ -98,7 +98,7 @@ class Stage1Batch:
     given_negatives: GivenNegatives | None = None  # used instead of drawing ITM negatives
     pixel_values: torch.Tensor | None = None  # (B, 3, H, W) for a trained encoder (VisionInFront)
     # stage1.itm_hard_negatives: rows whose caption has a listed negative, and its tokens
-    text_negatives: ListedNegatives | None = None
+    listed_negatives: ListedNegatives | None = None
 
 
 @dataclass(frozen=True)
@@ -280,10 +280,10 @@ class Stage1Objective(nn.Module):
         all_ids = gather_no_grad(local_ids, ranks)  # (G, width)
         all_masks = gather_no_grad(local_mask, ranks)
         negative_ids, negative_mask = all_ids[negative_text], all_masks[negative_text]
-        if batch.text_negatives is not None:
+        if batch.listed_negatives is not None:
             pad = self.model.qformer.config.pad_token_id
             negative_ids, negative_mask = _with_listed(
-                negative_ids, negative_mask, batch.text_negatives, pad
+                negative_ids, negative_mask, batch.listed_negatives, pad
             )
             local_ids = pad_width(local_ids, negative_ids.shape[1], pad)
             local_mask = pad_width(local_mask, negative_ids.shape[1])
@@ -404,16 +404,16 @@ def image_number(sample: Sample) -> int:
     return int.from_bytes(digest.digest(), "big", signed=True)
 
 
-def read_text_negatives(config: RunConfig) -> TextNegatives | None:
+def read_hard_negative_index(config: RunConfig) -> HardNegativeIndex | None:
     """``stage1.itm_hard_negatives``'s pairs, by image file name and caption (None: unset)."""
     if not config.stage1.itm_hard_negatives:
         return None
     path = resolve_embedded_path(config.stage1.itm_hard_negatives)
-    return TextNegatives(read_hard_negatives(path))
+    return HardNegativeIndex(read_hard_negatives(path))
 
 
-def listed_negatives(
-    negatives: TextNegatives | None,
+def batch_listed_negatives(
+    negatives: HardNegativeIndex | None,
     samples: list[Sample],
     captions: list[str],
     tokenize_texts: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
@@ -455,7 +455,8 @@ def build_stage1_recipe(
 ) -> StageRecipe:
     """Stage 1 from BERT, or (``init``: a stage-1 checkpoint directory) from a stage-1 run."""
     init = checkpoint.resolve_checkpoint(Path(init)) if init is not None else None
-    text_negatives = read_text_negatives(config)  # a bad file fails before any model loads
+    # read first: a bad file fails before any model loads
+    hard_negative_index = read_hard_negative_index(config)
     # A feature cache is checked first (configs only), and then no encoder is loaded at all.
     cache = open_feature_cache(config) if config.data.features else None
     tokenizer = load_qformer_tokenizer(config.model.bert)
@@ -480,9 +481,9 @@ def build_stage1_recipe(
         model, tokenizer.convert_tokens_to_ids(DEC_TOKEN), settings=config.stage1
     )
     objective.generator = generator
-    if text_negatives is not None:
+    if hard_negative_index is not None:
         report(
-            f"ITM negative texts: {len(text_negatives)} captions with a listed negative in "
+            f"ITM negative texts: {len(hard_negative_index)} captions with a listed negative in "
             f"{config.stage1.itm_hard_negatives}"
         )
 
@@ -504,8 +505,8 @@ def build_stage1_recipe(
             ids,
             caption_ids(batch.captions, device),
             pixel_values=pixels,
-            text_negatives=listed_negatives(
-                text_negatives, batch.samples, batch.captions, tokenize_texts
+            listed_negatives=batch_listed_negatives(
+                hard_negative_index, batch.samples, batch.captions, tokenize_texts
             ),
         )
 

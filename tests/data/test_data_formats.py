@@ -24,7 +24,7 @@ from qformer_cli.data import (
     sample_data_dir,
     sample_split_files,
 )
-from qformer_cli.data.hard_negatives import TextNegatives, read_hard_negatives
+from qformer_cli.data.hard_negatives import HardNegativeIndex, read_hard_negatives
 from qformer_cli.data.sample import BadSampleLog
 from qformer_cli.errors import UsageError
 from qformer_cli.train.common import read_caption_samples
@@ -221,7 +221,7 @@ def test_karpathys_own_dataset_file_reads_by_split(tmp_path: Path) -> None:
     assert all(Path(coco[s.image_id].image) == Path(s.image) for s in test)
 
 
-def test_listed_text_negatives_reach_the_training_captions_they_list() -> None:
+def test_listed_hard_negatives_reach_the_training_captions_they_list() -> None:
     """stage1.itm_hard_negatives on the embedded default: every caption the shipped train file
     lists is found among the samples stage 1 trains on (by image file name and caption) and
     given one of its own negatives; no other caption gets one."""
@@ -230,7 +230,7 @@ def test_listed_text_negatives_reach_the_training_captions_they_list() -> None:
     for pair in json.loads(path.read_text()).values():
         key = (Path(pair["filename"]).name, pair["caption"])
         listed.setdefault(key, set()).add(pair["negative_caption"])
-    negatives = TextNegatives(read_hard_negatives(path))
+    negatives = HardNegativeIndex(read_hard_negatives(path))
     samples = read_caption_samples(DataConfig(), BadSampleLog())
     found = {}
     for sample in samples:

@@ -25,7 +25,7 @@ from qformer_cli.config import RunConfig, Stage1Config
 from qformer_cli.data import BadSampleLog, Sample
 from qformer_cli.data.hard_negatives import HardNegativeIndex, read_hard_negatives
 from qformer_cli.embedded import resolve_embedded_path
-from qformer_cli.errors import CheckpointError, UsageError
+from qformer_cli.errors import CheckpointError, DataError, UsageError
 from qformer_cli.losses import (
     ItcOutput,
     NegativeMining,
@@ -412,6 +412,23 @@ def read_hard_negative_index(config: RunConfig) -> HardNegativeIndex | None:
     return HardNegativeIndex(read_hard_negatives(path))
 
 
+def describe_listed_negatives(
+    index: HardNegativeIndex, samples: list[Sample], config: RunConfig
+) -> str:
+    """How many training captions have a listed negative, for the log. A file that lists none
+    of them is refused: the run would train as if the setting were unset."""
+    path = config.stage1.itm_hard_negatives
+    if config.data.streaming:  # streamed shards' captions are only known as they are read
+        return f"ITM negative texts: {len(index)} captions listed in {path}, matched as read"
+    matched = sum(index.of(sample, sample.captions[0]) is not None for sample in samples)
+    if not matched:
+        raise DataError(
+            f"{path}: none of its {len(index)} listed captions is a training caption "
+            "(matched by image file name and caption text)"
+        )
+    return f"ITM negative texts: {matched} of {len(samples)} training captions listed in {path}"
+
+
 def batch_listed_negatives(
     negatives: HardNegativeIndex | None,
     samples: list[Sample],
@@ -459,6 +476,10 @@ def build_stage1_recipe(
     hard_negative_index = read_hard_negative_index(config)
     # A feature cache is checked first (configs only), and then no encoder is loaded at all.
     cache = open_feature_cache(config) if config.data.features else None
+    bad = BadSampleLog(skip=config.data.skip_bad_samples)
+    samples = read_caption_samples(config.data, bad)
+    if hard_negative_index is not None:
+        report(describe_listed_negatives(hard_negative_index, samples, config))
     tokenizer = load_qformer_tokenizer(config.model.bert)
     vision = None if cache else load_vision(config, device, init)
     if vision is not None and vision.trains:
@@ -470,8 +491,6 @@ def build_stage1_recipe(
     report(_init_stage1(model, config, init))
     model.to(device)
 
-    bad = BadSampleLog(skip=config.data.skip_bad_samples)
-    samples = read_caption_samples(config.data, bad)
     loader = build_train_loader(config, samples, bad, ranks, features=cache)
     if cache:
         report(f"training on cached features from {cache.directory} ({cache.dtype}; no images)")
@@ -481,11 +500,6 @@ def build_stage1_recipe(
         model, tokenizer.convert_tokens_to_ids(DEC_TOKEN), settings=config.stage1
     )
     objective.generator = generator
-    if hard_negative_index is not None:
-        report(
-            f"ITM negative texts: {len(hard_negative_index)} captions with a listed negative in "
-            f"{config.stage1.itm_hard_negatives}"
-        )
 
     def tokenize_texts(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return tokenize(tokenizer, texts, config.model.max_text_len, device)

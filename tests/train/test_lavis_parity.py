@@ -263,3 +263,15 @@ def test_a_bad_hard_negatives_file_is_a_one_line_error_naming_its_entry(tmp_path
     assert result.exit_code == 1
     assert "negatives.json: pair 0: missing field 'negative_caption'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_hard_negatives_file_that_lists_no_training_caption_is_refused(tmp_path: Path):
+    """Otherwise the run would train exactly as without the setting, and exit 0."""
+    listed = tmp_path / "negatives.json"
+    pair = {"filename": "x.png", "caption": "a red circle", "negative_caption": "a blue circle"}
+    listed.write_text(json.dumps({"0": pair}))
+    setting = f"stage1.itm_hard_negatives={listed}"
+    result = train_stage1(tmp_path / "run", "--max-steps", "1", "--set", setting)
+    assert result.exit_code == 1
+    assert "negatives.json: none of its 1 listed captions is a training caption" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -28,7 +28,9 @@ from qformer_cli.embedded import configs_dir, resolve_embedded_path
 from qformer_cli.errors import UsageError
 from qformer_cli.models.config import BackboneConfig, QFormerConfig, qformer_preset
 
-Precision = Literal["fp32", "bf16", "fp16"]
+# auto: bf16 where the device computes it natively (a CUDA GPU with bf16; a CPU with
+# AVX-512-BF16 or AMX), else fp32 (runtime.resolve_precision); the run config records the choice.
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -132,7 +134,7 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 32
     grad_accum: int = 1
-    precision: Precision = "fp32"
+    precision: Precision = "auto"
     seed: int = 42
     deterministic: bool = False  # bitwise-reproducible kernels (slower; exact resume checks)
     # torch.compile the objective (the Q-Former passes and losses): minutes of compilation once,

@@ -130,6 +130,30 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = _PROBE_SIZ
     return 2 * size**3 / max(sorted(timings)[1], 1e-9)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX-512-BF16 or AMX in this CPU's flags (Linux ``/proc/cpuinfo``; elsewhere: no)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """``precision`` with ``auto`` decided for ``device``, and why (one phrase). Decided from
+    the hardware's features, not a timing, so every rank of a run decides alike."""
+    if precision != "auto":
+        return precision, "as given"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "this GPU computes bf16"
+        return "fp32", "this GPU has no bf16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16", "this CPU has bf16 matrix instructions (AVX-512-BF16 or AMX)"
+    return "fp32", f"no native bf16 on this {device.type} (a bf16 matmul would be emulated)"
+
+
 def check_precision_speed(device: torch.device, precision: str) -> None:
     """Refuse a reduced precision that this CPU runs far slower than fp32 (see above)."""
     if device.type != "cpu" or precision == "fp32":

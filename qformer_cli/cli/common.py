@@ -120,8 +120,8 @@ PrecisionOption = Annotated[
     str | None,
     typer.Option(
         "--precision",
-        help="fp32 | bf16 | fp16 (autocast; master weights stay fp32). "
-        + embedded_default("train.precision"),
+        help="auto | fp32 | bf16 | fp16 (autocast; master weights stay fp32; auto: bf16 where "
+        "the GPU or CPU computes it natively, else fp32). " + embedded_default("train.precision"),
     ),
 ]
 MaxStepsOption = Annotated[

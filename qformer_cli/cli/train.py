@@ -345,7 +345,7 @@ def extract_features(
 ) -> None:
     """Run the frozen vision encoder once over the training images and store its outputs, for
     `pretrain-stage1 --features`."""
-    from qformer_cli.runtime import init_distributed
+    from qformer_cli.runtime import init_distributed, resolve_precision
     from qformer_cli.train.features import extract_features as run_extraction
     from qformer_cli.train.run import feature_out_dir
 
@@ -357,6 +357,7 @@ def extract_features(
     run_config = load_run_config(config, overrides, flags)
     ranks, torch_device = init_distributed(device)
     console = Console(stderr=True)
+    run_config.train.precision = resolve_precision(run_config.train.precision, torch_device)[0]
     result = run_extraction(
         run_config,
         feature_out_dir(out, overwrite=overwrite, is_main=ranks.rank == 0),

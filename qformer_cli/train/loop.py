@@ -15,7 +15,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +29,13 @@ from qformer_cli.errors import Interrupted, QformerError, UsageError
 from qformer_cli.flops import count_flops
 from qformer_cli.losses import global_sum
 from qformer_cli.models.backbones import VisionEncoder
-from qformer_cli.runtime import PRECISION_DTYPES, Ranks, autocast, matmul_rate
+from qformer_cli.runtime import (
+    PRECISION_DTYPES,
+    Ranks,
+    autocast,
+    matmul_rate,
+    resolve_precision,
+)
 from qformer_cli.train.vision import vision_param_groups
 
 
@@ -161,6 +167,8 @@ class Trainer:
         progress: Any,
     ) -> None:
         self.recipe = recipe
+        # a library caller's "auto" (the training commands decide it before building the recipe)
+        config = replace(config, precision=resolve_precision(config.precision, device)[0])
         self.config = config
         self.out_dir = out_dir
         self.device = device

@@ -20,6 +20,7 @@ from qformer_cli.runtime import (
     init_distributed,
     leave_distributed,
     make_out_dir,
+    resolve_precision,
 )
 from qformer_cli.train.common import LEGACY_RUN_CONFIG, RUN_CONFIG, write_resolved_config
 from qformer_cli.train.loop import StageRecipe, Trainer
@@ -148,6 +149,17 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
+def settle_precision(
+    config: RunConfig, device: torch.device, report: Callable[[str], None]
+) -> None:
+    """Decide ``train.precision: auto`` for ``device`` in ``config`` (the run config then
+    records what ran), and say so."""
+    if config.train.precision != "auto":
+        return
+    config.train.precision, why = resolve_precision("auto", device)
+    report(f"precision auto: {config.train.precision} ({why})")
+
+
 def train_stage(
     run_name: str,
     stage: int,
@@ -183,6 +195,7 @@ def train_stage(
         if fresh_in_given_dir and not overwrite:
             refuse_earlier_run(out_dir)
         check_before_loading(stage, run_name, config, out_dir, resume_from)
+        settle_precision(config, device, report)
         if not config.train.allow_slow_precision:
             check_precision_speed(device, config.train.precision)
         if fresh_in_given_dir and overwrite:  # only once the run passed every check

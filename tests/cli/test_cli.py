@@ -257,6 +257,36 @@ def test_every_option_has_help_and_every_command_ends_with_examples_that_parse()
             assert set(flags) <= known, (name, set(flags) - known)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_takes_bf16_only_where_the_cpu_computes_it(
+    native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The built-in precision: fp32 on a CPU without AVX-512-BF16 / AMX (where bf16 would be
+    emulated, ~100x slower), bf16 on one with them; the run config records the choice."""
+    from qformer_cli import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    out = tmp_path / "run"
+    args = ["pretrain-stage1", "--precision", "auto", "--max-steps", "1", "--batch-size", "8"]
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = "bf16" if native else "fp32"
+    assert f"precision auto: {expected} (" in result.output
+    recorded = json.loads((out / "run_config.json").read_text())
+    assert recorded["train"]["precision"] == expected
+
+
+def test_precision_auto_on_cuda_follows_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from qformer_cli.runtime import resolve_precision
+
+    for supported, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert resolve_precision("auto", torch.device("cuda"))[0] == expected
+    assert resolve_precision("fp16", torch.device("cuda")) == ("fp16", "as given")
+
+
 def test_bf16_on_a_cpu_that_emulates_it_is_refused_unless_allowed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,7 +82,7 @@ def trainer(out_dir: Path, batches: list, **config) -> Trainer:
         checkpoint_meta=CheckpointMeta(stage=1, qformer=qformer_preset("tiny"), run={}),
         batch_size_of=lambda b: len(b[0]),
     )
-    settings = TrainConfig(**{"warmup_steps": 0, "log_every": 1, **config})
+    settings = TrainConfig(**{"warmup_steps": 0, "log_every": 1, "precision": "fp32", **config})
     return Trainer(recipe, settings, out_dir, CPU, Ranks(), SilentProgress())
 
 

@@ -144,8 +144,9 @@ def main(out: Path) -> int:
         *retrieval_rows(out),
         *caption_rows(out),
         *vqa_rows(out, "vqa", "stage 2", targets=True),
-        *vqa_rows(out, "vqa-instruct", "instruction-aware", targets=False),
     ]
+    if (out / "vqa-instruct").is_dir():  # DEMO_INSTRUCT=1
+        rows += vqa_rows(out, "vqa-instruct", "instruction-aware", targets=False)
     width = max(len(row.what) for row in rows)
     print(f"  {'':{width}}  {'model':>7}  {'baseline':>22}  check")
     for row in rows:

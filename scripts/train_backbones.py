@@ -577,6 +577,102 @@ def binding_pairs(rng: random.Random) -> Iterator[LMExample]:
         yield described_scene_example(rng, ask)
 
 
+# From the end of the lookup warmup, every SLOT_BATCH_EVERY-th step the OPT reads its context
+# as OBJECT_SLOTS vectors, one object per vector (the mean of its phrase's token embeddings), in
+# shuffled order, repeated, among noise vectors: the form a Q-Former's queries can give it.
+OBJECT_SLOTS = 16  # the tiny Q-Former's queries
+SLOT_BATCH_EVERY = 2
+SlotExample = tuple[list[str], str, str]  # (one phrase per slot, "" = noise; prompt; continuation)
+
+
+def object_slot_example(rng: random.Random) -> SlotExample:
+    """A fresh random scene as slot phrases (each object at least once, some repeated, the
+    background now and then, the rest noise), with a question (a quarter binding, else the
+    dataset's mix) or, one time in four, one of its captions."""
+    objects = world.sample_objects(rng)
+    noise_kind = rng.choice(world.NOISE_KINDS)
+    phrases = [f"{o.size} {o.color} {o.shape} {o.position}" for o in objects]
+    background = "plain background" if noise_kind == "clean" else "noisy background"
+    slots = phrases + [""] * (OBJECT_SLOTS - len(phrases))
+    for index in range(len(phrases), OBJECT_SLOTS):
+        roll = rng.random()
+        if roll < 0.3:
+            slots[index] = rng.choice(phrases)
+        elif roll < 0.4:
+            slots[index] = background
+    rng.shuffle(slots)
+    if rng.random() < 0.25:
+        return slots, "", rng.choice(world.caption_templates(objects, noise_kind))
+    ask = binding_question if rng.random() < 0.33 else context_question
+    question, answer = ask(objects, rng)
+    return slots, qa_prompt(question), answer
+
+
+def slot_batch(
+    rng: random.Random,
+    model: OPTForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    batch_size: int,
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """``inputs_embeds`` (B, S + L, D): S object-slot vectors, then the embedded "</s>prompt
+    continuation\n" text; ``weights`` (B, S + L) as in ``opt_batch`` (0 on slots and prompt)."""
+    examples = [object_slot_example(rng) for _ in range(batch_size)]
+    embed = model.get_input_embeddings()
+    scale = embed.weight.detach().std()
+    slots = torch.randn(batch_size, OBJECT_SLOTS, embed.embedding_dim, generator=gen) * scale
+    for row, (phrases, _, _) in enumerate(examples):
+        for index, phrase in enumerate(phrases):
+            if phrase:
+                ids = tokenizer(phrase, add_special_tokens=False, return_tensors="pt").input_ids
+                slots[row, index] = embed(ids[0]).mean(0) + 0.1 * slots[row, index]
+    texts = [join_example(p, c) + "\n" for _, p, c in examples]
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    ids, attention = tokens["input_ids"], tokens["attention_mask"]  # (B, L)
+    weights = attention.float()
+    for row, (_, prompt, _) in enumerate(examples):
+        weights[row, : len(tokenizer(prompt)["input_ids"]) if prompt else 1] = 0.0
+        if prompt:
+            weights[row] *= ANSWER_WEIGHT
+    length = OBJECT_SLOTS + ids.shape[1]
+    offsets = torch.randint(0, LM_MAX_POSITIONS - length + 1, (batch_size, 1), generator=gen)
+    ones = torch.ones(batch_size, OBJECT_SLOTS, dtype=attention.dtype)
+    return {
+        "inputs_embeds": torch.cat([slots, embed(ids)], dim=1),
+        "input_ids": torch.cat([torch.full_like(ones, tokenizer.pad_token_id), ids], dim=1),
+        "attention_mask": torch.cat([ones, attention], dim=1),
+        "position_ids": offsets + torch.arange(length)[None, :],
+        "weights": torch.cat([torch.zeros_like(ones, dtype=weights.dtype), weights], dim=1),
+    }
+
+
+@torch.no_grad()
+def slot_reading_accuracy(
+    model: OPTForCausalLM, tokenizer: PreTrainedTokenizerFast, examples: int = 800
+) -> dict[str, float]:
+    """Greedy first answer token vs the answer's, per question opening, on fresh scenes given
+    as object slots (a held-out random stream): how well the LM reads the form a soft prompt
+    can take."""
+    rng, gen = random.Random(SEED + 100), torch.Generator().manual_seed(SEED + 100)
+    model.eval()
+    right: dict[str, list[bool]] = {}
+    for _ in range(examples):
+        batch = slot_batch(rng, model, tokenizer, 1, gen)
+        weights = batch["weights"][0]
+        if weights.max() <= 1:  # a caption, not an answer
+            continue
+        first = int(weights.nonzero()[0])  # the answer's first token
+        logits = model(
+            inputs_embeds=batch["inputs_embeds"][:, :first],
+            position_ids=batch["position_ids"][:, :first],
+        ).logits[0, -1]
+        prompt = tokenizer.decode(batch["input_ids"][0, OBJECT_SLOTS:first])
+        opening = " ".join(prompt.lower().split("question: ")[1].split()[:2])
+        answer = int(batch["input_ids"][0, first])
+        right.setdefault(opening, []).append(int(logits.argmax()) == answer)
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
+
+
 def join_example(*parts: str) -> str:
     """The parts joined by spaces; none after a context that ends in BOS ``</s>``."""
     text = ""
@@ -623,8 +719,9 @@ def opt_batch(
 
 def weighted_lm_loss(model: OPTForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token cross-entropy, each target token weighted by ``batch["weights"]``."""
+    given = {"inputs_embeds": batch["inputs_embeds"]} if "inputs_embeds" in batch else {}
     logits = model(
-        input_ids=batch["input_ids"],
+        **(given or {"input_ids": batch["input_ids"]}),
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
     ).logits[:, :-1]  # (B, L-1, V)
@@ -660,12 +757,15 @@ def train_opt(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[st
     pairs = lm_pairs(text, random.Random(SEED))
     lookups = lookup_pairs(random.Random(SEED + 1))
     bindings = binding_pairs(random.Random(SEED + 2))
+    slot_rng = random.Random(SEED + 3)
     gen = torch.Generator().manual_seed(SEED)
     batch_size = 64
 
     def loss_of_step(step: int) -> torch.Tensor:
         if step < OPT_READING_WARMUP_STEPS:
             source = lookups
+        elif step % SLOT_BATCH_EVERY == 0:
+            return weighted_lm_loss(model, slot_batch(slot_rng, model, tokenizer, batch_size, gen))
         elif step < OPT_BINDING_UNTIL_STEP:
             source = bindings
         else:
@@ -684,7 +784,11 @@ def train_opt(text: WorldText, data_dir: Path, out: Path, steps: int) -> dict[st
         "about fresh random scenes (varied description forms; loss 0 on the description, "
         f"x{ANSWER_WEIGHT:g} on the answer), 25% blind 'Question: q Answer: a\\n' and 25% captions "
         "from the train split; random position offsets, "
-        f"{steps} steps x batch {batch_size}, AdamW lr 2e-3",
+        f"{steps} steps x batch {batch_size}, AdamW lr 2e-3; from step "
+        f"{OPT_READING_WARMUP_STEPS} every {SLOT_BATCH_EVERY}nd step's batch reads its context as "
+        f"{OBJECT_SLOTS} object slots instead (one object per vector: the mean of its phrase's "
+        "token embeddings, shuffled, repeated, among noise vectors)",
+        "slot_reading_accuracy": slot_reading_accuracy(model, tokenizer),
         "vocab_size": len(tokenizer),
         "newline_token_id": tokenizer("\n", add_special_tokens=False)["input_ids"][0],
         "final_lm_loss": tail_mean(losses),

@@ -31,7 +31,14 @@ def export_onnx_command(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Directory for the graphs and manifest.")],
-    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16")] = "fp32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="fp32 | fp16 | int8 (int8: int8 matmul weights, activations quantized as they "
+            "run; for CPUs).",
+        ),
+    ] = "fp32",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
     check: Annotated[
         bool, typer.Option("--check/--no-check", help="onnxruntime vs PyTorch parity check.")
@@ -42,7 +49,8 @@ def export_onnx_command(
     """Export to ONNX. Stage 2: vision+Q-Former and the LLM with KV cache (decoder-only: prefill
     and decode; encoder-decoder: encoder, first decoder step, decode step), for caption and
     eval-vqa --backend onnx. Stage 1: ITC image and text embeddings for retrieval. Exits 1 when
-    onnxruntime and PyTorch disagree beyond 1e-4 (fp32) / 1e-2 (fp16)."""
+    onnxruntime and PyTorch disagree beyond 1e-4 (fp32) / 1e-2 (fp16) / 1e-1 (int8) of each
+    output's scale."""
     import torch
 
     from qformer_cli.export.onnx_export import export_onnx

@@ -51,6 +51,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ from qformer_cli.inference.generate import generation_stop_ids
 from qformer_cli.models.backbones import VisionEncoder
 from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline
 
-Precision = Literal["fp32", "fp16"]
+# int8: dynamic quantization (int8 weights, activations quantized per run; float32 in and out)
+Precision = Literal["fp32", "fp16", "int8"]
 
 MANIFEST = "manifest.json"
 VISION_GRAPH = "vision_qformer.onnx"
@@ -86,9 +88,16 @@ IMAGE_PROCESSOR = "preprocessor_config.json"
 # Parity tolerance, relative to each output's scale max(1, max |PyTorch value|): an fp16 output
 # carries about three significant digits, so logits of magnitude 20 are spaced 0.016 apart
 # in fp16 and no absolute 1e-2 could hold for them.
-TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 1e-2}
+# int8 rounds each weight matmul's weights and inputs to 256 levels, so its outputs carry about
+# two significant digits (the demo's model: 1.9e-2 of the scale at most, 2026-12-01).
+TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 1e-2, "int8": 1e-1}
 PARITY_BATCH_SIZES = (1, 3)
-_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+# the graphs' float inputs and outputs (and the embedding table) per precision
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "int8": torch.float32,
+}
 
 
 @dataclass(frozen=True)
@@ -643,6 +652,22 @@ def _convert_to_fp16(path: Path) -> None:
     onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=False), str(path))
 
 
+def _quantize_to_int8(path: Path) -> None:
+    """Rewrite an fp32 graph with int8 weights for its matmuls (onnxruntime's dynamic
+    quantization: each activation is quantized as it runs; inputs and outputs stay float32)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_name(f"{path.stem}.int8{path.suffix}")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process, printed per graph, is for CNNs
+    try:
+        quantize_dynamic(path, quantized, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    quantized.replace(path)
+
+
 def _onnx_dtype_name(elem_type: int) -> str:
     import onnx
 
@@ -683,6 +708,8 @@ def _write_graphs(
         )
         if precision == "fp16":
             _convert_to_fp16(path)
+        elif precision == "int8":
+            _quantize_to_int8(path)
         onnx.checker.check_model(str(path), full_check=True)
         graphs[spec.name] = {"file": spec.file, "exporter": exporter, **graph_signature(path)}
     return graphs
@@ -700,7 +727,7 @@ def _write_preprocessing(tokenizer: Any, image_processor_source: str, out_dir: P
 
 def _check_options(precision: str, opset: int) -> None:
     if precision not in _DTYPES:
-        raise UsageError(f"precision must be fp32 or fp16, not {precision!r}")
+        raise UsageError(f"precision must be fp32, fp16 or int8, not {precision!r}")
     if opset < 17:
         raise UsageError(f"opset must be at least 17 (got {opset})")
 

@@ -193,9 +193,37 @@ def test_fp16_export_passes_parity_and_generates(pipeline, tmp_path: Path) -> No
     assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
 
 
+def test_int8_export_quantizes_the_weights_and_passes_its_parity(pipeline, tmp_path: Path) -> None:
+    """Dynamic quantization: the weight matmuls' weights are stored as int8 and their inputs
+    quantized as they run (MatMulInteger; attention's activation products stay float), the
+    graphs' inputs and outputs stay float32, and each output is within 1e-1 of its scale but,
+    being quantized, not within fp32's 1e-4."""
+    import onnx
+
+    manifest = export_onnx(pipeline, tmp_path, precision="int8")
+    assert manifest["precision"] == "int8" and manifest["parity"]["tolerance"] == 1e-1
+    for name, graph in manifest["graphs"].items():
+        model = onnx.load(str(tmp_path / graph["file"]))
+        ops = {node.op_type for node in model.graph.node}
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, name
+        int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+        assert sum(len(i.raw_data) for i in int8) > 100_000, name
+        assert graph["inputs"][0]["dtype"] == "float32"
+    parity = manifest["parity"]
+    diffs = [d for per_batch in parity["max_abs_diff"].values() for b in per_batch.values()
+             for d in b.values()]  # fmt: skip
+    assert max(diffs) > 1e-4  # quantized, not an fp32 graph under another name
+    runtime = OnnxPipeline.load(tmp_path)
+    assert runtime.embed_tokens.dtype == np.float32
+    settings = GenerationConfig(num_beams=1, max_new_tokens=4, min_new_tokens=0)
+    soft_prompt = runtime.soft_prompt(np.zeros((2, 3, 64, 64), np.float32))
+    texts = generate_text_onnx(runtime, soft_prompt, ["", "a"], settings)
+    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
+
+
 def test_bad_options_are_usage_errors(pipeline, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="precision"):
-        export_onnx(pipeline, tmp_path, precision="int8")  # type: ignore[arg-type]
+        export_onnx(pipeline, tmp_path, precision="int4")  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="opset"):
         export_onnx(pipeline, tmp_path, opset=13)
 

@@ -169,6 +169,17 @@ def test_parity_check_catches_a_changed_weight(exported, pipeline) -> None:
         check_parity(broken, out)
 
 
+def assert_export_generates(out: Path, embeddings_dtype: type) -> None:
+    """The export at ``out`` loads with its embedding table in ``embeddings_dtype`` and
+    generates a text for each of two prompts."""
+    runtime = OnnxPipeline.load(out)
+    assert runtime.embed_tokens.dtype == embeddings_dtype
+    settings = GenerationConfig(num_beams=1, max_new_tokens=4, min_new_tokens=0)
+    soft_prompt = runtime.soft_prompt(np.zeros((2, 3, 64, 64), np.float32))
+    texts = generate_text_onnx(runtime, soft_prompt, ["", "a"], settings)
+    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
+
+
 def test_fp16_export_passes_parity_and_generates(pipeline, tmp_path: Path) -> None:
     manifest = export_onnx(pipeline, tmp_path, precision="fp16")
     assert manifest["precision"] == "fp16" and manifest["parity"]["tolerance"] == 1e-2
@@ -185,12 +196,7 @@ def test_fp16_export_passes_parity_and_generates(pipeline, tmp_path: Path) -> No
     # scale is the largest |value|, tens at most here, never a bound that lets anything pass
     assert parity["scale"]["llm_prefill"]["batch_1"]["logits"] > 1
     assert all(s < 100 for b in parity["scale"].values() for o in b.values() for s in o.values())
-    runtime = OnnxPipeline.load(tmp_path)
-    assert runtime.embed_tokens.dtype == np.float16
-    settings = GenerationConfig(num_beams=1, max_new_tokens=4, min_new_tokens=0)
-    soft_prompt = runtime.soft_prompt(np.zeros((2, 3, 64, 64), np.float32))
-    texts = generate_text_onnx(runtime, soft_prompt, ["", "a"], settings)
-    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
+    assert_export_generates(tmp_path, np.float16)
 
 
 def test_int8_export_quantizes_the_weights_and_passes_its_parity(pipeline, tmp_path: Path) -> None:
@@ -213,12 +219,7 @@ def test_int8_export_quantizes_the_weights_and_passes_its_parity(pipeline, tmp_p
     diffs = [d for per_batch in parity["max_abs_diff"].values() for b in per_batch.values()
              for d in b.values()]  # fmt: skip
     assert max(diffs) > 1e-4  # quantized, not an fp32 graph under another name
-    runtime = OnnxPipeline.load(tmp_path)
-    assert runtime.embed_tokens.dtype == np.float32
-    settings = GenerationConfig(num_beams=1, max_new_tokens=4, min_new_tokens=0)
-    soft_prompt = runtime.soft_prompt(np.zeros((2, 3, 64, 64), np.float32))
-    texts = generate_text_onnx(runtime, soft_prompt, ["", "a"], settings)
-    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
+    assert_export_generates(tmp_path, np.float32)
 
 
 def test_bad_options_are_usage_errors(pipeline, tmp_path: Path) -> None:

@@ -140,15 +140,23 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def cuda_has_native_bf16() -> bool:
+    """bf16 in the GPU's hardware (Ampere and later), not only emulated (a V100)."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older torch, whose check was for the hardware alone
+        return torch.cuda.is_bf16_supported()
+
+
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     """``precision`` with ``auto`` decided for ``device``, and why (one phrase). Decided from
     the hardware's features, not a timing, so every rank of a run decides alike."""
     if precision != "auto":
         return precision, "as given"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if cuda_has_native_bf16():
             return "bf16", "this GPU computes bf16"
-        return "fp32", "this GPU has no bf16"
+        return "fp32", "this GPU has no bf16 (it would be emulated)"
     if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16", "this CPU has bf16 matrix instructions (AVX-512-BF16 or AMX)"
     return "fp32", f"no native bf16 on this {device.type} (a bf16 matmul would be emulated)"

@@ -277,12 +277,19 @@ def test_precision_auto_takes_bf16_only_where_the_cpu_computes_it(
 
 
 def test_precision_auto_on_cuda_follows_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 only where the GPU has it in hardware: torch's check also counts a GPU that
+    emulates it (a V100) unless told not to."""
     import torch
 
+    from qformer_cli import runtime
     from qformer_cli.runtime import resolve_precision
 
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: asked.append(kw) or False)
+    assert resolve_precision("auto", torch.device("cuda"))[0] == "fp32"
+    assert asked == [{"including_emulation": False}]
     for supported, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        monkeypatch.setattr(runtime, "cuda_has_native_bf16", lambda supported=supported: supported)
         assert resolve_precision("auto", torch.device("cuda"))[0] == expected
     assert resolve_precision("fp16", torch.device("cuda")) == ("fp16", "as given")
 

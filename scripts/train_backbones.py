@@ -587,7 +587,7 @@ SlotExample = tuple[list[str], str, str]  # (one phrase per slot, "" = noise; pr
 
 def object_slot_example(rng: random.Random) -> SlotExample:
     """A fresh random scene as slot phrases (each object at least once, some repeated, the
-    background now and then, the rest noise), with a question (a quarter binding, else the
+    background now and then, the rest noise), with a question (a third binding, else the
     dataset's mix) or, one time in four, one of its captions."""
     objects = world.sample_objects(rng)
     noise_kind = rng.choice(world.NOISE_KINDS)
@@ -719,9 +719,10 @@ def opt_batch(
 
 def weighted_lm_loss(model: OPTForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token cross-entropy, each target token weighted by ``batch["weights"]``."""
-    given = {"inputs_embeds": batch["inputs_embeds"]} if "inputs_embeds" in batch else {}
+    # a slot batch gives its embeddings (slot vectors, then the text's); a text batch its ids
+    key = "inputs_embeds" if "inputs_embeds" in batch else "input_ids"
     logits = model(
-        **(given or {"input_ids": batch["input_ids"]}),
+        **{key: batch[key]},
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
     ).logits[:, :-1]  # (B, L-1, V)

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-all mutants lint bench clean
+.PHONY: setup demo test test-all mutants lint bench bench-lavis lavis-env clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,24 @@ mutants: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
+
+# LAVIS 1.0.2 beside ours: its own environment (it needs transformers 4.33), then the stage-1
+# step benchmark with LAVIS's step timed in the same rounds as ours.
+LAVIS_VENV := .venv-lavis
+LAVIS_STAMP := $(LAVIS_VENV)/.installed
+LAVIS_NO_DEPS ?= salesforce-lavis==1.0.2 timm==0.4.12 torchvision==0.28.0
+
+lavis-env: $(LAVIS_STAMP)
+
+$(LAVIS_STAMP): bench/lavis-requirements.txt
+	@test -x $(LAVIS_VENV)/bin/python || $(PYTHON) -m venv $(LAVIS_VENV)
+	$(LAVIS_VENV)/bin/pip install -q "$(CPU_TORCH)"
+	$(LAVIS_VENV)/bin/pip install -q --no-deps $(LAVIS_NO_DEPS)
+	$(LAVIS_VENV)/bin/pip install -q -r bench/lavis-requirements.txt
+	@touch $@
+
+bench-lavis: $(STAMP) $(LAVIS_STAMP)
+	$(BIN)/python -m bench.stage1_step --lavis-python $(LAVIS_VENV)/bin/python --format markdown
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -5,14 +5,19 @@ B=8 captions of 32 random tokens ([CLS] first; [DEC] = 30522), hardest negatives
 Variants, timed interleaved: fp32 with the reuse of issue #4 (image K/V shared by ITC and ITM,
 ITG reusing the queries' K/V), fp32 without it, and bf16 autocast with it. FLOPs are counted
 over forward + backward with FlopCounterMode; the AdamW step is timed but adds no matmul FLOPs.
-On CPU the LAVIS reference from issue #8 is printed as QUOTED rows: it is not measured here.
+With ``--lavis-python`` (``make bench-lavis`` gives it), LAVIS 1.0.2's ``Blip2Qformer`` step at
+the same sizes, batch, threads and precision (fp32) is a fourth variant, timed in the same
+interleaved rounds: it runs in its own environment's process (``bench/lavis_worker.py``), and
+each of its steps is timed here around the request, as ours are.
 
-    python -m bench.stage1_step [--quick] [--device cuda] [--batch-size 8]
+    python -m bench.stage1_step [--quick] [--device cuda] [--batch-size 8] [--lavis-python PY]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ import torch
 from bench.common import (
     FLOP_NOTE,
     BenchOptions,
+    Column,
     Machine,
     Table,
     Target,
@@ -42,6 +48,7 @@ from bench.common import (
     result_columns,
     timeit_with_rates,
 )
+from bench.kernels import count_kernels
 from qformer_cli.config import TrainConfig
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.config import qformer_preset
@@ -56,19 +63,15 @@ CLS_ID = 101  # bert-base-uncased [CLS]
 DEC_ID = 30522  # [DEC], appended to bert-base-uncased's 30522 tokens (vocab 30523)
 FIRST_PLAIN_TOKEN = 1000  # below are [PAD], [unusedN], [CLS], ...: keep random text ordinary
 
-# Issue #8, measured there on this machine when quiet; not measured by this script.
-LAVIS_GFLOP_PER_IMAGE = 240.5
-LAVIS_MFU = 0.79
-LAVIS_IMAGES_PER_S = 0.50
-LAVIS_QUOTED = "LAVIS, QUOTED (issue #8)"
-LAVIS_PROJECTED = "LAVIS, projected (derived)"
-LAVIS_NOTE = (
-    "the LAVIS rows are NOT measured here. QUOTED: issue #8's figures for LAVIS 1.0.2 "
-    "Blip2Qformer (same sizes, B=8, fp32), measured on this machine when quiet. projected: "
-    "the quoted GFLOP/image at the quoted MFU, at the fp32 matmul rate timed in the same rounds"
-)
-
 REUSE, NO_REUSE, BF16 = "ours, reuse", "ours, no reuse", "ours, reuse, bf16 autocast"
+LAVIS = "LAVIS 1.0.2 Blip2Qformer"
+LAVIS_WORKER = Path(__file__).resolve().parent / "lavis_worker.py"
+KERNEL_NOTE = {
+    False: "kernels / step: torch.profiler, the aten ops that do work (leaves of the op tree, "
+    "views and allocations left out; bench/kernels.py), one step after the timed ones",
+    True: "kernels / step: torch.profiler, GPU activities (kernels, memcpy, memset) of one step "
+    "after the timed ones (bench/kernels.py)",
+}
 VARIANTS = {REUSE: ("fp32", True), NO_REUSE: ("fp32", False), BF16: ("bf16", True)}
 
 
@@ -138,66 +141,131 @@ def reuse_loss_gap(setup: Setup) -> float:
     return max((with_reuse[k] - without[k]).abs().item() for k in with_reuse)
 
 
-def lavis_rows(machine: Machine, batch_size: int) -> list[dict]:
-    """The issue's reference, quoted, and what it would do at the matmul rate measured now."""
-    projected = LAVIS_MFU * machine.peak("fp32") / (LAVIS_GFLOP_PER_IMAGE * 1e9)
-    return [
-        {
-            "name": name,
-            "precision": "fp32",
-            "ms": batch_size / images_per_s * 1e3,
-            "images_per_s": images_per_s,
-            "gflop_per_image": LAVIS_GFLOP_PER_IMAGE,
-            "mfu": LAVIS_MFU * 100,
-        }
-        for name, images_per_s in ((LAVIS_QUOTED, LAVIS_IMAGES_PER_S), (LAVIS_PROJECTED, projected))
-    ]
+class LavisPeer:
+    """LAVIS's stage-1 step in its own environment's python (``bench/lavis_worker.py``), one
+    step per request over a pipe; ``step`` returns when the step is done."""
+
+    def __init__(self, python: Path, batch_size: int, threads: int) -> None:
+        if not Path(python).is_file():
+            raise SystemExit(f"--lavis-python {python}: no such file (make lavis-env builds it)")
+        command = [str(python), str(LAVIS_WORKER), f"--batch-size={batch_size}"]
+        self.process = subprocess.Popen(
+            [*command, f"--threads={threads}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        ready = self._receive()
+        self.flops_per_step: float = ready["flops_per_step"]
+        self.versions: dict[str, str] = ready["versions"]
+
+    def _receive(self) -> dict:
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        if not line:
+            code = self.process.wait()
+            raise SystemExit(f"the LAVIS worker stopped (exit {code}); its stderr is above")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise SystemExit(f"the LAVIS worker: {reply['error']}")
+        return reply
+
+    def _request(self, command: str) -> dict:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._receive()
+
+    def step(self) -> None:
+        self._request("step")
+
+    def count_kernels(self) -> int:
+        """Kernels of one of LAVIS's steps, counted in its process as ours are here."""
+        return self._request("count")["kernels"]
+
+    def close(self) -> None:
+        if self.process.poll() is None and self.process.stdin is not None:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
 def targets(rows: list[dict], device: torch.device) -> list[Target]:
-    """The issue's goals for this benchmark (the LAVIS ones only where LAVIS was measured: CPU)."""
+    """The issue's goals for this benchmark (LAVIS's where it was measured, CPU's on CPU)."""
     row = {r["name"]: r for r in rows}
     speed = {name: r["images_per_s"] for name, r in row.items()}
     goals = [
         Target("ours reuse / ours no reuse, images/s", speed[REUSE] / speed[NO_REUSE], 1.25),
         Target("ours bf16 / ours fp32, images/s", speed[BF16] / speed[REUSE], 2.0),
     ]
+    if LAVIS in speed:
+        versus_lavis = speed[REUSE] / speed[LAVIS]
+        goals.insert(0, Target("ours fp32 / LAVIS fp32, images/s", versus_lavis, 1.3))
     if device.type == "cuda":
         return [*goals, Target("bf16 MFU (an H100 goal)", row[BF16]["mfu"], 40, unit="%")]
     return [
         Target("fp32 GFLOP/image", row[REUSE]["gflop_per_image"], 185, False, " GFLOP"),
         Target("fp32 MFU", row[REUSE]["mfu"], 75, unit="%"),
-        Target("ours fp32 / LAVIS quoted, images/s", speed[REUSE] / speed[LAVIS_QUOTED], 1.3),
-        Target("ours fp32 / LAVIS projected, images/s", speed[REUSE] / speed[LAVIS_PROJECTED], 1.3),
         *goals,
     ]
 
 
-def measure(setup: Setup, machine: Machine, options: BenchOptions) -> tuple[list[dict], Machine]:
-    """The three variants' rows, and the machine with the matmul rate timed alongside them."""
+def measure(
+    setup: Setup, machine: Machine, options: BenchOptions, lavis: LavisPeer | None
+) -> tuple[list[dict], Machine]:
+    """Each variant's row (LAVIS's too when given), and the machine with the matmul rate timed
+    alongside them."""
     device, images = options.device, setup.batch.input_ids.shape[0]
     steps = {name: train_step(setup, reuse, p) for name, (p, reuse) in VARIANTS.items()}
     progress("stage-1 step: counting FLOPs of each variant")
     flops = {name: step_flops(setup, reuse, p) for name, (p, reuse) in VARIANTS.items()}
     memory = {name: peak_memory_gib(step, device) for name, step in steps.items()}
+    precisions = {name: p for name, (p, _) in VARIANTS.items()}
+    if lavis:
+        steps[LAVIS], flops[LAVIS], memory[LAVIS] = lavis.step, lavis.flops_per_step, None
+        precisions[LAVIS] = "fp32"
     timings, during = timeit_with_rates(steps, options, machine)
+    progress("stage-1 step: counting kernels of one more step of each variant")
+    kernels = {name: count_kernels(steps[name], device) for name in VARIANTS}
+    if lavis:
+        kernels[LAVIS] = lavis.count_kernels()
     rows = [
         measured_row(name, p, timings[name], flops[name], images, during, memory[name])
-        for name, (p, _) in VARIANTS.items()
+        | {"kernels": kernels[name]}
+        for name, p in precisions.items()
     ]
     return rows, during
 
 
-def run(machine: Machine, options: BenchOptions, batch_size: int = 8) -> list[Table]:
+def lavis_note(lavis: LavisPeer | None) -> str:
+    if lavis is None:
+        return "LAVIS not measured in this run (make bench-lavis measures it beside ours)"
+    versions = ", ".join(f"{p} {v}" for p, v in lavis.versions.items())
+    return (
+        f"LAVIS measured in the same rounds, in its own process ({versions}): "
+        "Blip2Qformer unmodified, bert-base weights random, encoder output given as the image, "
+        "AdamW; the same threads, batch and sizes; timed here around each step request"
+    )
+
+
+def run(
+    machine: Machine, options: BenchOptions, batch_size: int = 8, lavis_python: Path | None = None
+) -> list[Table]:
     device = options.device
+    lavis = None
+    if lavis_python:
+        if device.type != "cpu":
+            raise SystemExit("--lavis-python: LAVIS is measured on CPU only (its venv's torch)")
+        progress(f"stage-1 step: starting LAVIS's step in {lavis_python}")
+        lavis = LavisPeer(lavis_python, batch_size, torch.get_num_threads())
     progress(f"stage-1 step: building Stage1Model (blip2) and AdamW on {device}")
     setup = build(device, batch_size)
     loss_gap = reuse_loss_gap(setup)
-    rows, during = measure(setup, machine, options)
-    reference, lavis_note = NO_REUSE, []
-    if device.type == "cpu":  # the quoted figures are from this CPU machine, not from a GPU
-        rows += lavis_rows(during, batch_size)
-        reference, lavis_note = LAVIS_QUOTED, [LAVIS_NOTE]
+    try:
+        rows, during = measure(setup, machine, options, lavis)
+    finally:
+        if lavis:
+            lavis.close()
+    reference = LAVIS if lavis else NO_REUSE
     gflop = {row["name"]: row["gflop_per_image"] for row in rows}
     saved = gflop[NO_REUSE] - gflop[REUSE]
     notes = [
@@ -206,15 +274,16 @@ def run(machine: Machine, options: BenchOptions, batch_size: int = 8) -> list[Ta
         f"without reuse (eval mode) differ by at most {loss_gap:.1e}",
         f"one step = zero_grad + forward + backward + AdamW; median of {options.repeats} "
         f"interleaved steps after {options.warmup} warm-up; bf16 MFU against the bf16 rate",
-        *lavis_note,
+        lavis_note(lavis),
         rates_note(machine, during),
         FLOP_NOTE,
+        KERNEL_NOTE[device.type == "cuda"],
     ]
     title = (
         f"Stage-1 training step (ITC+ITM+ITG), BLIP-2 sizes, B={batch_size}, "
         f"{IMAGE_TOKENS}x{VISION_WIDTH} image tokens, {TEXT_LEN} text tokens ({device.type})"
     )
-    columns = result_columns(device, "ms / step")
+    columns = [*result_columns(device, "ms / step"), Column("kernels / step", "kernels", "{:,}")]
     return [Table(title, columns, rows, reference, "images_per_s", notes)]
 
 
@@ -222,11 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--lavis-python",
+        type=Path,
+        default=None,
+        help="python of an environment with salesforce-lavis 1.0.2 (make lavis-env): time "
+        "LAVIS's step beside ours",
+    )
     args = parser.parse_args(argv)
     options = options_from_args(args)
     machine = measure_machine(options.device, options.quick)
     print_header(machine, "Stage-1 step benchmark")
-    for table in run(machine, options, args.batch_size):
+    for table in run(machine, options, args.batch_size, args.lavis_python):
         print_table(table, options.table_format)
     return 0
 

@@ -11,40 +11,32 @@ names, the inputs (image features, token ids, attention masks), the ITM negative
 the weights it drew them from, the losses and every parameter's gradient.
 ``tests/train/test_lavis_parity.py`` replays it on our model (no LAVIS needed there).
 
-Needs a venv with salesforce-lavis 1.0.2 and its pins (README "Stage 1 as LAVIS"); CI never runs
-this script. Only this process is adapted, no installed file is edited:
+Needs LAVIS's own environment (``make lavis-env``); CI never runs this script. The offline
+adaptations are ``bench/lavis_env.py``'s (bare ``lavis`` packages, local bert-base-uncased
+lookups at the small sizes here, encoder features given as the image), with ``ln_vision`` as
+torch's ``nn.LayerNorm``: LAVIS's subclass only adds a cast to float32, which float64 cannot
+take. A one-process gloo group is started, as LAVIS's trainer does.
 
-* ``lavis`` and ``lavis.models`` are registered without running their ``__init__`` (they import
-  every model and data set builder); torchvision's two ops that the PyPI wheel registers fakes for
-  are declared first (its C extension does not load next to the CPU torch).
-* ``bert-base-uncased`` lookups return the small config, a tokenizer over a generated vocabulary
-  and a randomly initialized ``BertLMHeadModel`` (no download).
-* The vision encoder is an identity with ``num_features``: ``samples["image"]`` holds the frozen
-  features (B, N, C) that the trainable ``ln_vision`` then normalizes. ``ln_vision`` is torch's
-  ``nn.LayerNorm``: LAVIS's subclass only adds a cast to float32, which float64 cannot take.
-* A one-process gloo group is started, as LAVIS's trainer does: ``forward`` calls
-  ``dist.get_rank()``, and ``concat_all_gather`` only gathers (without gradient) in a group.
-
-Usage:  /work/lavis-venv/bin/python scripts/lavis_reference.py [--out tests/fixtures]
+Usage:  make lavis-env && .venv-lavis/bin/python scripts/lavis_reference.py [--out tests/fixtures]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import socket
 import sys
 import tempfile
-import types
 from importlib.metadata import version
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/, from the LAVIS venv
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
+
+from bench.lavis_env import import_blip2_qformer, start_process_group
 
 SEED = 0
 NUM_QUERY_TOKENS = 4
@@ -84,61 +76,11 @@ def vocabulary() -> list[str]:
 # Importing LAVIS's stage-1 model alone, offline.
 
 
-def register_bare_package(name: str) -> None:
-    """Make ``name`` importable as a package without executing its ``__init__.py``."""
-    spec = importlib.util.find_spec(name)
-    module = types.ModuleType(name)
-    module.__path__ = list(spec.submodule_search_locations)
-    sys.modules[name] = module
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, module)
-
-
-def import_lavis(vocab_file: Path):
-    torchvision_ops = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-        torchvision_ops.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    register_bare_package("lavis")
-    register_bare_package("lavis.models")
-    from lavis.models import base_model
-
-    sys.modules["lavis.models"].BaseModel = base_model.BaseModel  # the registry imports it here
-    from lavis.models.blip2_models import Qformer, blip2
-    from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
-    from transformers import BertTokenizer
-
-    def small_config(cls, name: str, *args, **kwargs):
-        assert name == "bert-base-uncased", name
-        return cls(vocab_size=len(vocabulary()), **BERT_SIZES)
-
-    def small_tokenizer(cls, name: str, *args, **kwargs):
-        assert name == "bert-base-uncased", name
-        return cls(vocab_file=str(vocab_file), do_lower_case=True)
-
-    def random_lm(cls, name: str, *args, config=None, **kwargs):
-        assert name == "bert-base-uncased" and config is not None, name
-        return cls(config)
-
-    class FeaturesAsImages(nn.Identity):
-        num_features = IMAGE_WIDTH
-
-    def stand_in_vision(cls, model_name, img_size, drop_path_rate, use_checkpoint, precision):
-        return FeaturesAsImages(), nn.LayerNorm(IMAGE_WIDTH)
-
-    Qformer.BertConfig.from_pretrained = classmethod(small_config)
-    BertTokenizer.from_pretrained = classmethod(small_tokenizer)
-    Qformer.BertLMHeadModel.from_pretrained = classmethod(random_lm)
-    blip2.Blip2Base.init_vision_encoder = classmethod(stand_in_vision)
-    return Blip2Qformer
-
-
-def start_process_group() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+def import_lavis(vocab_file: Path) -> type:
+    """LAVIS's Blip2Qformer at the small sizes; ``ln_vision`` as torch's ``nn.LayerNorm`` (LAVIS's
+    subclass only adds a cast to float32, which float64 cannot take)."""
+    sizes = {"vocab_size": len(vocabulary()), **BERT_SIZES}
+    return import_blip2_qformer(vocab_file, IMAGE_WIDTH, sizes, layer_norm=nn.LayerNorm)
 
 
 # ------------------------------------------------------------------------------------------------

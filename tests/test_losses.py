@@ -304,6 +304,38 @@ def test_reuse_gives_the_same_losses_and_gradients_as_recomputing():
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
+def test_the_stage1_gradient_is_the_same_bitwise_on_every_run_with_several_threads():
+    """The demo's shapes (tiny Q-Former, batch 32, 65 image tokens), two threads, no
+    ``train.deterministic``: repeating one step's backward must give the same gradients bit for
+    bit, or stage 1 is not repeatable. The ITM pairs' image K/V were picked by advanced
+    indexing, whose CPU backward adds with atomics across threads: the first repeat differed."""
+    objective = _objective(reuse=True)
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(2, 59, (32, 12), generator=generator)
+    ids[:, 0] = 1  # [CLS]
+    batch = Stage1Batch(
+        image_embeds=torch.randn(32, 65, 128, generator=generator),
+        input_ids=ids,
+        text_mask=torch.ones_like(ids),
+        image_ids=torch.arange(32),
+    )
+
+    def gradients() -> list[torch.Tensor]:
+        objective.zero_grad(set_to_none=True)
+        objective(batch).total.backward()
+        return [p.grad.clone() for p in objective.parameters() if p.grad is not None]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = gradients()
+        for _ in range(5):
+            again = gradients()
+            assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_itm_weight_scales_the_itm_loss_in_the_total_only():
     plain = _objective(reuse=True)(_batch())
     weighted_objective = _objective(reuse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -140,7 +141,12 @@ def feature_out_dir(out: Path, *, overwrite: bool, is_main: bool) -> Path:
 
 @contextmanager
 def deterministic_algorithms(enabled: bool) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(enabled)`` for the block, then the previous setting."""
+    """``torch.use_deterministic_algorithms(enabled)`` for the block, then the previous setting.
+
+    On CUDA, cuBLAS is deterministic only with a fixed workspace, which torch then requires
+    (it raises at the first matmul otherwise): set here unless the user chose one."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(enabled)
     try:

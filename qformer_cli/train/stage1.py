@@ -336,13 +336,14 @@ class Stage1Objective(nn.Module):
             if self.reuse:
                 return image_kv.index_select(torch.cat([local, negative_image, local]))
             images = batch.image_embeds
-            return qformer.encode_image(torch.cat([images, images[negative_image], images]))
+            negatives = images.index_select(0, negative_image)  # deterministic: ImageKV's why
+            return qformer.encode_image(torch.cat([images, negatives, images]))
         # Negatives may live on other ranks: gather the features and encode only the B chosen
         # ones here, rather than gathering every rank's K/V. Frozen features need no gradient;
         # a trained encoder's get it back on the rank that computed them (as LAVIS gathers).
         images = batch.image_embeds
         gather = gather_with_grad if images.requires_grad else gather_no_grad
-        negatives = qformer.encode_image(gather(images, ranks)[negative_image])
+        negatives = qformer.encode_image(gather(images, ranks).index_select(0, negative_image))
         if self.reuse:
             return ImageKV.cat([image_kv, negatives, image_kv])
         fresh = qformer.encode_image(batch.image_embeds)

@@ -154,6 +154,9 @@ class StageRecipe:
     # trained here (train.vision_lr; inside ``objective``, VisionInFront) or fine-tuned by the
     # run this one started from. None: the configured tower as it is.
     vision: VisionEncoder | None = None
+    # after the run, its checkpoints written, on every rank: raises where the run did not train
+    # what was asked (stage 1: streamed captions none of which had a listed ITM negative)
+    check_result: Callable[[], None] | None = None
 
     @property
     def trains_vision(self) -> bool:

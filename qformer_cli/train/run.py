@@ -221,6 +221,8 @@ def train_stage(
         bad_samples = recipe.loader.bad_samples
         if is_main:
             bad_samples.write_records(out_dir / "skipped.json")
+        if recipe.check_result is not None:
+            recipe.check_result()
         last = history[-1] if history else {}
         first = history[0] if history else {}
         leave_distributed()

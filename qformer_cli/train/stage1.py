@@ -413,13 +413,36 @@ def read_hard_negative_index(config: RunConfig) -> HardNegativeIndex | None:
     return HardNegativeIndex(read_hard_negatives(path))
 
 
+@dataclass
+class ListedNegativeTally:
+    """Streamed training captions seen and those with a listed negative, on this rank."""
+
+    seen: int = 0
+    matched: int = 0
+
+    def check(self, path: str, device: torch.device, ranks: Ranks) -> None:
+        """After a streamed run: refused (exit 1; its checkpoints stay) when no caption it read,
+        on any rank, was listed: it trained as if ``stage1.itm_hard_negatives`` were unset."""
+        counts = torch.tensor([self.seen, self.matched], device=device)
+        if ranks.world_size > 1:
+            torch.distributed.all_reduce(counts)
+        seen, matched = (int(n) for n in counts.tolist())
+        if seen and not matched:
+            raise DataError(
+                f"{path}: none of the {seen} training captions this run streamed is listed "
+                "(matched by image file name and caption text): it trained as if "
+                "stage1.itm_hard_negatives were unset; its checkpoints are kept"
+            )
+
+
 def describe_listed_negatives(
     index: HardNegativeIndex, samples: list[Sample], config: RunConfig
 ) -> str:
     """How many training captions have a listed negative, for the log. A file that lists none
-    of them is refused: the run would train as if the setting were unset."""
+    of them is refused: the run would train as if the setting were unset (streamed captions are
+    only known as they are read: ``ListedNegativeTally`` checks those after the run)."""
     path = config.stage1.itm_hard_negatives
-    if config.data.streaming:  # streamed shards' captions are only known as they are read
+    if config.data.streaming:
         return f"ITM negative texts: {len(index)} captions listed in {path}, matched as read"
     matched = sum(index.of(sample, sample.captions[0]) is not None for sample in samples)
     if not matched:
@@ -435,11 +458,14 @@ def batch_listed_negatives(
     samples: list[Sample],
     captions: list[str],
     tokenize_texts: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
+    tally: ListedNegativeTally,
 ) -> ListedNegatives | None:
     """The batch's listed negatives, one per caption that has one (None: none configured)."""
     if negatives is None:
         return None
     found = [negatives.of(s, c) for s, c in zip(samples, captions, strict=True)]
+    tally.seen += len(found)
+    tally.matched += sum(text is not None for text in found)
     input_ids, text_mask = tokenize_texts([text or "" for text in found])
     listed = torch.tensor([text is not None for text in found], device=input_ids.device)
     return ListedNegatives(listed, input_ids, text_mask)
@@ -479,6 +505,7 @@ def build_stage1_recipe(
     cache = open_feature_cache(config) if config.data.features else None
     bad = BadSampleLog(skip=config.data.skip_bad_samples)
     samples = read_caption_samples(config.data, bad)
+    tally = ListedNegativeTally()
     if hard_negative_index is not None:
         report(describe_listed_negatives(hard_negative_index, samples, config))
     tokenizer = load_qformer_tokenizer(config.model.bert)
@@ -521,7 +548,7 @@ def build_stage1_recipe(
             caption_ids(batch.captions, device),
             pixel_values=pixels,
             listed_negatives=batch_listed_negatives(
-                hard_negative_index, batch.samples, batch.captions, tokenize_texts
+                hard_negative_index, batch.samples, batch.captions, tokenize_texts, tally
             ),
         )
 
@@ -532,6 +559,10 @@ def build_stage1_recipe(
     if config.train.eval_every:  # (preflight refused it with a feature cache: vision is loaded)
         source = resolve_model_name(config.model.vision.model)
         validate = stage1_validator(model, vision, tokenizer, source, config, device)
+
+    def check_result() -> None:
+        if hard_negative_index is not None and config.data.streaming:
+            tally.check(config.stage1.itm_hard_negatives, device, ranks)
 
     trains = vision is not None and vision.trains
     return StageRecipe(
@@ -548,4 +579,5 @@ def build_stage1_recipe(
         start_step=objective.start_step,
         validate=validate,
         best_metric=best_metric(1, config),
+        check_result=check_result,
     )

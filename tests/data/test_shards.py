@@ -215,3 +215,43 @@ def test_a_datasets_source_with_its_own_column_names(written: Path, tmp_path: Pa
     assert hub_source("data/missing.json") is None  # a missing file, not a hub id
     unknown = runner.invoke(app, ["pretrain-stage1", "--set", 'data.columns={"img": "jpg"}'])
     assert unknown.exit_code == 2 and "data.columns: unknown key(s) img" in unknown.output
+
+
+def _listed_negatives(path: Path, pairs: list[tuple[str, str]]) -> str:
+    """A hard-negatives file (SugarCrepe's layout) listing ``pairs`` of (file name, caption)."""
+    entries = {
+        str(k): {"filename": name, "caption": caption, "negative_caption": f"not {caption}"}
+        for k, (name, caption) in enumerate(pairs)
+    }
+    path.write_text(json.dumps(entries))
+    return f"stage1.itm_hard_negatives={path}"
+
+
+def test_streamed_captions_none_of_which_is_listed_fail_the_run_and_keep_its_checkpoint(
+    written: Path, tmp_path: Path
+) -> None:
+    """A streamed run cannot check its captions before training: after it, a hard-negatives
+    file that matched none of them is an error (the run trained as if it were unset), exit 1,
+    one line after the run's log; the checkpoint written stays. A file listing the streamed
+    captions passes."""
+    stream = ["--data", str(written / "shards/{00000..00003}.tar"), "--set", "data.streaming=true"]
+    unlisted = _listed_negatives(tmp_path / "none.json", [("x.png", "a red circle")])
+    out = tmp_path / "unlisted"
+    result = runner.invoke(
+        app, ["pretrain-stage1", *stream, "--out", str(out), *FAST, "--max-steps", "2",
+              "--quiet", "--set", unlisted],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    last_line = result.stderr.strip().splitlines()[-1]  # after the run's log and summary
+    assert "none.json: none of the 16 training captions this run streamed is listed" in last_line
+    assert "Traceback" not in result.stderr
+    assert (out / "checkpoints" / "step-00000002" / "model.safetensors").is_file()
+
+    entries = json.loads((ROOT / "sample_data" / "karpathy_train.json").read_text())[:CAPTIONS]
+    pairs = [(f"{k:06d}", e["caption"]) for k, e in enumerate(entries)]  # a shard sample: its key
+    listed = _listed_negatives(tmp_path / "listed.json", pairs)
+    summary = invoke_json(
+        "pretrain-stage1", *stream, "--out", str(tmp_path / "listed"), *FAST, "--max-steps", "2",
+        "--quiet", "--set", listed,
+    )  # fmt: skip
+    assert summary["steps"] == 2

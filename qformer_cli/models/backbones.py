@@ -281,6 +281,27 @@ def check_vision_kind(spec: BackboneConfig) -> None:
         )
 
 
+# Vision towers whose embeddings interpolate their position table to any image size themselves.
+SIZE_FREE_VISION_TYPES = ("dinov2", "dinov2_with_registers")
+
+
+def check_vision_image_size(spec: BackboneConfig, image_size: int) -> None:
+    """Refuse, from its config alone, a ``data.image_size`` the tower cannot take: its position
+    embeddings are for its own size. (BLIP-2 fine-tunes at 364 px by interpolating them; this
+    package does not, and the forward pass would fail on the token count.)"""
+    if not image_size or spec.architecture:
+        return
+    config = _vision_config(_with_overrides(spec, _checkpoint_config(spec), tower="vision_config"))
+    native = getattr(config, "image_size", None)
+    if native is None or image_size == native or config.model_type in SIZE_FREE_VISION_TYPES:
+        return
+    raise UsageError(
+        f"data.image_size {image_size}: {spec.model or config.model_type} takes {native} px "
+        f"images (its position embeddings are for that size; interpolating them is not "
+        f"supported): --set data.image_size={native}, or 0 for its image processor's size"
+    )
+
+
 def check_language_model_kind(spec: BackboneConfig) -> None:
     """Refuse, from its config alone, a ``model.llm`` that is neither a causal nor a
     sequence-to-sequence LM. transformers would build BERT as a causal LM (``BertLMHeadModel``)

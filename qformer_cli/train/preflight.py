@@ -23,6 +23,7 @@ from qformer_cli.models.backbones import (
     build_language_model,
     build_vision_encoder,
     check_language_model_kind,
+    check_vision_image_size,
     check_vision_kind,
     load_qformer_tokenizer,
     resolve_model_name,
@@ -140,6 +141,7 @@ def _check_backbones(stage: int, config: RunConfig) -> None:
     resolve_model_name(config.model.bert)
     if not config.data.features:  # a feature cache replaces the vision encoder
         check_vision_kind(config.model.vision)
+        check_vision_image_size(config.model.vision, config.data.image_size)
     if stage == 2:
         check_language_model_kind(config.model.llm)
 

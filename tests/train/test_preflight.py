@@ -70,6 +70,16 @@ def test_missing_llm_for_stage2(tmp_path: Path):
     assert line == "error: /nowhere/opt: backbone directory not found"
 
 
+@pytest.mark.parametrize("command", ["pretrain-stage1", "pretrain-stage2"])
+def test_an_image_size_the_vision_tower_cannot_take(tmp_path: Path, command: str):
+    """The sample ViT's position embeddings are for 64 px: 96 px would give 145 tokens where it
+    has 65 places, a RuntimeError deep in the first step."""
+    out = tmp_path / "run"
+    line = refused(command, "--out", str(out), "--set", "data.image_size=96")
+    assert line.startswith("error: data.image_size 96: sample_data/backbones/vision takes 64 px")
+    assert "--set data.image_size=64" in line and not out.exists()
+
+
 @pytest.mark.parametrize(
     ("command", "other_stage"), [("pretrain-stage1", 2), ("pretrain-stage2", 1)]
 )

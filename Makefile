@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
+# --durations: the slowest tests named at the end of each run (the suite's time budget: ~15 min)
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/pytest -q -m ""

@@ -45,8 +45,8 @@ class ImageKV:
         """The keys/values of the images ``index`` (B',) -- no recomputation, e.g. for ITM pairs.
 
         ``index_select``, not ``kv[index]``: on a CPU the backward of advanced indexing adds the
-        repeated rows with atomics across threads, in an order that changes from run to run
-        (and 10x slower at BLIP-2 sizes); ``index_select``'s adds them in index order."""
+        repeated rows with atomics across threads, in an order that changes from run to run;
+        ``index_select``'s adds them in index order, so training repeats bit for bit."""
         return ImageKV(
             [
                 None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))

@@ -90,17 +90,17 @@ def vision_features(model: VisionEncoder, pixels: torch.Tensor, pooled: bool) ->
     return torch.cat(chunks)
 
 
-def linear_probe_accuracy(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor
-) -> float:
-    """Multinomial logistic regression (L2 1e-3, full-batch L-BFGS) on standardized features."""
+def fit_linear_probe(
+    train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, max_iter: int = 200
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Multinomial logistic regression (L2 1e-3, full-batch L-BFGS) on features standardized
+    by the training set's mean and std; returns the predicted class of each row of new features."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    train_x = (train_x - mean) / std
     torch.manual_seed(0)
     probe = torch.nn.Linear(train_x.shape[1], num_classes)
     optimizer = torch.optim.LBFGS(
-        probe.parameters(), lr=0.5, max_iter=200, line_search_fn="strong_wolfe"
+        probe.parameters(), lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe"
     )
 
     def closure() -> torch.Tensor:
@@ -112,8 +112,21 @@ def linear_probe_accuracy(
 
     with torch.enable_grad():
         optimizer.step(closure)
-    with torch.no_grad():
-        return (probe(test_x).argmax(-1) == test_y).float().mean().item()
+
+    @torch.no_grad()
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return probe((x - mean) / std).argmax(-1)
+
+    return predict
+
+
+def linear_probe_accuracy(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor
+) -> float:
+    """``fit_linear_probe``'s accuracy on the test features."""
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    predict = fit_linear_probe(train_x, train_y, num_classes)
+    return (predict(test_x) == test_y).float().mean().item()
 
 
 def attribute_labels(scenes: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[int]]]:

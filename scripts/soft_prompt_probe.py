@@ -69,36 +69,15 @@ def pair_recall(train: torch.Tensor, test: torch.Tensor, train_scenes: list, tes
     """Share of present (colour, shape) pairs a linear probe finds, by number of objects."""
     found: dict[int, list[int]] = defaultdict(list)
     objects = torch.tensor([len(s["objects"]) for s in test_scenes])
-    mean, std = train.mean(0), train.std(0) + 1e-6
-    train, test = (train - mean) / std, (test - mean) / std
     for color in metrics.COLORS:
         for shape in metrics.SHAPES:
             y_train = torch.tensor([has_pair(s, color, shape) for s in train_scenes])
             y_test = torch.tensor([has_pair(s, color, shape) for s in test_scenes])
-            predicted = fitted_probe(train, y_train)(test).argmax(-1)
+            predicted = metrics.fit_linear_probe(train, y_train, 2, max_iter=100)(test)
             for count in (1, 2, 3):
                 present = (objects == count) & (y_test == 1)
                 found[count] += predicted[present].tolist()
     return {count: round(sum(hits) / len(hits), 3) for count, hits in sorted(found.items())}
-
-
-def fitted_probe(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Linear:
-    """Logistic regression (L2 1e-3, L-BFGS) on already standardized features."""
-    torch.manual_seed(0)
-    probe = torch.nn.Linear(x.shape[1], 2)
-    optimizer = torch.optim.LBFGS(
-        probe.parameters(), lr=0.5, max_iter=100, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(probe(x), y) + 1e-3 * probe.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return probe
 
 
 def question_kind(question: str) -> str | None:

@@ -268,12 +268,17 @@ def build_vision_encoder(
     return VisionEncoder(model, spec.layer)
 
 
+def vision_tower_config(spec: BackboneConfig) -> transformers.PretrainedConfig:
+    """The vision tower's config as ``model.vision`` names it (overrides applied), no weights."""
+    return _vision_config(_with_overrides(spec, _checkpoint_config(spec), tower="vision_config"))
+
+
 def check_vision_kind(spec: BackboneConfig) -> None:
     """Refuse, from its config alone, a ``model.vision`` that is no vision tower (an LLM, BERT):
     every supported tower (CLIP, SigLIP, DINOv2, BLIP-2's ViT, ...) has an image size."""
     if spec.architecture:
         return  # the user named the class
-    config = _vision_config(_with_overrides(spec, _checkpoint_config(spec), tower="vision_config"))
+    config = vision_tower_config(spec)
     if getattr(config, "image_size", None) is None:
         raise UsageError(
             f"model.vision {spec.model or config.model_type}: a {config.model_type} model is not "
@@ -291,7 +296,7 @@ def check_vision_image_size(spec: BackboneConfig, image_size: int) -> None:
     package does not, and the forward pass would fail on the token count.)"""
     if not image_size or spec.architecture:
         return
-    config = _vision_config(_with_overrides(spec, _checkpoint_config(spec), tower="vision_config"))
+    config = vision_tower_config(spec)
     native = getattr(config, "image_size", None)
     if native is None or image_size == native or config.model_type in SIZE_FREE_VISION_TYPES:
         return

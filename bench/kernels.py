@@ -74,3 +74,13 @@ def kernel_counts(fn: Callable[[], object], device: torch.device) -> Counter[str
 
 def count_kernels(fn: Callable[[], object], device: torch.device) -> int:
     return sum(kernel_counts(fn, device).values())
+
+
+def kernel_note(device: torch.device) -> str:
+    """What ``count_kernels`` counted on ``device``, for a table's notes."""
+    if device.type == "cuda":
+        return "kernels / step: torch.profiler, GPU activities (kernels, memcpy, memset), one step"
+    return (
+        "kernels / step: torch.profiler, the aten ops that do work (leaves of the op tree, views "
+        "and allocations left out; bench/kernels.py), one step"
+    )

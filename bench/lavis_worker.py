@@ -43,20 +43,20 @@ WORDS = [f"w{i}" for i in range(20_000)]
 
 
 def build(batch_size: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
-    scratch = Path(tempfile.mkdtemp(prefix="lavis-vocab-"))
-    vocab_file = scratch / "vocab.txt"
-    vocab_file.write_text("\n".join(bert_like_vocabulary(WORDS)) + "\n")
-    blip2_qformer = import_blip2_qformer(vocab_file, VISION_WIDTH)
-    torch.manual_seed(seed)
-    model = blip2_qformer(
-        vit_model="eva_clip_g",
-        img_size=224,
-        freeze_vit=True,
-        num_query_token=32,
-        cross_attention_freq=2,
-        embed_dim=256,
-        max_txt_len=TEXT_LEN,
-    ).train()
+    with tempfile.TemporaryDirectory() as scratch:  # the tokenizer reads it when built
+        vocab_file = Path(scratch) / "vocab.txt"
+        vocab_file.write_text("\n".join(bert_like_vocabulary(WORDS)) + "\n")
+        blip2_qformer = import_blip2_qformer(vocab_file, VISION_WIDTH)
+        torch.manual_seed(seed)
+        model = blip2_qformer(
+            vit_model="eva_clip_g",
+            img_size=224,
+            freeze_vit=True,
+            num_query_token=32,
+            cross_attention_freq=2,
+            embed_dim=256,
+            max_txt_len=TEXT_LEN,
+        ).train()
     generator = torch.Generator().manual_seed(seed + 1)
     features = torch.randn(batch_size, IMAGE_TOKENS, VISION_WIDTH, generator=generator)
     picks = torch.randint(len(WORDS), (batch_size, CAPTION_WORDS), generator=generator)

@@ -48,7 +48,7 @@ from bench.common import (
     result_columns,
     timeit_with_rates,
 )
-from bench.kernels import count_kernels
+from bench.kernels import count_kernels, kernel_note
 from qformer_cli.config import TrainConfig
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.config import qformer_preset
@@ -66,12 +66,6 @@ FIRST_PLAIN_TOKEN = 1000  # below are [PAD], [unusedN], [CLS], ...: keep random 
 REUSE, NO_REUSE, BF16 = "ours, reuse", "ours, no reuse", "ours, reuse, bf16 autocast"
 LAVIS = "LAVIS 1.0.2 Blip2Qformer"
 LAVIS_WORKER = Path(__file__).resolve().parent / "lavis_worker.py"
-KERNEL_NOTE = {
-    False: "kernels / step: torch.profiler, the aten ops that do work (leaves of the op tree, "
-    "views and allocations left out; bench/kernels.py), one step after the timed ones",
-    True: "kernels / step: torch.profiler, GPU activities (kernels, memcpy, memset) of one step "
-    "after the timed ones (bench/kernels.py)",
-}
 VARIANTS = {REUSE: ("fp32", True), NO_REUSE: ("fp32", False), BF16: ("bf16", True)}
 
 
@@ -277,7 +271,7 @@ def run(
         lavis_note(lavis),
         rates_note(machine, during),
         FLOP_NOTE,
-        KERNEL_NOTE[device.type == "cuda"],
+        f"{kernel_note(device)}, after the timed ones",
     ]
     title = (
         f"Stage-1 training step (ITC+ITM+ITG), BLIP-2 sizes, B={batch_size}, "

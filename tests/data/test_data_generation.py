@@ -9,6 +9,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_regeneration_is_byte_identical(small_world: Path, tmp_path: Path) -> No
         ["--out", str(tmp_path), "--num-train", "12", "--num-val", "4", "--num-test", "4"]
     )
     first, second = files_of(small_world), files_of(tmp_path)
-    assert len(first) == 12 + 4 + 4 + 17  # images + 17 JSON files
+    assert len(first) == 12 + 4 + 4 + 16  # images + 16 JSON files
     assert first == second
 
 
@@ -91,6 +92,10 @@ def test_shipped_data_is_what_the_script_generates(small_world: Path) -> None:
     shipped_questions = load("vqa_test_questions.json")["questions"]
     small_questions = json.loads((small_world / "vqa_test_questions.json").read_text())["questions"]
     assert shipped_questions[:16] == small_questions
+    small_train = json.loads((small_world / "vqa_train_annotations.json").read_text())
+    first_ids = {a["image_id"] for a in small_train["annotations"]}
+    shipped_train = load("vqa_train_annotations.json")["annotations"]
+    assert [a for a in shipped_train if a["image_id"] in first_ids] == small_train["annotations"]
     small_pairs = json.loads((small_world / "hard_negatives_val.json").read_text())
     shipped_pairs = load("hard_negatives_val.json")
     assert small_pairs and all(shipped_pairs[key] == pair for key, pair in small_pairs.items())
@@ -101,7 +106,7 @@ def test_shipped_sizes_and_budget() -> None:
     assert len(list((SHIPPED / "images" / "val").glob("*.png"))) == 300
     assert len(list((SHIPPED / "images" / "test").glob("*.png"))) == 300
     total = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
-    assert total <= 40 * 1024 * 1024
+    assert total <= 40_000_000  # 40 MB, backbones included
 
 
 # ---------------------------------------------------------------- an independent solver
@@ -147,14 +152,16 @@ def normalize(answer: str) -> str:
     return " ".join(NUMBER_WORDS.get(w, w) for w in words)
 
 
-@pytest.mark.parametrize("split", ["val", "test"])
-def test_vqa_answers_agree_with_the_scenes(split: str) -> None:
+# Questions per image: yes/no, number, other x2 (val, test); train: one other, two more yes/no.
+@pytest.mark.parametrize(("split", "per_image"), [("train", 5), ("val", 4), ("test", 4)])
+def test_vqa_answers_agree_with_the_scenes(split: str, per_image: int) -> None:
     scenes = {s["image_id"]: s["objects"] for s in load(f"scenes_{split}.json")}
     questions = load(f"vqa_{split}_questions.json")["questions"]
     annotations = {
         a["question_id"]: a for a in load(f"vqa_{split}_annotations.json")["annotations"]
     }
-    assert len(questions) == len(annotations) == 4 * len(scenes)
+    assert len(questions) == len(annotations) == per_image * len(scenes)
+    assert Counter(q["image_id"] for q in questions) == dict.fromkeys(scenes, per_image)
     disagreements = 0
     for q in questions:
         annotation = annotations[q["question_id"]]
@@ -181,7 +188,7 @@ def test_yes_no_is_balanced_with_hard_negatives() -> None:
         if m and truth == "no":
             objects = scenes[q["image_id"]]
             hard += m[1] in {o["color"] for o in objects} and m[2] in {o["shape"] for o in objects}
-    assert yes == no == 1500
+    assert yes == no == 4500  # one yes/no per image, two more per train image (EXTRA_YES_NO)
     assert hard >= 300  # colour and shape both present, just not on the same object
 
 
@@ -259,17 +266,34 @@ def describes(text: str, objects: list[dict[str, object]]) -> bool:
 CAPTION_KEYS = ("caption", "negative_caption")
 
 
+@pytest.fixture(scope="module")
+def train_hard_negatives_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 300 train images with hard_negatives_train.json, which is not shipped."""
+    out = tmp_path_factory.mktemp("train-negatives")
+    world = ["--num-train", "300", "--num-val", "0", "--num-test", "0", "--train-hard-negatives"]
+    make_sample_data.main(["--out", str(out), *world])
+    return out
+
+
 @pytest.mark.parametrize("split", ["train", "val", "test"])
-def test_hard_negatives_are_false_captions_one_attribute_away(split: str) -> None:
-    """val/test: held out for eval-retrieval; train: stage1.itm_hard_negatives's."""
-    scenes = {s["image"]: s["objects"] for s in load(f"scenes_{split}.json")}
+def test_hard_negatives_are_false_captions_one_attribute_away(
+    split: str, request: pytest.FixtureRequest
+) -> None:
+    """val/test: shipped, held out for eval-retrieval; train: stage1.itm_hard_negatives's, from
+    ``make_sample_data.py --train-hard-negatives``."""
+    folder = request.getfixturevalue("train_hard_negatives_world") if split == "train" else SHIPPED
+
+    def read(name: str) -> Any:
+        return json.loads((folder / name).read_text())
+
+    scenes = {s["image"]: s["objects"] for s in read(f"scenes_{split}.json")}
     captions: dict[str, set[str]] = {}
-    for entry in load(f"karpathy_{split}.json"):  # train: one caption per entry
+    for entry in read(f"karpathy_{split}.json"):  # train: one caption per entry
         texts = entry["caption"]
         captions.setdefault(entry["image"], set()).update(
             [texts] if isinstance(texts, str) else texts
         )
-    pairs = load(f"hard_negatives_{split}.json")
+    pairs = read(f"hard_negatives_{split}.json")
     assert Counter(p["swapped"] for p in pairs.values()).keys() == {
         "color",
         "shape",

@@ -5,7 +5,8 @@
 # check), which adds ~4 minutes here (left out by default to stay within 10 minutes).
 # Step counts are sized for a 2-core machine; override with DEMO_STAGE1_STEPS etc. Stage 2 runs
 # 900 steps: at 300 the soft prompt did not yet steer the OPT's yes/no (README "What make demo
-# shows").
+# shows"). Stage 1 at 600 steps (DEMO_STAGE1_STEPS=600) meets every ITM target there, in about
+# 11 minutes instead of 8.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-runs/demo}

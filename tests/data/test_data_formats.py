@@ -32,7 +32,8 @@ from qformer_cli.train.common import read_caption_samples
 SAMPLE = sample_data_dir()
 IMAGES = {"train": 3000, "val": 300, "test": 300}
 FIRST_ID = {"train": 100000, "val": 200000, "test": 300000}
-QUESTIONS_PER_IMAGE = {"train": 3, "val": 4, "test": 4}
+# yes/no, number, other x2 (val, test); train: one other and two more yes/no
+QUESTIONS_PER_IMAGE = {"train": 5, "val": 4, "test": 4}
 
 
 def scenes(split: str) -> dict[int, dict]:

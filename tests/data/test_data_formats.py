@@ -222,19 +222,14 @@ def test_karpathys_own_dataset_file_reads_by_split(tmp_path: Path) -> None:
     assert all(Path(coco[s.image_id].image) == Path(s.image) for s in test)
 
 
-def test_listed_hard_negatives_reach_the_training_captions_they_list(tmp_path: Path) -> None:
+def test_listed_hard_negatives_reach_the_training_captions_they_list(
+    train_hard_negatives_world: Path,
+) -> None:
     """stage1.itm_hard_negatives on the embedded default: every caption the generator's train
     file lists (``--train-hard-negatives``, here for the first 300 train images, whose captions
     are the shipped ones) is found among the samples stage 1 trains on (by image file name and
     caption) and given one of its own negatives; no other caption gets one."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    import make_sample_data
-
-    world = ["--num-train", "300", "--num-val", "0", "--num-test", "0", "--train-hard-negatives"]
-    make_sample_data.main(["--out", str(tmp_path), *world])
-    path = tmp_path / "hard_negatives_train.json"
+    path = train_hard_negatives_world / "hard_negatives_train.json"
     listed: dict[tuple[str, str], set[str]] = {}
     for pair in json.loads(path.read_text()).values():
         key = (Path(pair["filename"]).name, pair["caption"])

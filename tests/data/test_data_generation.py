@@ -266,15 +266,6 @@ def describes(text: str, objects: list[dict[str, object]]) -> bool:
 CAPTION_KEYS = ("caption", "negative_caption")
 
 
-@pytest.fixture(scope="module")
-def train_hard_negatives_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 300 train images with hard_negatives_train.json, which is not shipped."""
-    out = tmp_path_factory.mktemp("train-negatives")
-    world = ["--num-train", "300", "--num-val", "0", "--num-test", "0", "--train-hard-negatives"]
-    make_sample_data.main(["--out", str(out), *world])
-    return out
-
-
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_hard_negatives_are_false_captions_one_attribute_away(
     split: str, request: pytest.FixtureRequest

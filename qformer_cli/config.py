@@ -566,6 +566,31 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def settings_for_command(data: dict[str, Any], command: str | None) -> dict[str, Any]:
+    """A config file's settings as ``command`` reads them: its ``per_command`` section for that
+    command (e.g. ``per_command: {pretrain-stage2: {train: {lr: 5.0e-4}}}``) laid over the
+    rest; ``command`` None (library use) takes the rest alone. Every command's section is
+    checked here, so that a wrong key under one is refused whichever command runs."""
+    data = dict(data)
+    sections = data.pop(PER_COMMAND, None) or {}
+    if not isinstance(sections, dict):
+        raise UsageError(f"config section '{PER_COMMAND}' must map command names to sections")
+    from_dict(RunConfig, data)  # the shared settings first, so that their errors name them
+    for name, section in sections.items():
+        if name not in CONFIG_COMMANDS:
+            raise UsageError(
+                f"config section '{PER_COMMAND}.{name}': not a command that reads --config "
+                f"({', '.join(CONFIG_COMMANDS)})"
+            )
+        if not isinstance(section, dict):
+            raise UsageError(f"config section '{PER_COMMAND}.{name}' must be a mapping")
+        try:
+            from_dict(RunConfig, _merged(data, section))
+        except UsageError as error:
+            raise UsageError(f"config section '{PER_COMMAND}.{name}': {error}") from None
+    return _merged(data, sections.get(command, {}))
+
+
 DEFAULT_CONFIG = "tiny"  # with no --config: configs/tiny.yaml, the embedded default's recipe
 
 
@@ -590,9 +615,32 @@ def resolve_config_path(config: str | Path) -> Path:
     )
 
 
-def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+# The commands that read --config. A config file's `per_command` section may give any of them
+# settings of its own (tests/test_config.py checks this list against the command line).
+CONFIG_COMMANDS = (
+    "pretrain-stage1",
+    "pretrain-stage2",
+    "finetune",
+    "extract-features",
+    "caption",
+    "eval-caption",
+    "eval-vqa",
+    "ask",
+    "match",
+    "eval-retrieval",
+    "info",
+)
+PER_COMMAND = "per_command"
+
+
+def load_config(
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    command: str | None = None,
+) -> RunConfig:
     """The one way to build a :class:`RunConfig`: defaults <- YAML file (``configs/tiny.yaml``
-    when ``config`` is None) <- ``--set`` overrides."""
+    when ``config`` is None) <- the file's ``per_command`` settings for ``command`` <- ``--set``
+    overrides."""
     path = resolve_config_path(DEFAULT_CONFIG if config is None else config)
     data = load_yaml(path)
     if isinstance(data, dict) and "stage" in data and "run" in data:
@@ -602,6 +650,7 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
             f"{path}: the config of a stage-{data['stage']} checkpoint, not a run config "
             "(continue that run with --resume DIR, or start from it with pretrain-stage2 --init)"
         )
+    data = settings_for_command(data, command)
     data = apply_overrides(data, overrides or [])
     run_config = from_dict(RunConfig, data)
     run_config.model.qformer_config()  # validate the Q-Former overrides now, not mid-run

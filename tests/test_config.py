@@ -252,3 +252,77 @@ def test_long_values_are_cut_and_huge_files_refused_unread(tmp_path: Path) -> No
     size = huge.stat().st_size
     expected = f"error: {huge}: {size:,} bytes, not a run config (at most 1 MiB)"
     assert result.output.strip() == expected
+
+
+# --------------------------------------------------------------------------------------------
+# per_command: a config file's settings for one command
+
+
+def test_tiny_gives_stage2_its_own_learning_rate_and_nothing_else() -> None:
+    # configs/tiny.yaml: stage 2 at stage 1's 1e-3 sat on its loss plateau (README "What make
+    # demo shows"); every other command keeps the file's shared settings.
+    stage2 = _flat(load_config("tiny", command="pretrain-stage2").to_dict())
+    for command in ("pretrain-stage1", "finetune", "caption", "eval-vqa", None):
+        shared = _flat(load_config("tiny", command=command).to_dict())
+        assert shared["train.lr"] == 1e-3, command
+        assert {key for key in shared if shared[key] != stage2[key]} == {"train.lr"}, command
+    assert stage2["train.lr"] == 5e-4
+    overridden = load_config("tiny", ["train.lr=2e-3"], command="pretrain-stage2")
+    assert overridden.train.lr == 2e-3  # --set comes last, over per_command too
+
+
+def test_pretrain_stage2_records_the_learning_rate_it_trained_at(
+    trained_stage1: Path, trained_stage2: Path
+) -> None:
+    import json
+
+    def recorded(run: Path) -> float:
+        return json.loads((run / "run_config.json").read_text())["train"]["lr"]
+
+    # the user's path: the commands without --config, as the demo runs them
+    assert recorded(trained_stage2) == 5e-4
+    assert recorded(trained_stage1) == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("per_command", "message"),
+    [
+        (
+            "  pretrain-stage3:\n    train:\n      lr: 1.0e-4\n",
+            "config section 'per_command.pretrain-stage3': not a command that reads --config",
+        ),
+        (  # checked whichever command runs (here info), not only when caption does
+            "  caption:\n    train:\n      lrr: 1.0e-4\n",
+            "config section 'per_command.caption': unknown config key 'train.lrr'",
+        ),
+        (
+            "  caption:\n    train:\n      lr: fast\n",
+            "config section 'per_command.caption': config key 'train.lr': expected float",
+        ),
+        ("  caption: 5\n", "config section 'per_command.caption' must be a mapping"),
+        ("  - caption\n", "config section 'per_command' must map command names to sections"),
+    ],
+)
+def test_a_wrong_per_command_section_is_one_line(
+    per_command: str, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  lr: 1.0e-3\nper_command:\n" + per_command)
+    result = runner.invoke(app, ["info", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"error: {message}"), line
+
+
+def test_per_command_names_every_command_that_reads_config() -> None:
+    import typer
+
+    from qformer_cli.config import CONFIG_COMMANDS
+
+    group = typer.main.get_command(app)
+    reading = {
+        name
+        for name, command in group.commands.items()
+        if any(param.name == "config" for param in command.params)
+    }
+    assert reading == set(CONFIG_COMMANDS)

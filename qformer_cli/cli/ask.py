@@ -84,7 +84,7 @@ def ask(
         top_p=top_p,
         temperature=temperature,
     )
-    run_config = load_run_config(config, overrides, flags)
+    run_config = load_run_config("ask", config, overrides, flags)
     generator = load_generator_for(model, backend, device, run_config)
     if questions:
         settings = run_config.vqa
@@ -135,7 +135,7 @@ def match(
 
     model = model_location(model)
     require_inputs(model=model, image=image)
-    run_config = load_run_config(config, overrides, {})  # the backbones of a LAVIS .pth
+    run_config = load_run_config("match", config, overrides, {})  # the backbones of a LAVIS .pth
     _, torch_device = init_distributed(device)
     pipeline = load_stage1_pipeline(model, torch_device, run_config)
     transform = build_transform(load_transform_config(pipeline.image_processor_source), False)

@@ -358,12 +358,13 @@ def require_inputs(**paths: Path | None) -> None:
 
 
 def load_run_config(
-    config: str | None, overrides: list[str] | None, flags: dict[str, Any]
+    command: str, config: str | None, overrides: list[str] | None, flags: dict[str, Any]
 ) -> RunConfig:
-    """``--config``, then ``--set``, then the command's dedicated flags."""
+    """``--config`` (with its ``per_command`` settings for ``command``), then ``--set``, then
+    the command's dedicated flags."""
     from qformer_cli.config import load_config
 
-    return load_config(config, [*(overrides or []), *flag_overrides(**flags)])
+    return load_config(config, [*(overrides or []), *flag_overrides(**flags)], command)
 
 
 def progress_report(label: str, quiet: bool) -> Any:

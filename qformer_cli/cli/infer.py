@@ -270,7 +270,7 @@ def caption(
         temperature=temperature,
     )
     flags["data.skip_bad_samples"] = skip_bad_samples or None
-    run_config = load_run_config(config, overrides, flags)
+    run_config = load_run_config("caption", config, overrides, flags)
     result = _caption(
         model,
         run_config,
@@ -325,7 +325,12 @@ def eval_caption(
     if model is not None:
         result = _caption(
             model,
-            load_run_config(config, overrides, {"data.skip_bad_samples": skip_bad_samples or None}),
+            load_run_config(
+                "eval-caption",
+                config,
+                overrides,
+                {"data.skip_bad_samples": skip_bad_samples or None},
+            ),
             images=images,
             annotations=annotations,
             split=split,
@@ -452,7 +457,7 @@ def eval_vqa(
         length_penalty=length_penalty,
     )
     flags["data.skip_bad_samples"] = skip_bad_samples or None
-    run_config = load_run_config(config, overrides, flags)
+    run_config = load_run_config("eval-vqa", config, overrides, flags)
     settings = run_config.vqa
     files = sample_split_files(split)
     if questions is None:  # the sample split's questions, with their ground truth
@@ -577,7 +582,7 @@ def eval_retrieval(
         model=model, annotations=annotations, images=images, hard_negatives=hard_negatives
     )
     flags = {"data.skip_bad_samples": skip_bad_samples or None}
-    run_config = load_run_config(config, overrides, flags)
+    run_config = load_run_config("eval-retrieval", config, overrides, flags)
     data_config = run_config.data
     if annotations is None:
         split_files = sample_split_files(split)

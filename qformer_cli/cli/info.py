@@ -67,7 +67,7 @@ def info(
     from qformer_cli.config import load_config
     from qformer_cli.info import describe
 
-    report = describe(load_config(config, overrides).model)
+    report = describe(load_config(config, overrides, "info").model)
     if as_json:
         print_json(report)
         return

@@ -260,7 +260,7 @@ def finetune(
     given = given_keys(overrides, flags)
     builder = build_stage1_recipe if stage == 1 else build_stage2_recipe
     _pretrain(
-        f"finetune-{task}",
+        "finetune",
         stage,
         functools.partial(builder, init=init),
         config,
@@ -273,6 +273,7 @@ def finetune(
         overwrite,
         quiet=quiet,
         adjust=functools.partial(finetune_config, task=task, init=init, given=given),
+        run_name=f"finetune-{task}",
     )
 
 
@@ -290,14 +291,17 @@ def _pretrain(
     overwrite: bool,
     quiet: bool = False,
     adjust: Callable[[RunConfig], RunConfig] | None = None,
+    run_name: str | None = None,
 ) -> None:
+    """Train with ``command``'s settings of the config; the run is named ``run_name`` (default:
+    the command's name)."""
     from qformer_cli.train.run import train_stage
 
-    run_config = load_run_config(config, overrides, flags)
+    run_config = load_run_config(command, config, overrides, flags)
     if adjust is not None:  # settings taken from elsewhere (stage 2: the --init run's encoder)
         run_config = adjust(run_config)
     result = train_stage(
-        command,
+        run_name or command,
         stage,
         builder,
         run_config,
@@ -354,7 +358,7 @@ def extract_features(
         **data_flags(data),
         "data.skip_bad_samples": skip_bad_samples or None,
     }
-    run_config = load_run_config(config, overrides, flags)
+    run_config = load_run_config("extract-features", config, overrides, flags)
     ranks, torch_device = init_distributed(device)
     console = Console(stderr=True)
     run_config.train.precision = resolve_precision(run_config.train.precision, torch_device)[0]

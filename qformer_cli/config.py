@@ -572,7 +572,9 @@ def settings_for_command(data: dict[str, Any], command: str | None) -> dict[str,
     rest; ``command`` None (library use) takes the rest alone. Every command's section is
     checked here, so that a wrong key under one is refused whichever command runs."""
     data = dict(data)
-    sections = data.pop(PER_COMMAND, None) or {}
+    sections = data.pop(PER_COMMAND, None)
+    if not sections:
+        return data
     if not isinstance(sections, dict):
         raise UsageError(f"config section '{PER_COMMAND}' must map command names to sections")
     from_dict(RunConfig, data)  # the shared settings first, so that their errors name them

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from qformer_cli.config import GenerationConfig, check_ranges, vqa_generation
-from qformer_cli.data import Sample, build_transform, load_image, load_transform_config
+from qformer_cli.data import Sample, build_transform, load_image
 from qformer_cli.data.folder import image_file_sample, read_image_folder
 from qformer_cli.errors import UsageError
 from qformer_cli.inference.caption import caption_prompt, caption_samples
@@ -123,7 +123,7 @@ def retrieve(
     if model.retrieval is None:
         raise UsageError(f"{model.source}: a stage-{model.stage} model; retrieval needs stage 1")
     pipeline = model.retrieval
-    transform = build_transform(load_transform_config(pipeline.image_processor_source), False)
+    transform = build_transform(pipeline.image_transform, False)
     pixels = torch.stack([transform(load_image(sample)) for sample in _samples(images)])
     return image_text_scores(pipeline, pixels, list(texts), k=k, batch_size=batch_size)
 

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qformer_cli import checkpoint
 from qformer_cli.config import RunConfig, from_dict, load_config
+from qformer_cli.data.transforms import ImageTransformConfig, load_transform_config
 from qformer_cli.errors import CheckpointError
 from qformer_cli.models.backbones import (
     LanguageModel,
@@ -90,6 +91,14 @@ def load_stage1(path: Path, device: torch.device) -> Stage1Checkpoint:
     return Stage1Checkpoint(model.to(device).eval(), tokenizer, run_config, directory)
 
 
+def image_transform_config(run_config: RunConfig) -> ImageTransformConfig:
+    """How a model of ``run_config`` reads images, in training and inference alike: its vision
+    encoder's image processor settings, at the run's ``data.image_size`` (0: the processor's
+    own size)."""
+    vision_name = resolve_model_name(run_config.model.vision.model)
+    return load_transform_config(vision_name, run_config.data.image_size or None)
+
+
 @dataclass
 class Stage1Pipeline:
     """A stage-1 model with its frozen vision encoder: what ITC image/text embeddings need."""
@@ -97,7 +106,7 @@ class Stage1Pipeline:
     model: Stage1Model
     vision: VisionEncoder
     tokenizer: PreTrainedTokenizerBase  # the Q-Former's (BERT) tokenizer
-    image_processor_source: str  # where the image transform's settings are read
+    image_transform: ImageTransformConfig  # how the model reads images (as it was trained)
     directory: Path
 
 
@@ -114,12 +123,11 @@ def load_stage1_pipeline(
         _require_lavis_stage(path, 1)
         return _load_lavis_stage1(path, device, backbones or load_config(None))
     loaded = load_stage1(path, device)
-    vision_spec = loaded.run_config.model.vision
     return Stage1Pipeline(
         model=loaded.model,
         vision=checkpoint_vision(loaded.run_config, loaded.directory).to(device),
         tokenizer=loaded.tokenizer,
-        image_processor_source=resolve_model_name(vision_spec.model),
+        image_transform=image_transform_config(loaded.run_config),
         directory=loaded.directory,
     )
 
@@ -176,7 +184,7 @@ def _load_lavis_stage1(path: Path, device: torch.device, backbones: RunConfig) -
         model=model.to(device).eval(),
         vision=vision.to(device),
         tokenizer=tokenizer,
-        image_processor_source=resolve_model_name(backbones.model.vision.model),
+        image_transform=image_transform_config(backbones),
         directory=path,
     )
 
@@ -218,7 +226,7 @@ def _stage2_pipeline(
         bridge=bridge.to(device).eval(),
         llm=LanguageModel(llm.model.to(device), llm.family),
         tokenizer=load_llm_tokenizer(run_config.model.llm.model),
-        image_processor_source=resolve_model_name(run_config.model.vision.model),
+        image_transform=image_transform_config(run_config),
         directory=directory,
         prompt=run_config.generate.prompt,
         qformer_tokenizer=load_qformer_tokenizer(run_config.model.bert)
@@ -260,7 +268,7 @@ def _load_transformers_retrieval(path: Path, device: torch.device) -> Stage1Pipe
         model=model.to(device).eval(),
         vision=VisionEncoder(vision_model).to(device),
         tokenizer=AutoTokenizer.from_pretrained(path),
-        image_processor_source=str(path),
+        image_transform=load_transform_config(str(path)),
         directory=path,
     )
 
@@ -273,7 +281,7 @@ class Stage2Pipeline:
     bridge: Stage2Model
     llm: LanguageModel
     tokenizer: PreTrainedTokenizerBase
-    image_processor_source: str  # where the image transform's settings are read
+    image_transform: ImageTransformConfig  # how the model reads images (as it was trained)
     directory: Path
     prompt: str  # the prompt the model was trained with
     # an instruction-aware Q-Former's (InstructBLIP) tokenizer for the instruction; else None
@@ -349,7 +357,7 @@ def _load_transformers_blip2(
         bridge=bridge.to(device).eval(),
         llm=LanguageModel(llm.model.to(device), family),
         tokenizer=AutoTokenizer.from_pretrained(path),
-        image_processor_source=str(path),
+        image_transform=load_transform_config(str(path)),
         directory=path,
         prompt="",
         qformer_tokenizer=_instruction_tokenizer(path) if instruct else None,

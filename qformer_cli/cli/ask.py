@@ -127,7 +127,7 @@ def match(
 ) -> None:
     """How well texts describe one image, with a stage-1 model: the ITM probability of a match
     and the ITC similarity (max over queries of the cosine)."""
-    from qformer_cli.data import build_transform, load_image, load_transform_config
+    from qformer_cli.data import build_transform, load_image
     from qformer_cli.data.folder import image_file_sample
     from qformer_cli.inference.retrieve import match_scores
     from qformer_cli.pretrained import load_stage1_pipeline
@@ -138,7 +138,7 @@ def match(
     run_config = load_run_config("match", config, overrides, {})  # the backbones of a LAVIS .pth
     _, torch_device = init_distributed(device)
     pipeline = load_stage1_pipeline(model, torch_device, run_config)
-    transform = build_transform(load_transform_config(pipeline.image_processor_source), False)
+    transform = build_transform(pipeline.image_transform, False)
     pixels = transform(load_image(image_file_sample(image)))
     scores = match_scores(pipeline, pixels[None], list(texts))
     result: dict[str, Any] = {"model": str(model), "image": str(image), "matches": scores}

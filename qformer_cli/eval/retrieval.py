@@ -20,11 +20,11 @@ from qformer_cli.data import (
     SampleDataset,
     build_transform,
     inference_workers,
-    load_transform_config,
     make_dataloader,
     read_caption_file,
 )
 from qformer_cli.data.karpathy import EVALUATION_SPLITS
+from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.errors import DataError
 from qformer_cli.models.backbones import VisionEncoder
 from qformer_cli.models.blip2 import Stage1Model
@@ -181,7 +181,7 @@ def read_retrieval_samples(
 def load_retrieval_set(
     samples: list[Sample],
     vision: VisionEncoder,
-    transform_source: str,
+    image_transform: ImageTransformConfig,
     tokenizer,
     device: torch.device,
     batch_size: int,
@@ -194,7 +194,7 @@ def load_retrieval_set(
     follow ``bad`` (default: raise); a skipped image leaves the set with its captions.
     ``progress`` is told (images done, images) after each batch."""
     bad = bad or BadSampleLog()
-    transform = build_transform(load_transform_config(transform_source), train=False)
+    transform = build_transform(image_transform, train=False)
     dataset = SampleDataset(samples, transform, bad_samples=bad, max_image_pixels=max_image_pixels)
     features, loaded, done = [], [], 0
     workers = inference_workers(len(samples), batch_size)  # decoding overlaps the encoder

@@ -63,11 +63,10 @@ import torch
 from torch import nn
 
 from qformer_cli.config import GenerationConfig
-from qformer_cli.data.transforms import image_processor_settings, load_transform_config
+from qformer_cli.data.transforms import ImageTransformConfig, image_processor_settings
 from qformer_cli.errors import QformerError, UsageError
 from qformer_cli.eval.retrieval import RETRIEVAL_MAX_TEXT_LEN
 from qformer_cli.inference.generate import generation_stop_ids
-from qformer_cli.models.backbones import VisionEncoder
 from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline
 
 # int8: dynamic quantization (int8 weights, activations quantized per run; float32 in and out)
@@ -323,10 +322,11 @@ class EncoderDecoderStep(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _image_shape(vision: VisionEncoder) -> tuple[int, int, int]:
-    config = vision.model.config
+def _image_shape(pipeline: Stage1Pipeline | Stage2Pipeline) -> tuple[int, int, int]:
+    """(C, H, W) of the images the model reads: at the size it was trained with."""
+    config = pipeline.vision.model.config
     config = getattr(config, "vision_config", None) or config
-    size = int(config.image_size)
+    size = int(pipeline.image_transform.image_size)
     return int(getattr(config, "num_channels", 3)), size, size
 
 
@@ -524,7 +524,7 @@ def _encoder_decoder_specs(llm: nn.Module, dim: int) -> tuple[list[GraphSpec], K
 
 def stage2_graph_specs(pipeline: Stage2Pipeline) -> tuple[list[GraphSpec], KvShape]:
     """The graphs of a stage-2 pipeline (traced from fp32 CPU copies) and its LLM's KV shape."""
-    image_shape = _image_shape(pipeline.vision)
+    image_shape = _image_shape(pipeline)
     instructed = pipeline.bridge.instruction_aware
     module = (InstructedVisionQFormer if instructed else VisionQFormer)(pipeline)
     module = copy.deepcopy(module).to("cpu", torch.float32).eval()
@@ -565,7 +565,7 @@ def stage1_graph_specs(pipeline: Stage1Pipeline) -> list[GraphSpec]:
         },
         text_inputs,
     )
-    image_shape = _image_shape(copied.vision)
+    image_shape = _image_shape(copied)
     return [_vision_spec(VISION_ITC_GRAPH, VisionITC(copied), "image_embeds", image_shape), text]
 
 
@@ -715,11 +715,13 @@ def _write_graphs(
     return graphs
 
 
-def _write_preprocessing(tokenizer: Any, image_processor_source: str, out_dir: Path) -> str:
-    """Save the tokenizer, and the image transform the model uses (wherever its settings were
-    found) as a transformers image processor config; return the latter's file name."""
+def _write_preprocessing(
+    tokenizer: Any, image_transform: ImageTransformConfig, out_dir: Path
+) -> str:
+    """Save the tokenizer, and the image transform the model uses as a transformers image
+    processor config; return the latter's file name."""
     tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
-    kind, settings = image_processor_settings(load_transform_config(image_processor_source))
+    kind, settings = image_processor_settings(image_transform)
     processor = {"image_processor_type": kind, **settings}
     (out_dir / IMAGE_PROCESSOR).write_text(json.dumps(processor, indent=2) + "\n")
     return IMAGE_PROCESSOR
@@ -790,7 +792,7 @@ def _export_stage2(
         "num_layers": kv.layers,
         "num_kv_heads": kv.heads,
         "head_dim": kv.head_dim,
-        "image_size": list(_image_shape(pipeline.vision)),
+        "image_size": list(_image_shape(pipeline)),
         "graphs": graphs,
         # encoder-decoder: llm_prefill outputs the cross-attention K/V (cross.N.key/value) once;
         # every llm_decode call takes them back unchanged.
@@ -799,7 +801,7 @@ def _export_stage2(
         "embeddings": {"file": EMBEDDINGS, "shape": list(weights.shape), "dtype": precision},
         "tokenizer": TOKENIZER_DIR,
         "image_processor": _write_preprocessing(
-            pipeline.tokenizer, pipeline.image_processor_source, out_dir
+            pipeline.tokenizer, pipeline.image_transform, out_dir
         ),
         "stop_token_ids": generation_stop_ids(pipeline.llm, pipeline.tokenizer),
         "pad_token_id": pipeline.tokenizer.pad_token_id,
@@ -855,11 +857,11 @@ def _export_stage1(
         "max_text_len": RETRIEVAL_MAX_TEXT_LEN,
         # image-text similarity: max over the queries of image_embeds (Q, E) . text_embeds (E)
         "similarity": "max_over_queries_dot",
-        "image_size": list(_image_shape(pipeline.vision)),
+        "image_size": list(_image_shape(pipeline)),
         "graphs": _write_graphs(stage1_graph_specs(pipeline), out_dir, precision, opset),
         "tokenizer": TOKENIZER_DIR,
         "image_processor": _write_preprocessing(
-            pipeline.tokenizer, pipeline.image_processor_source, out_dir
+            pipeline.tokenizer, pipeline.image_transform, out_dir
         ),
         "source": str(pipeline.directory),
     }

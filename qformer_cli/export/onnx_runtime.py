@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from qformer_cli.config import GenerationConfig
+from qformer_cli.data.transforms import ImageTransformConfig, load_transform_config
 from qformer_cli.errors import CheckpointError, UsageError
 from qformer_cli.inference.generate import decode_until_stop, encode_instructions
 
@@ -86,9 +87,9 @@ class OnnxPipeline:
         return np.dtype(np.float16 if self.manifest["precision"] == "fp16" else np.float32)
 
     @property
-    def image_processor_source(self) -> str:
-        """Where ``load_transform_config`` finds the image settings (this directory)."""
-        return str(self.directory)
+    def image_transform(self) -> ImageTransformConfig:
+        """How the exported model reads images: the image processor config written with it."""
+        return load_transform_config(str(self.directory))
 
     @property
     def prompt(self) -> str:

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import torch
 
-from qformer_cli.data.transforms import image_processor_settings, load_transform_config
+from qformer_cli.data.transforms import ImageTransformConfig, image_processor_settings
 from qformer_cli.models.convert import save_transformers_blip2
 from qformer_cli.pretrained import Stage1Pipeline, Stage2Pipeline
 
 IMAGE_TOKEN = "<image>"
 
 
-def _image_processor(source: str):
+def _image_processor(image_transform: ImageTransformConfig):
     import transformers
 
     # The transform our inference uses for this model, so both sides see the same pixels.
-    kind, settings = image_processor_settings(load_transform_config(source))
+    kind, settings = image_processor_settings(image_transform)
     return getattr(transformers, kind)(**settings)
 
 
@@ -28,7 +28,7 @@ def _processor(pipeline: Stage2Pipeline):
     """``Blip2Processor``, or ``InstructBlipProcessor`` (with the Q-Former's tokenizer)."""
     from transformers import Blip2Processor, InstructBlipProcessor
 
-    image_processor = _image_processor(pipeline.image_processor_source)
+    image_processor = _image_processor(pipeline.image_transform)
     tokenizer = copy.deepcopy(pipeline.tokenizer)
     queries = pipeline.bridge.config.num_query_tokens
     if pipeline.qformer_tokenizer is not None:
@@ -84,5 +84,5 @@ def export_stage1_to_transformers(pipeline: Stage1Pipeline, out: Path) -> Path:
     encoder)."""
     save_transformers_blip2(pipeline.model, pipeline.vision.model, out)
     pipeline.tokenizer.save_pretrained(out)
-    _image_processor(pipeline.image_processor_source).save_pretrained(out)
+    _image_processor(pipeline.image_transform).save_pretrained(out)
     return out

@@ -28,10 +28,10 @@ from qformer_cli.data import (
     SampleDataset,
     build_transform,
     inference_workers,
-    load_transform_config,
     make_dataloader,
 )
 from qformer_cli.data.json_files import read_json
+from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.errors import DataError, Interrupted, QformerError, UsageError
 from qformer_cli.export.onnx_runtime import generate_text_onnx
 from qformer_cli.inference.generate import generate_text
@@ -41,7 +41,7 @@ Encoded = torch.Tensor | np.ndarray  # (B, ...) one row per image
 
 class Generator(Protocol):
     backend: str  # "torch" | "onnx"
-    image_processor_source: str  # where the image transform's settings are read
+    image_transform: ImageTransformConfig  # how the model reads images
     prompt: str  # the prompt the model was trained with ("" when unknown)
 
     def encode_images(self, pixel_values: torch.Tensor) -> Encoded:
@@ -62,7 +62,7 @@ class TorchGenerator:
 
     def __init__(self, pipeline: Any) -> None:  # pretrained.Stage2Pipeline
         self.pipeline = pipeline
-        self.image_processor_source = pipeline.image_processor_source
+        self.image_transform = pipeline.image_transform
         self.prompt = pipeline.prompt
         self.device = next(pipeline.bridge.parameters()).device
 
@@ -97,7 +97,7 @@ class OnnxGenerator:
 
     def __init__(self, pipeline: Any) -> None:  # export.onnx_runtime.OnnxPipeline
         self.pipeline = pipeline
-        self.image_processor_source = pipeline.image_processor_source
+        self.image_transform = pipeline.image_transform
         self.prompt = pipeline.prompt
 
     def encode_images(self, pixel_values: torch.Tensor) -> np.ndarray:
@@ -175,8 +175,7 @@ def generate_for_samples(
     (default: raise); ``progress`` is told (samples done, samples) after each batch. Images
     are decoded by ``workers`` loader processes (default :func:`inference_workers`)."""
     bad = bad if bad is not None else BadSampleLog()
-    transform_settings = load_transform_config(generator.image_processor_source)
-    transform = build_transform(transform_settings, train=False)
+    transform = build_transform(generator.image_transform, train=False)
     dataset = SampleDataset(samples, transform, bad_samples=bad, max_image_pixels=max_image_pixels)
     done = 0
     if workers is None:  # decoding the next batches overlaps generation

@@ -47,7 +47,7 @@ def retrieval_to_file(
         return load_retrieval_set(
             images,
             pipeline.vision,
-            pipeline.image_processor_source,
+            pipeline.image_transform,
             pipeline.tokenizer,
             device,
             batch_size,

@@ -15,7 +15,6 @@ from qformer_cli.data import (
     SampleDataset,
     SampleLoader,
     build_transform,
-    load_transform_config,
     make_dataloader,
     one_caption_per_sample,
     read_caption_file,
@@ -35,11 +34,11 @@ from qformer_cli.data.shards import (
     read_shard_source,
 )
 from qformer_cli.data.streams import ListStream, Stream, StreamingTrainingSet, TarStream
-from qformer_cli.data.transforms import ImageTransformConfig
 from qformer_cli.embedded import resolve_embedded_path
 from qformer_cli.errors import UsageError
-from qformer_cli.models.backbones import qformer_vocabulary, resolve_model_name
+from qformer_cli.models.backbones import qformer_vocabulary
 from qformer_cli.models.config import BackboneConfig, QFormerConfig
+from qformer_cli.pretrained import image_transform_config
 from qformer_cli.runtime import Ranks
 
 # A run directory's resolved config (RunConfig.to_dict(); usable as --config). Runs written
@@ -132,12 +131,6 @@ def read_vqa_training_samples(data: DataConfig, bad: BadSampleLog) -> list[Sampl
     return [sample for sample in samples if sample.answer]
 
 
-def train_transform_config(config: RunConfig) -> ImageTransformConfig:
-    """Image size and normalization of the configured vision encoder (its processor config)."""
-    vision_name = resolve_model_name(config.model.vision.model)
-    return load_transform_config(vision_name, config.data.image_size or None)
-
-
 def fitted_qformer_config(
     config: RunConfig, vision_width: int, tokenizer: Any = None
 ) -> QFormerConfig:
@@ -168,7 +161,7 @@ def build_train_loader(
         dataset: SampleDataset | FeatureDataset = FeatureDataset(samples, features, bad)
     else:
         transform = build_transform(
-            train_transform_config(config), train=config.data.augment, hflip=config.data.hflip
+            image_transform_config(config), train=config.data.augment, hflip=config.data.hflip
         )
         if config.data.streaming:
             return _stream_loader(config, samples, transform, bad, ranks)

@@ -28,10 +28,10 @@ from qformer_cli.data.features import (
 )
 from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import backbone_config, check_vision_kind, resolve_model_name
+from qformer_cli.pretrained import image_transform_config
 from qformer_cli.progress import ProgressReport
 from qformer_cli.train.common import (
     read_caption_samples,
-    train_transform_config,
 )
 from qformer_cli.train.vision import image_features, load_vision
 
@@ -42,7 +42,7 @@ def expected_fingerprint(config: RunConfig) -> dict[str, str]:
     encoder_config = backbone_config(config.model.vision).to_dict()
     if config.model.vision.layer != -1:  # another layer's features (caches of -1 unchanged)
         encoder_config["qformer_reads_layer"] = config.model.vision.layer
-    return encoder_fingerprint(name, encoder_config, train_transform_config(config))
+    return encoder_fingerprint(name, encoder_config, image_transform_config(config))
 
 
 def open_feature_cache(config: RunConfig) -> FeatureIndex:
@@ -75,7 +75,7 @@ def extract_features(
     fingerprint = expected_fingerprint(config)
     bad = BadSampleLog(skip=config.data.skip_bad_samples)
     samples = list(unique_images(read_caption_samples(config.data, bad)))
-    transform = build_transform(train_transform_config(config), train=False)
+    transform = build_transform(image_transform_config(config), train=False)
     loader = make_dataloader(
         SampleDataset(
             samples, transform, bad_samples=bad, max_image_pixels=config.data.max_image_pixels

@@ -34,6 +34,7 @@ from qformer_cli.models.backbones import (
 )
 from qformer_cli.models.blip2 import Stage2Model, soft_prompt_inputs
 from qformer_cli.models.convert import LoadReport, load_external_weights
+from qformer_cli.pretrained import image_transform_config
 from qformer_cli.runtime import PRECISION_DTYPES, Ranks
 from qformer_cli.train.common import (
     build_train_loader,
@@ -426,7 +427,7 @@ def _validator(
         bridge=bridge,
         llm=llm,
         tokenizer=tokenizer,
-        image_processor_source=resolve_model_name(config.model.vision.model),
+        image_transform=image_transform_config(config),
         directory=Path("."),
         prompt=config.generate.prompt,
         qformer_tokenizer=qformer_tokenizer,

@@ -61,7 +61,7 @@ def stage1_validator(
     model: Any,  # Stage1Model
     vision: Any,  # VisionEncoder
     tokenizer: Any,
-    image_processor_source: str,
+    image_transform: Any,  # data.transforms.ImageTransformConfig
     config: RunConfig,
     device: torch.device,
 ) -> Validator:
@@ -75,7 +75,7 @@ def stage1_validator(
     def validate() -> dict[str, float]:
         if not cached:
             cached.append(
-                load_retrieval_set(samples, vision, image_processor_source, tokenizer, device, 64)
+                load_retrieval_set(samples, vision, image_transform, tokenizer, device, 64)
             )
         data = cached[0]
         was_training = model.training

@@ -98,7 +98,7 @@ def test_eval_retrieval_writes_recalls_that_match_the_itc_ranking(
     data = load_retrieval_set(
         read_retrieval_samples(karpathy_subset, SAMPLE),
         loaded.vision,
-        loaded.image_processor_source,
+        loaded.image_transform,
         loaded.tokenizer,
         torch.device("cpu"),
         64,

@@ -132,10 +132,8 @@ def test_onnx_generation_matches_torch(exported, pipeline) -> None:
     files = sample_split_files("val")
     samples = read_coco_captions(files.coco_captions, files.image_dir)[:3]
     # Read the transform from the export directory: it must match the torch side's.
-    transform = build_transform(load_transform_config(runtime.image_processor_source), train=False)
-    torch_transform = build_transform(
-        load_transform_config(pipeline.image_processor_source), train=False
-    )
+    transform = build_transform(runtime.image_transform, train=False)
+    torch_transform = build_transform(pipeline.image_transform, train=False)
     pixels = torch.stack([transform(load_image(s)) for s in samples])
     assert torch.equal(pixels, torch.stack([torch_transform(load_image(s)) for s in samples]))
     # Prompts of different lengths exercise the left padding.
@@ -341,7 +339,7 @@ def test_t5_onnx_generation_matches_torch(t5_exported, t5_pipeline) -> None:
     runtime = OnnxPipeline.load(out)
     files = sample_split_files("val")
     samples = read_coco_captions(files.coco_captions, files.image_dir)[:3]
-    transform = build_transform(load_transform_config(runtime.image_processor_source), train=False)
+    transform = build_transform(runtime.image_transform, train=False)
     pixels = torch.stack([transform(load_image(s)) for s in samples])
     prompts = ["a photo of", "", "Question: what is on the left? Answer:"]
     with torch.no_grad():
@@ -460,7 +458,7 @@ def test_stage1_onnx_itc_similarity_matches_torch_retrieval(
     data = load_retrieval_set(
         read_retrieval_samples(files.karpathy, None),
         stage1_pipeline.vision,
-        stage1_pipeline.image_processor_source,
+        stage1_pipeline.image_transform,
         stage1_pipeline.tokenizer,
         CPU,
         batch_size=16,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qformer_cli.config import GenerationConfig
-from qformer_cli.data import BadSampleLog, Sample, read_image_folder
+from qformer_cli.data import BadSampleLog, Sample, load_transform_config, read_image_folder
 from qformer_cli.errors import DataError
 from qformer_cli.inference.generators import generate_for_samples
 from tests.tiny_runs import ROOT
@@ -22,7 +22,7 @@ class FakeGenerator:
     """Encodes each image as its mean pixel value; 'generates' that value and the prompt, so
     each text shows which image reached which prompt. ``as_numpy``: onnx-style rows."""
 
-    image_processor_source = str(ROOT / "sample_data" / "backbones" / "vision")
+    image_transform = load_transform_config(str(ROOT / "sample_data" / "backbones" / "vision"))
     prompt = ""
 
     def __init__(self, as_numpy: bool) -> None:

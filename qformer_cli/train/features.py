@@ -30,9 +30,7 @@ from qformer_cli.errors import UsageError
 from qformer_cli.models.backbones import backbone_config, check_vision_kind, resolve_model_name
 from qformer_cli.pretrained import image_transform_config
 from qformer_cli.progress import ProgressReport
-from qformer_cli.train.common import (
-    read_caption_samples,
-)
+from qformer_cli.train.common import read_caption_samples
 from qformer_cli.train.vision import image_features, load_vision
 
 

@@ -44,7 +44,6 @@ from qformer_cli.models.backbones import DEC_TOKEN, load_qformer_tokenizer, reso
 from qformer_cli.models.blip2 import Stage1Model
 from qformer_cli.models.convert import load_external_weights
 from qformer_cli.models.qformer import ImageKV, KeyValue
-from qformer_cli.pretrained import image_transform_config
 from qformer_cli.runtime import Ranks
 from qformer_cli.train.common import (
     build_train_loader,
@@ -558,8 +557,7 @@ def build_stage1_recipe(
 
     validate = None
     if config.train.eval_every:  # (preflight refused it with a feature cache: vision is loaded)
-        transform = image_transform_config(config)
-        validate = stage1_validator(model, vision, tokenizer, transform, config, device)
+        validate = stage1_validator(model, vision, tokenizer, config, device)
 
     def check_result() -> None:
         if hard_negative_index is not None and config.data.streaming:

@@ -61,13 +61,13 @@ def stage1_validator(
     model: Any,  # Stage1Model
     vision: Any,  # VisionEncoder
     tokenizer: Any,
-    image_transform: Any,  # data.transforms.ImageTransformConfig
     config: RunConfig,
     device: torch.device,
 ) -> Validator:
     """ITC retrieval R@1/R@5 both ways (the mean of the four: ``val_r_mean``). The frozen
     encoder's features are computed once, at the first pass."""
     from qformer_cli.eval.retrieval import itc_similarity, load_retrieval_set, recall_at
+    from qformer_cli.pretrained import image_transform_config
 
     samples = validation_samples(config)
     cached: list[Any] = []
@@ -75,7 +75,9 @@ def stage1_validator(
     def validate() -> dict[str, float]:
         if not cached:
             cached.append(
-                load_retrieval_set(samples, vision, image_transform, tokenizer, device, 64)
+                load_retrieval_set(
+                    samples, vision, image_transform_config(config), tokenizer, device, 64
+                )
             )
         data = cached[0]
         was_training = model.training

@@ -14,9 +14,11 @@ weights.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,8 @@ LOSS_KEYS = ("loss.itc", "loss.itm", "loss.itg", "loss.total")
 ZERO_GRAD_SUFFIX = "attention.key.bias"
 # Torchrun's and the process group's environment, which must not leak into the 1-process run.
 DIST_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# torchrun's report of a worker killed by a signal ("exitcode  : -6", "Signal 6 (SIGABRT)").
+SIGNAL_DEATH = re.compile(r"exitcode\s*:\s*-\d+|Signal \d+ \(SIG")
 
 
 def free_port() -> int:
@@ -97,6 +101,27 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return run(torchrun_command(*args))
 
 
+def torchrun_step(*args: str) -> subprocess.CompletedProcess:
+    """``STEP_SCRIPT`` under ``torchrun``, which must exit 0; run once more if a worker was
+    killed by a signal.
+
+    In one full-suite CI run (on d5f9e90) a gloo worker of this step aborted (SIGABRT); 40 runs
+    alone did not repeat it: a crash of the transport, not a wrong result. The step is a pure
+    function of its arguments that rewrites its output file, so a second run decides; the
+    first one's report stays visible as a warning. A Python error, or a second crash, fails."""
+    command = torchrun_command(str(STEP_SCRIPT), *args)
+    first = subprocess.run(
+        command, cwd=REPO_ROOT, env=step_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    if first.returncode == 0:
+        return first
+    if not SIGNAL_DEATH.search(first.stderr + first.stdout):
+        pytest.fail(f"{' '.join(command)} exited {first.returncode}\n{first.stderr[-4000:]}")
+    report = first.stderr[-2000:]
+    warnings.warn(f"torchrun step: a worker died by a signal; rerun once:\n{report}", stacklevel=2)
+    return run(torchrun_command(str(STEP_SCRIPT), *args))
+
+
 def assert_same_step(single_path: Path, other_path: Path, loss_keys: tuple[str, ...]) -> None:
     """Same losses and, parameter by parameter, the same gradients (fp32 tolerance)."""
     single = load_file(str(single_path))
@@ -128,7 +153,7 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     single_path = tmp_path / "single.safetensors"
     ddp_path = tmp_path / "ddp.safetensors"
     run([sys.executable, str(STEP_SCRIPT), str(single_path)])
-    torchrun(str(STEP_SCRIPT), str(ddp_path))
+    torchrun_step(str(ddp_path))
     # Guards against a launcher that silently ran two independent 1-process jobs.
     assert world_size_of(single_path) == "1"
     assert world_size_of(ddp_path) == "2"
@@ -153,7 +178,7 @@ def test_accumulated_micro_batches_keep_the_whole_batch_itc_and_itg(tmp_path: Pa
     accumulated_all = tmp_path / "accumulated_all.safetensors"
     run([sys.executable, str(STEP_SCRIPT), str(accumulated_all), "--micro-batches", "2"])
     both = tmp_path / "ranks_and_micro_batches.safetensors"
-    torchrun(str(STEP_SCRIPT), str(both), "--micro-batches", "2")
+    torchrun_step(str(both), "--micro-batches", "2")
     assert world_size_of(both) == "2"
     assert_same_step(accumulated_all, both, LOSS_KEYS)
 

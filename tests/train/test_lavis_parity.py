@@ -176,14 +176,14 @@ def test_lavis_itc_gradient_on_two_ranks_matches_one_process(tmp_path: Path):
         STEP_SCRIPT,
         assert_same_step,
         run,
-        torchrun,
+        torchrun_step,
         world_size_of,
     )
 
     lavis_mode = ("--itc-gradient", "lavis")
     single, ddp = tmp_path / "single.safetensors", tmp_path / "ddp.safetensors"
     run([sys.executable, str(STEP_SCRIPT), str(single), *lavis_mode])
-    torchrun(str(STEP_SCRIPT), str(ddp), *lavis_mode)
+    torchrun_step(str(ddp), *lavis_mode)
     assert world_size_of(ddp) == "2"
     assert_same_step(single, ddp, LOSS_KEYS)
 
@@ -193,7 +193,7 @@ def test_lavis_itc_gradient_on_two_ranks_matches_one_process(tmp_path: Path):
         tmp_path / "acc.safetensors",
     )
     run([sys.executable, str(STEP_SCRIPT), str(single_no_itm), *no_itm])
-    torchrun(str(STEP_SCRIPT), str(accumulated), *no_itm, "--micro-batches", "2")
+    torchrun_step(str(accumulated), *no_itm, "--micro-batches", "2")
     assert_same_step(single_no_itm, accumulated, ("loss.itc",))
     # ... and the mode reached the step: full mode's ITC gradients are not these
     full = tmp_path / "full.safetensors"

@@ -262,10 +262,16 @@ def test_precision_auto_takes_bf16_only_where_the_cpu_computes_it(
     native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The built-in precision: fp32 on a CPU without AVX-512-BF16 / AMX (where bf16 would be
-    emulated, ~100x slower), bf16 on one with them; the run config records the choice."""
+    emulated, ~100x slower), bf16 on one with them; the run config records the choice. The
+    CPU answers as such a CPU does, flags and measured matmul rates (an Intel Xeon with AMX:
+    218 and 392 GFLOP/s), on any machine: on an AVX2-only one the speed check would refuse."""
+    import torch
+
     from qformer_cli import runtime
 
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    rates = {torch.float32: 218e9, torch.bfloat16: 392e9}
+    monkeypatch.setattr(runtime, "matmul_rate", lambda device, dtype, size=0: rates[dtype])
     out = tmp_path / "run"
     args = ["pretrain-stage1", "--precision", "auto", "--max-steps", "1", "--batch-size", "8"]
     result = runner.invoke(app, [*args, "--out", str(out)])

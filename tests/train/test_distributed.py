@@ -61,16 +61,25 @@ def step_env() -> dict[str, str]:
     return env
 
 
-def run(command: list[str]) -> subprocess.CompletedProcess:
-    """``command`` in the repository with the test environment; fails the test unless it exits 0."""
-    result = subprocess.run(
+def execute(command: list[str]) -> subprocess.CompletedProcess:
+    """``command`` in the repository with the test environment, whatever its exit."""
+    return subprocess.run(
         command, cwd=REPO_ROOT, env=step_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
+
+
+def fail_with(result: subprocess.CompletedProcess) -> None:
+    pytest.fail(
+        f"{' '.join(result.args)} exited {result.returncode}\n"
+        f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+    )
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    """``command`` in the repository with the test environment; fails the test unless it exits 0."""
+    result = execute(command)
     if result.returncode != 0:
-        pytest.fail(
-            f"{' '.join(command)} exited {result.returncode}\n"
-            f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
-        )
+        fail_with(result)
     return result
 
 
@@ -110,16 +119,14 @@ def torchrun_step(*args: str) -> subprocess.CompletedProcess:
     function of its arguments that rewrites its output file, so a second run decides; the
     first one's report stays visible as a warning. A Python error, or a second crash, fails."""
     command = torchrun_command(str(STEP_SCRIPT), *args)
-    first = subprocess.run(
-        command, cwd=REPO_ROOT, env=step_env(), capture_output=True, text=True, timeout=TIMEOUT_S
-    )
+    first = execute(command)
     if first.returncode == 0:
         return first
     if not SIGNAL_DEATH.search(first.stderr + first.stdout):
-        pytest.fail(f"{' '.join(command)} exited {first.returncode}\n{first.stderr[-4000:]}")
+        fail_with(first)
     report = first.stderr[-2000:]
     warnings.warn(f"torchrun step: a worker died by a signal; rerun once:\n{report}", stacklevel=2)
-    return run(torchrun_command(str(STEP_SCRIPT), *args))
+    return run(torchrun_command(str(STEP_SCRIPT), *args))  # on a fresh port
 
 
 def assert_same_step(single_path: Path, other_path: Path, loss_keys: tuple[str, ...]) -> None:

@@ -98,6 +98,17 @@ def rerank(
     return scores
 
 
+def itc_order_past_top_k(scores: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+    """``rerank``'s scores with each row's candidates past its top k (-inf there) ranked after
+    the top k in ITC order. LAVIS leaves them tied (at -100), which orders them arbitrarily:
+    its R@K is defined for K <= k only (k 128 there, K <= 10). Here R@K for K >= k equals
+    ITC's, as re-ranking reorders the top k only."""
+    past_top_k = scores.isinf()
+    lowest_reranked = scores.masked_fill(past_top_k, float("inf")).amin(dim=1, keepdim=True)
+    offset = lowest_reranked - similarity.amax(dim=1, keepdim=True) - 1.0  # (rows, 1)
+    return torch.where(past_top_k, similarity + offset, scores)
+
+
 def recall_at(scores: torch.Tensor, is_match: torch.Tensor) -> dict[str, float]:
     """Percent of rows whose best match ranks within the top K (K in 1, 5, 10)."""
     order = scores.cpu().argsort(dim=1, descending=True)
@@ -118,8 +129,8 @@ def evaluate_retrieval(
         model, data, similarity.t().contiguous(), rows_are_images=False, k=k, batch_size=batch_size
     )
     return {
-        "image_to_text": recall_at(i2t, is_match),
-        "text_to_image": recall_at(t2i, is_match.t()),
+        "image_to_text": recall_at(itc_order_past_top_k(i2t, similarity), is_match),
+        "text_to_image": recall_at(itc_order_past_top_k(t2i, similarity.t()), is_match.t()),
         "image_to_text_itc_only": recall_at(similarity, is_match),
         "text_to_image_itc_only": recall_at(similarity.t(), is_match.t()),
     }

@@ -6,6 +6,7 @@ import torch
 
 from qformer_cli.eval.retrieval import (
     RetrievalSet,
+    evaluate_retrieval,
     itc_similarity,
     pair_itm_logits,
     recall_at,
@@ -65,3 +66,24 @@ def test_itc_similarity_is_the_max_over_queries_of_normalized_dot_products():
         text = model.qformer(input_ids=data.input_ids[4:5], use_queries=False, pattern="unimodal")
         caption = torch.nn.functional.normalize(model.text_proj(text.text_output[0, 0]), dim=-1)
     assert torch.allclose(similarity[1, 4], (image @ caption).max(), atol=1e-5)
+
+
+def test_reranking_reorders_only_the_top_k_so_recall_beyond_k_equals_itc_only():
+    # The candidates past the top k are not re-ranked: they follow in ITC order, so for K >= k
+    # the top K holds the same candidates as ITC alone ranks first. (Left tied, as LAVIS
+    # leaves them at -100, R@K for K > k would count candidates in arbitrary order.)
+    torch.manual_seed(0)
+    model = Stage1Model(qformer_preset("tiny", vocab_size=40, num_layers=2)).eval()
+    images, texts_per_image = 24, 2
+    data = RetrievalSet(
+        image_embeds=torch.randn(images, 5, 128),
+        input_ids=torch.randint(1, 40, (images * texts_per_image, 7)),
+        text_mask=torch.ones(images * texts_per_image, 7, dtype=torch.long),
+        text_to_image=torch.arange(images).repeat_interleave(texts_per_image),
+    )
+    recalls = evaluate_retrieval(model, data, k=3, batch_size=8)
+    for direction in ("image_to_text", "text_to_image"):
+        reranked, itc_only = recalls[direction], recalls[f"{direction}_itc_only"]
+        assert reranked["R@5"] == itc_only["R@5"], direction
+        assert reranked["R@10"] == itc_only["R@10"], direction
+        assert itc_only["R@10"] < 100.0, direction  # the candidates past the top k matter here

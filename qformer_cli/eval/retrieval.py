@@ -76,6 +76,13 @@ def pair_itm_logits(
     return torch.cat(logits)
 
 
+def rank_order(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's columns, best score first. Equal scores (identical captions have equal ITC
+    similarity) stay in column order, so a tie resolves the same way whatever the row's other
+    scores are (an unstable sort resolves it by them)."""
+    return scores.argsort(dim=1, descending=True, stable=True)
+
+
 def rerank(
     model: Stage1Model,
     data: RetrievalSet,
@@ -88,7 +95,8 @@ def rerank(
     """Scores (rows, cols): each row's top-k by ITC get ITM logit + ITC, the others -inf."""
     rows, cols = similarity.shape
     k = min(k, cols)
-    top_sim, top_index = similarity.topk(k, dim=1)  # (rows, k)
+    top_index = rank_order(similarity)[:, :k]  # (rows, k)
+    top_sim = similarity.gather(1, top_index)
     row_index = torch.arange(rows, device=similarity.device).repeat_interleave(k)
     col_index = top_index.reshape(-1)
     images, texts = (row_index, col_index) if rows_are_images else (col_index, row_index)
@@ -111,7 +119,7 @@ def itc_order_past_top_k(scores: torch.Tensor, similarity: torch.Tensor) -> torc
 
 def recall_at(scores: torch.Tensor, is_match: torch.Tensor) -> dict[str, float]:
     """Percent of rows whose best match ranks within the top K (K in 1, 5, 10)."""
-    order = scores.cpu().argsort(dim=1, descending=True)
+    order = rank_order(scores.cpu())
     ranked_match = torch.gather(is_match, 1, order)  # (rows, cols) bool in rank order
     first_hit = ranked_match.float().argmax(dim=1)
     return {f"R@{k}": round(100.0 * (first_hit < k).float().mean().item(), 2) for k in RECALL_AT}

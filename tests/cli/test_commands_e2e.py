@@ -62,10 +62,14 @@ def karpathy_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _recall(similarity: torch.Tensor, matches: list[set[int]]) -> dict[str, float]:
-    """Recall@1/5/10 in percent: row r is a hit at K when one of matches[r] ranks in its top K."""
+    """Recall@1/5/10 in percent: row r is a hit at K when one of matches[r] ranks in its top K
+    (best score first, equal scores in column order, as eval-retrieval documents)."""
     recalls = {}
+    ranked = []
+    for scores in similarity.tolist():
+        ranked.append(sorted(range(len(scores)), key=lambda column: (-scores[column], column)))
     for k in (1, 5, 10):
-        top = similarity.topk(k, dim=1).indices.tolist()
+        top = [row[:k] for row in ranked]
         hits = sum(bool(set(row) & match) for row, match in zip(top, matches, strict=True))
         recalls[f"R@{k}"] = round(100.0 * hits / len(matches), 2)
     return recalls

@@ -27,6 +27,17 @@ def test_recall_counts_the_rank_of_the_first_correct_match():
     assert recall_at(scores, is_match) == {"R@1": 33.33, "R@5": 66.67, "R@10": 100.0}
 
 
+def test_a_tie_resolves_in_column_order_whatever_the_other_scores_are():
+    # Candidates 3 and 297 tie at the top (as identical captions do); the match is 297, so it
+    # ranks second, whatever the scores below them (an unstable sort put it first in 4 of 20).
+    is_match = torch.zeros(1, 300, dtype=torch.bool)
+    is_match[0, 297] = True
+    for _ in range(20):
+        scores = -torch.rand(1, 300)
+        scores[0, [3, 297]] = 1.0
+        assert recall_at(scores, is_match)["R@1"] == 0.0
+
+
 def _tiny_set() -> tuple[Stage1Model, RetrievalSet]:
     torch.manual_seed(0)
     model = Stage1Model(qformer_preset("tiny", vocab_size=40, num_layers=2)).eval()
@@ -75,9 +86,11 @@ def test_reranking_reorders_only_the_top_k_so_recall_beyond_k_equals_itc_only():
     torch.manual_seed(0)
     model = Stage1Model(qformer_preset("tiny", vocab_size=40, num_layers=2)).eval()
     images, texts_per_image = 24, 2
+    input_ids = torch.randint(1, 40, (images * texts_per_image, 7))
+    input_ids[1::4] = input_ids[2::4]  # identical captions of two images: tied similarities
     data = RetrievalSet(
         image_embeds=torch.randn(images, 5, 128),
-        input_ids=torch.randint(1, 40, (images * texts_per_image, 7)),
+        input_ids=input_ids,
         text_mask=torch.ones(images * texts_per_image, 7, dtype=torch.long),
         text_to_image=torch.arange(images).repeat_interleave(texts_per_image),
     )

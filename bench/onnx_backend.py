@@ -63,27 +63,29 @@ ONNX_INT8 = "onnxruntime (CPU), int8 export"
 
 
 def export(
-    directory: Path, vision: dict | None, qformer: dict | None, precision: str = "fp32"
-) -> tuple[Stage2Pipeline, OnnxPipeline]:
-    """Build, save and load a BLIP-2 both ways; the export runs its own parity check."""
-    if not (directory / "blip2").exists():
-        build_tiny_blip2(directory / "blip2", vision, qformer)
+    directory: Path, vision: dict | None, qformer: dict | None, precisions: tuple[str, ...]
+) -> tuple[Stage2Pipeline, dict[str, OnnxPipeline]]:
+    """Build and save one BLIP-2, load it in PyTorch and export it once per precision (each
+    export runs its own parity check); the onnxruntime pipelines by precision."""
+    build_tiny_blip2(directory / "blip2", vision, qformer)
     torch_pipeline = load_stage2(directory / "blip2", torch.device("cpu"))
-    onnx_dir = directory / f"onnx-{precision}"
-    export_onnx(torch_pipeline, onnx_dir, precision=precision)
-    return torch_pipeline, OnnxPipeline.load(onnx_dir, ["CPUExecutionProvider"])
+    onnx_pipelines = {}
+    for precision in precisions:
+        onnx_dir = directory / f"onnx-{precision}"
+        export_onnx(torch_pipeline, onnx_dir, precision=precision)
+        onnx_pipelines[precision] = OnnxPipeline.load(onnx_dir, ["CPUExecutionProvider"])
+    return torch_pipeline, onnx_pipelines
 
 
 def vision_table(machine: Machine, options: BenchOptions) -> Table:
     with tempfile.TemporaryDirectory() as tmp:
         progress("onnx: building and exporting a BLIP-2 Q-Former over a ViT-B/16-shaped encoder")
-        torch_pipeline, onnx_pipeline = export(Path(tmp), VIT_B16, BLIP2_QFORMER)
-        _, int8_pipeline = export(Path(tmp), VIT_B16, BLIP2_QFORMER, precision="int8")
+        torch_pipeline, exported = export(Path(tmp), VIT_B16, BLIP2_QFORMER, ("fp32", "int8"))
         module = VisionQFormer(torch_pipeline).eval()
         rows = []
         for batch in VISION_BATCHES:
             pixels = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-            fns = _vision_fns(module, {ONNX: onnx_pipeline, ONNX_INT8: int8_pipeline}, pixels)
+            fns = _vision_fns(module, {ONNX: exported["fp32"], ONNX_INT8: exported["int8"]}, pixels)
             reference = fns[TORCH]()  # (B, 32, LLM width) soft prompt
             scale = max(1.0, float(np.abs(reference).max()))
             flops = count_flops(lambda: fns[TORCH]())  # noqa: B023
@@ -156,7 +158,8 @@ def caption_table(options: BenchOptions, search: str) -> Table:
     settings = SEARCHES[search]
     with tempfile.TemporaryDirectory() as tmp:
         progress("onnx: exporting the tiny BLIP-2 for end-to-end captioning")
-        torch_pipeline, onnx_pipeline = export(Path(tmp), None, None)
+        torch_pipeline, exported = export(Path(tmp), None, None, ("fp32",))
+        onnx_pipeline = exported["fp32"]
         processor = Blip2Processor.from_pretrained(Path(tmp) / "blip2")
         images, _ = inputs(CAPTION_BATCH)
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
